@@ -1,3 +1,29 @@
-"""lightning-spectral: provable spectral-norm bounds for convolution layers in PyTorch Lightning."""
+"""lightning-spectral: provable spectral-norm bounds for convolution layers in PyTorch Lightning.
+
+``lightning_spectral.functional`` is pure tensor math (no Lightning import); the names
+below are imported on first use so that ``import lightning_spectral.functional`` stays light.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
 
 __version__ = "0.1.0"
+
+_LAZY = {
+    "SpectralBoundRegularizer": "lightning_spectral.callback",
+    "network_lipschitz_bound": "lightning_spectral.lipschitz",
+    "register_lipschitz_rule": "lightning_spectral.lipschitz",
+    "CertifiedRobustAccuracy": "lightning_spectral.metrics",
+    "CertifiedRadius": "lightning_spectral.metrics",
+    "layer_spectral_bound": "lightning_spectral.functional.bounds",
+}
+
+__all__ = ["__version__", *_LAZY]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'lightning_spectral' has no attribute {name!r}")
