@@ -1,0 +1,267 @@
+"""Exact (or converged) operator norms of convolution and linear layers: the references.
+
+Three ways to get ``||J||_2`` of the linear map ``J`` a layer applies to inputs of a given
+spatial size (bias ignored), used by tests, tightness reports and benchmarks:
+
+* ``"fft"`` -- Sedghi, Gupta & Long (ICLR 2019). A circular convolution with stride 1 is
+  block-diagonalized by the DFT: ``||J|| = max_theta ||P(theta)||_2`` with the
+  ``c_out x c_in`` matrices ``P(theta) = sum_k L[:, :, k] exp(-i <theta, dil * k>)`` at
+  the ``n_1 ... n_d`` frequencies ``theta_i = 2 pi f_i / n_i``. Exact; cost ``prod n``
+  small eigenproblems (half of them, by the conjugate symmetry of a real filter).
+* ``"power"`` -- power iteration on ``J^T J`` through the layer itself and its adjoint
+  (a vector-Jacobian product, exact for any padding mode, stride, dilation, groups and
+  transposed convolution; Ryu et al. 2019 do the same with ``conv_transpose``), with a
+  small block of vectors for speed. It approaches the norm FROM BELOW (``||J X^T||``
+  for orthonormal ``X``) and stops on a relative tolerance: a converged estimate, not a
+  certificate.
+* ``"matrix"`` -- the explicit matrix (the layer applied to the identity basis) and its
+  exact spectral norm: ground truth for tiny sizes.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import warnings
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, nn
+
+from .matricize import grouped_weight
+from .norms import spectral_norm_exact
+
+__all__ = ["operator_matrix", "conv_spectral_norm", "MAX_MATRIX_ENTRIES"]
+
+_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_TRANSPOSED = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+_SUPPORTED = (*_CONVS, *_TRANSPOSED, nn.Linear)
+
+#: ``operator_matrix`` refuses operators with more entries than this (128 MiB in float64).
+MAX_MATRIX_ENTRIES = 1 << 24
+#: ``method="auto"`` uses the explicit matrix up to this many entries (an SVD-sized job).
+_TINY_MATRIX_ENTRIES = 1 << 20
+#: Complex entries of one chunk of FFT matrices ``P(theta)`` (128 MiB in complex128).
+_FFT_CHUNK_ENTRIES = 1 << 23
+_METHODS = ("auto", "fft", "power", "matrix")
+#: Vectors iterated together by the operator power method (one batched forward each).
+_POWER_BLOCK = 8
+
+
+def _spatial(module: nn.Module) -> int:
+    if not isinstance(module, _SUPPORTED):
+        names = ", ".join(f"nn.{t.__name__}" for t in _SUPPORTED)
+        raise TypeError(f"unsupported layer type {type(module).__name__}; supported: {names}")
+    return 0 if isinstance(module, nn.Linear) else module.weight.ndim - 2
+
+
+def _input_shape(module: nn.Module, input_size: Sequence[int] | int | None) -> tuple[int, ...]:
+    """``(channels, *spatial)`` of one input sample."""
+    d = _spatial(module)
+    if d == 0:
+        if input_size not in (None, ()) and tuple(input_size) != ():  # type: ignore[arg-type]
+            raise ValueError(f"nn.Linear takes no spatial input_size, got {input_size!r}")
+        return (module.in_features,)
+    if input_size is None:
+        raise ValueError(f"{type(module).__name__} needs input_size (a tuple of {d} ints)")
+    size = (int(input_size),) * d if isinstance(input_size, int) else tuple(input_size)
+    if len(size) != d or any(int(s) != s or s < 1 for s in size):
+        raise ValueError(
+            f"{type(module).__name__} needs input_size of {d} positive ints, got {input_size!r}"
+        )
+    return (module.in_channels, *(int(s) for s in size))
+
+
+def _float64_layer(module: nn.Module) -> nn.Module:
+    """A float64 copy of the layer without bias, so that it applies exactly ``J``."""
+    layer = copy.deepcopy(module)
+    layer.bias = None
+    layer.requires_grad_(False)
+    return layer.to(torch.float64)
+
+
+def _output_shape(layer: nn.Module, in_shape: tuple[int, ...]) -> tuple[int, ...]:
+    try:  # shape inference without arithmetic
+        meta = copy.deepcopy(layer).to("meta")
+        return tuple(meta(torch.empty(1, *in_shape, device="meta")).shape[1:])
+    except (NotImplementedError, RuntimeError):
+        x = torch.zeros(1, *in_shape, dtype=torch.float64, device=layer.weight.device)
+        with torch.no_grad():
+            return tuple(layer(x).shape[1:])
+
+
+def operator_matrix(module: nn.Module, input_size: Sequence[int] | int | None) -> Tensor:
+    """The explicit float64 matrix of the layer's linear map (bias ignored).
+
+    Rows index the flattened output ``(c_out, *out_size)``, columns the flattened input
+    ``(c_in, *input_size)``; column ``j`` is the layer applied to the ``j``-th basis
+    vector, so ``operator_matrix(m, n) @ x.flatten() == (m(x) - bias).flatten()``. Works
+    for every padding mode, stride, dilation, groups and output_padding since it runs the
+    layer's own forward. ``nn.Linear`` takes ``input_size=None`` (its matrix is the weight).
+    Raises ``ValueError`` above ``MAX_MATRIX_ENTRIES`` entries.
+    """
+    in_shape = _input_shape(module, input_size)
+    layer = _float64_layer(module)
+    out_shape = _output_shape(layer, in_shape)
+    n_in, n_out = math.prod(in_shape), math.prod(out_shape)
+    if n_in * n_out > MAX_MATRIX_ENTRIES:
+        raise ValueError(
+            f"the operator of {type(module).__name__} on input {in_shape} is a {n_out} x {n_in} "
+            f"matrix, above the cap of {MAX_MATRIX_ENTRIES} entries; use method='power' "
+            "(or 'fft' for circular stride-1 layers)"
+        )
+    eye = torch.eye(n_in, dtype=torch.float64, device=layer.weight.device)
+    with torch.no_grad():
+        out = layer(eye.reshape(n_in, *in_shape))
+    return out.reshape(n_in, n_out).T.contiguous()
+
+
+def _fft_obstacle(
+    module: nn.Module, in_shape: tuple[int, ...], out_shape: tuple[int, ...]
+) -> str | None:
+    """Why the FFT formula is not the exact norm of this layer (``None`` when it is).
+
+    The formula needs a circular convolution with stride 1 whose output grid is the input
+    grid. A convolution whose kernel reaches a single tap (every ``dilation*(k-1) = 0``)
+    and has no padding is one too, whatever its padding mode, transposed or not.
+    """
+    if isinstance(module, nn.Linear):
+        return "nn.Linear has no spatial axes (its matrix is the weight: use method='matrix')"
+    single_tap = all(
+        dil * (k - 1) == 0 for dil, k in zip(module.dilation, module.kernel_size, strict=True)
+    )
+    if not (module.padding_mode == "circular" or single_tap):
+        return (
+            f"padding_mode={module.padding_mode!r} is not circular (the FFT method is exact "
+            "for circular padding only)"
+        )
+    if any(s != 1 for s in module.stride):
+        return f"stride={tuple(module.stride)} is not 1"
+    if out_shape[1:] != in_shape[1:]:
+        return f"the output size {out_shape[1:]} differs from the input size {in_shape[1:]}"
+    return None
+
+
+def _fft_norm(module: nn.Module, size: tuple[int, ...]) -> Tensor:
+    """Sedghi et al.: ``max_theta ||P(theta)||_2`` over the DFT grid of ``size``, per group.
+
+    ``P`` is evaluated with explicit phases ``exp(-2 pi i f (dil k) / n)``, which also
+    handles a dilated kernel wider than the input (taps alias, as the circular layer
+    wraps them). Transposing and conjugating do not change singular values, and neither
+    does the circular shift that asymmetric padding introduces, so cross-correlation vs
+    convolution and the padding offset are irrelevant. A real filter has
+    ``P(-theta) = conj P(theta)``: only half of the last axis' frequencies are needed.
+    """
+    w = grouped_weight(module.weight.detach().to(torch.float64), module.groups)
+    g, c_a, c_b, *k = w.shape
+    d = len(k)
+    phases = []
+    for i in range(d):
+        n_freq = size[i] // 2 + 1 if i == d - 1 else size[i]
+        f = torch.arange(n_freq, dtype=torch.float64, device=w.device)
+        taps = torch.arange(k[i], dtype=torch.float64, device=w.device) * module.dilation[i]
+        angle = (-2 * math.pi / size[i]) * torch.outer(f, taps.remainder(size[i]))
+        phases.append(torch.polar(torch.ones_like(angle), angle))
+    kl, fl = "abc"[:d], "fgh"[:d]
+    eq = f"zoi{kl}," + ",".join(f"{fl[i]}{kl[i]}" for i in range(d)) + f"->z{fl}oi"
+    wc = w.to(torch.complex128)
+    rest = math.prod(p.shape[0] for p in phases[1:]) * g * c_a * c_b
+    chunk = max(1, _FFT_CHUNK_ENTRIES // rest)
+    best = torch.zeros((), dtype=torch.float64, device=w.device)
+    for start in range(0, phases[0].shape[0], chunk):
+        p = torch.einsum(eq, wc, phases[0][start : start + chunk], *phases[1:])
+        best = torch.maximum(best, spectral_norm_exact(p.reshape(-1, c_a, c_b)).max())
+    return best
+
+
+def _power_norm(
+    layer: nn.Module, in_shape: tuple[int, ...], tol: float, max_iter: int, seed: int
+) -> Tensor:
+    """Block power (subspace) iteration on ``J^T J``; returns ``||J X^T||_2``, ``X`` orthonormal.
+
+    ``J^T y`` is the vector-Jacobian product of the (linear) layer, so the adjoint is
+    exact for every padding mode, stride, output_padding and group layout. ``b`` vectors
+    travel together as one batch (one forward and one backward per step, about the cost
+    of a single vector for small layers), ``X <- orth(J^T J X)`` by QR, and the value is
+    the top Ritz value ``||J X^T||_2``: a lower bound of ``||J||`` at every step (``X`` has
+    orthonormal rows), converging like ``(sigma_{b+1} / sigma_1)^(2t)`` instead of the
+    single-vector ``(sigma_2 / sigma_1)^(2t)`` -- much faster when, as for convolutions,
+    many singular values crowd near the top. Stops when the value changes by at most
+    ``tol`` relative to itself, which may happen before convergence: an estimate from below.
+    """
+    device = layer.weight.device
+    n_in = math.prod(in_shape)
+    block = min(_POWER_BLOCK, n_in)
+    gen = torch.Generator(device="cpu").manual_seed(int(seed))
+    start = torch.randn(n_in, block, generator=gen, dtype=torch.float64).to(device)
+    x = torch.linalg.qr(start).Q.T.reshape(block, *in_shape)
+    sigma = torch.zeros((), dtype=torch.float64, device=device)
+    prev = 0.0
+    for _ in range(max_iter):
+        with torch.enable_grad():
+            x.requires_grad_(True)
+            y = layer(x)
+            (ata_x,) = torch.autograd.grad(y, x, grad_outputs=y.detach())
+        sigma = spectral_norm_exact(y.detach().reshape(block, -1))
+        value = float(sigma)
+        if value == 0.0:  # J X^T = 0 for a random (full-rank) start: J = 0
+            return sigma
+        x = torch.linalg.qr(ata_x.detach().reshape(block, n_in).T).Q.T.reshape(block, *in_shape)
+        if abs(value - prev) <= tol * value:
+            return sigma
+        prev = value
+    warnings.warn(
+        f"operator power iteration did not reach rtol={tol} in {max_iter} iterations; "
+        "the value is a lower bound of the norm",
+        RuntimeWarning,
+        stacklevel=3,
+    )
+    return sigma
+
+
+def conv_spectral_norm(
+    module: nn.Module,
+    input_size: Sequence[int] | int | None,
+    *,
+    method: str = "auto",
+    tol: float = 1e-7,
+    max_iter: int = 1000,
+    seed: int = 0,
+) -> Tensor:
+    """Spectral norm of the layer's operator on inputs of spatial size ``input_size``.
+
+    Returns a 0-dim float64 tensor (no gradient). ``method``:
+
+    * ``"fft"``: exact (Sedghi et al. 2019); circular padding (or a single-tap kernel
+      without padding), stride 1, output size equal to input size; any dilation/groups.
+    * ``"power"``: operator power iteration to relative tolerance ``tol`` (at most
+      ``max_iter`` steps, start drawn from ``seed``); any layer. An estimate from BELOW.
+    * ``"matrix"``: exact norm of :func:`operator_matrix` (up to ``MAX_MATRIX_ENTRIES``).
+    * ``"auto"``: ``"fft"`` when it is exact, else ``"matrix"`` when the matrix is tiny
+      (at most ``2^20`` entries; always for ``nn.Linear``), else ``"power"``.
+
+    ``input_size`` is the spatial size without batch or channel axes (``None`` for
+    ``nn.Linear``). Raises ``ValueError`` for a method that does not apply, naming why.
+    """
+    if method not in _METHODS:
+        raise ValueError(f"method must be one of {_METHODS}, got {method!r}")
+    if not tol > 0:
+        raise ValueError(f"tol must be positive, got {tol!r}")
+    if int(max_iter) != max_iter or max_iter < 1:
+        raise ValueError(f"max_iter must be a positive integer, got {max_iter!r}")
+    in_shape = _input_shape(module, input_size)
+    if isinstance(module, nn.Linear) and method in ("auto", "matrix"):
+        return spectral_norm_exact(module.weight.detach())
+    layer = _float64_layer(module)
+    out_shape = _output_shape(layer, in_shape)
+    if method in ("auto", "fft"):
+        obstacle = _fft_obstacle(module, in_shape, out_shape)
+        if obstacle is None:
+            return _fft_norm(module, in_shape[1:])
+        if method == "fft":
+            raise ValueError(f"method='fft' does not apply: {obstacle}; use 'power' or 'matrix'")
+        tiny = math.prod(in_shape) * math.prod(out_shape) <= _TINY_MATRIX_ENTRIES
+        method = "matrix" if tiny else "power"
+    if method == "matrix":
+        return spectral_norm_exact(operator_matrix(module, in_shape[1:] or None))
+    return _power_norm(layer, in_shape, float(tol), int(max_iter), seed)
