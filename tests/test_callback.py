@@ -18,16 +18,6 @@ from lightning_spectral.functional.bounds import fantastic_four, layer_spectral_
 warnings.filterwarnings("ignore", ".*does not have many workers.*")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny matrices: a second intra-op thread only adds wake-up latency, which on a shared,
-    # loaded machine reaches milliseconds per kernel.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.mark.parametrize(
     "kwargs, bad",
     [

@@ -22,15 +22,6 @@ from lightning_spectral.callback import SpectralBoundRegularizer
 warnings.filterwarnings("ignore", ".*does not have many workers.*")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny matrices: a second intra-op thread only adds wake-up latency, which on a shared,
-    # loaded machine reaches milliseconds per kernel.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 BETA = 0.5
 CONVERGED = dict(n_power_iterations=100, warmup_power_iterations=300)
 

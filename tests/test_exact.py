@@ -11,18 +11,6 @@ from torch import nn
 from lightning_spectral.functional import exact
 from lightning_spectral.functional.exact import conv_spectral_norm, operator_matrix
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These tests run thousands of tiny kernels: with a second OpenMP thread on a shared,
-    oversubscribed CPU each parallel region can stall on a descheduled thread (measured:
-    10x slower), and the sizes here gain nothing from parallelism."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
 TCONV = {1: nn.ConvTranspose1d, 2: nn.ConvTranspose2d, 3: nn.ConvTranspose3d}
 

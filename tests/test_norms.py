@@ -10,17 +10,6 @@ from hypothesis import strategies as st
 from lightning_spectral.functional.norms import gram_iteration_bound, spectral_norm_exact
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These tests run thousands of tiny kernels: with a second OpenMP thread on a shared,
-    oversubscribed CPU each parallel region can stall on a descheduled thread (measured:
-    10x slower), and the sizes here gain nothing from parallelism."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _svd_norm(m: torch.Tensor) -> torch.Tensor:
     """Independent reference: the largest singular value from a full SVD."""
     return torch.linalg.svdvals(m.to(torch.complex128 if m.is_complex() else torch.float64))[..., 0]

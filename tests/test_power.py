@@ -17,18 +17,6 @@ from lightning_spectral.functional.power import (
     power_iteration_,
 )
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These tests run thousands of tiny kernels: with a second OpenMP thread on a shared,
-    oversubscribed CPU each parallel region can stall on a descheduled thread (measured:
-    10x slower), and the sizes here gain nothing from parallelism."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 # (g, c_out, c_in, *k): Linear (d = 0), 1d, 2d with groups, 3d; the 5x5x5 kernel is too
 # large for the dense selector and takes the one-einsum-per-subset path.
 SHAPES = [
