@@ -27,16 +27,24 @@ subsets are concatenated and handled by ONE batched GEMM. One full iteration ove
 over their memory; the per-subset bound asked of it is two passes per matricization) at
 the price of ``prod (1 + k_i)`` times the FLOPs of a matrix-vector product, which stays
 memory-bound for 2-d kernels. The differentiable value needs no further pass: after
-``u <- normalize(M v)`` the value ``u^T M v`` equals ``||M v||``, already computed.
+``u <- normalize(M v)`` the value ``u^T M v`` equals ``||M v||``, and it is read off the
+product ``X = T V`` the last half-step computed anyway (that one GEMM is recorded by autograd,
+so the backward pass is the single GEMM ``u v^T``).
 
-Launches. For kernels up to 7x7 / 3x3x3 a cached 0/1 tensor ``D`` does the structured
-expansion and the diagonal read for all subsets in one contraction each, and the per-subset
-norms go through a cached indicator matrix: about 23 kernels per iteration per stack of
-layers, independent of ``d``. Larger kernels use one einsum per subset instead.
+Launches. This runs once per training step on many small stacks, where the cost is the
+number of kernel launches rather than FLOPs. For kernels up to 7x7 / 3x3x3 a cached 0/1
+tensor ``D`` does the structured expansion and the diagonal read for all subsets in one
+matrix product each, and the per-subset norms go through a cached block indicator matrix:
+about a dozen kernels per iteration per stack of layers, independent of ``d``, and about
+30 per call in all (the concatenation of the state, the selection, and the ``2^(d+1)``
+copies back into the state included). The index bookkeeping (:class:`_Plan`) and the
+constant tensors are built once per shape, device and dtype, never per call. Larger
+kernels use one einsum per subset instead.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import itertools
 import math
@@ -44,7 +52,6 @@ from collections.abc import Sequence
 
 import torch
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 
 from .matricize import row_subsets
 
@@ -108,36 +115,60 @@ def _ravel(index: Sequence[int], sizes: Sequence[int]) -> int:
     return flat
 
 
+class _Constants:
+    """0/1 tensors that only depend on the kernel shape, built once per device and dtype.
+
+    ``D[(A, k'_A), k, (A, k'_notA)] = [k_A == k'_A and k_notA == k'_notA]`` turns both
+    structured products into one plain matrix product each, on views of the operands:
+    ``expand`` is ``D`` laid out as ``(sum q, prod k * sum p)`` (``V = v D``) and ``diag``
+    as ``(prod k * sum p, sum q)`` (``M^T u = diag-read(Y) = Y D``); both are ``None``
+    unless the selector is small enough (or ``d = 0``, where there is nothing to expand).
+    ``block_p[i, j] = [columns i and j of u_cat belong to the same subset]`` (``block_q``
+    likewise for ``v_cat``): a row vector of squared column norms times it gives every
+    column its subset's squared norm in one matrix product, and its row ``i`` is the 0/1
+    mask of the subset of column ``i``; ``select`` is ``sqrt(prod k)`` times it, the scaled
+    mask the estimate's selection reads. ``eps``: see :func:`_normalize`.
+    """
+
+    def __init__(
+        self, k: tuple[int, ...], device: torch.device, dtype: torch.dtype, dense: bool
+    ) -> None:
+        subsets = row_subsets(len(k))
+        p = [math.prod(k[i] for i in a) for a in subsets]
+        q = [math.prod(k) // n for n in p]
+        self.expand: Tensor | None = None
+        self.diag: Tensor | None = None
+        if dense and math.prod(k) > 1:  # with one kernel tap D is the identity
+            selector = torch.zeros(sum(p), math.prod(k), sum(q), dtype=dtype)
+            for m, a in enumerate(subsets):
+                not_a = [j for j in range(len(k)) if j not in a]
+                for flat, idx in enumerate(itertools.product(*(range(n) for n in k))):
+                    row = _ravel([idx[i] for i in a], [k[i] for i in a])
+                    col = _ravel([idx[j] for j in not_a], [k[j] for j in not_a])
+                    selector[sum(p[:m]) + row, flat, sum(q[:m]) + col] = 1
+            # (p, k, q) -> (q, k, p) and (k, p, q): the layouts in which V = v D and the
+            # diagonal read of Y^T are single matrix products on free views.
+            self.expand = selector.permute(2, 1, 0).reshape(sum(q), -1).contiguous().to(device)
+            self.diag = selector.transpose(0, 1).reshape(-1, sum(q)).contiguous().to(device)
+        self.block_p = torch.block_diag(*(torch.ones(n, n, dtype=dtype) for n in p)).to(device)
+        self.block_q = torch.block_diag(*(torch.ones(n, n, dtype=dtype) for n in q)).to(device)
+        self.select = self.block_p * math.sqrt(math.prod(k))
+        # A tensor, not a Python float: wrapping a scalar for every comparison costs more
+        # than the comparison of these small tensors.
+        self.eps = torch.tensor(_eps(dtype), dtype=dtype, device=device)
+
+
 @functools.lru_cache(maxsize=64)
 def _constants(
     k: tuple[int, ...], device: torch.device, dtype: torch.dtype, dense: bool
-) -> tuple[Tensor | None, Tensor, Tensor]:
-    """0/1 tensors that only depend on the kernel shape, built once per device and dtype.
+) -> _Constants:
+    return _Constants(k, device, dtype, dense)
 
-    ``D[(A, k'_A), k, (A, k'_notA)] = [k_A == k'_A and k_notA == k'_notA]`` (``None`` unless
-    ``dense``) turns both structured products into single contractions: ``V = v D`` and
-    ``M^T u = diag-read(Y) = Y D``. ``S_p``, ``S_q`` map each concatenated column of
-    ``u`` resp. ``v`` to its subset, for per-subset norms in one matrix product.
-    """
-    subsets = row_subsets(len(k))
-    p = [math.prod(k[i] for i in a) for a in subsets]
-    q = [math.prod(k) // n for n in p]
-    seg_p = torch.zeros(sum(p), len(subsets), dtype=dtype)
-    seg_q = torch.zeros(sum(q), len(subsets), dtype=dtype)
-    for m in range(len(subsets)):
-        seg_p[sum(p[:m]) : sum(p[: m + 1]), m] = 1
-        seg_q[sum(q[:m]) : sum(q[: m + 1]), m] = 1
-    selector = None
-    if dense:
-        selector = torch.zeros(sum(p), math.prod(k), sum(q), dtype=dtype)
-        for m, a in enumerate(subsets):
-            not_a = [j for j in range(len(k)) if j not in a]
-            for flat, idx in enumerate(itertools.product(*(range(n) for n in k))):
-                row = _ravel([idx[i] for i in a], [k[i] for i in a])
-                col = _ravel([idx[j] for j in not_a], [k[j] for j in not_a])
-                selector[sum(p[:m]) + row, flat, sum(q[:m]) + col] = 1
-        selector = selector.to(device)
-    return selector, seg_p.to(device), seg_q.to(device)
+
+@functools.lru_cache(maxsize=64)
+def _arange(n: int, device: torch.device) -> Tensor:
+    # Cached so that no step builds (and, on a GPU, copies to the device) an index tensor.
+    return torch.arange(n, device=device)
 
 
 class _Plan:
@@ -145,27 +176,34 @@ class _Plan:
 
     Concatenated layouts: ``u_cat`` is ``(z, c_out, sum_A p_A)`` (``u_A`` flattened to
     ``p_A = prod_{i in A} k_i`` columns), ``v_cat`` is ``(z, c_in, sum_A q_A)``
-    (``q_A = prod k / p_A``), ``z = L * g``.
+    (``q_A = prod k / p_A``), ``z = L * g``. Built once per shape (:func:`_plan`).
     """
 
-    def __init__(self, weights: Tensor) -> None:
-        if weights.ndim < 4:
+    def __init__(self, weights: Tensor | Sequence[int]) -> None:
+        shape = tuple(weights.shape) if isinstance(weights, Tensor) else tuple(weights)
+        if len(shape) < 4:
             raise ValueError(
-                "weights must be (L, groups, c_out, c_in, *kernel), "
-                f"got shape {tuple(weights.shape)}"
+                f"weights must be (L, groups, c_out, c_in, *kernel), got shape {shape}"
             )
-        n_layers, g, c_out, c_in, *k = weights.shape
+        n_layers, g, c_out, c_in, *k = shape
         self.d = d = len(k)
         self.k = k
+        self.k_tuple = tuple(k)
+        self.n_layers, self.g = n_layers, g
         self.z = n_layers * g
         self.c_out, self.c_in = c_out, c_in
         self.numel_k = math.prod(k)
+        self.scale = math.sqrt(self.numel_k)
         self.subsets = row_subsets(d)
         self.p = [math.prod(k[i] for i in a) for a in self.subsets]  # rows of M_A per c_out
         self.q = [self.numel_k // p for p in self.p]  # columns of M_A per c_in
         self.off_p = [sum(self.p[:m]) for m in range(len(self.p) + 1)]
         self.off_q = [sum(self.q[:m]) for m in range(len(self.q) + 1)]
         self.dense = self.off_p[-1] * self.numel_k * self.off_q[-1] <= _DENSE_SELECTOR_MAX
+        self.u_shapes = [(n_layers, g, c_out, *(k[i] for i in a)) for a in self.subsets]
+        self.v_shapes = [
+            (n_layers, g, c_in, *(k[j] for j in range(d) if j not in a)) for a in self.subsets
+        ]
         kl = _LETTERS[:d]  # kernel axes k_1..k_d
         kp = _LETTERS[d : 2 * d]  # primed copies k'_A (the column index of V_A)
         self.v_eq: list[str] = []  # v (z, c, k_notA) and identities -> V_A (z, c, k, k'_A)
@@ -177,23 +215,24 @@ class _Plan:
             rows = "".join(kl[i] for i in a)
             self.diag_eq.append(f"z{rows}X{kl}->zX{not_a}")
 
-    def constants(self, ref: Tensor) -> tuple[Tensor | None, Tensor, Tensor]:
-        return _constants(tuple(self.k), ref.device, ref.dtype, self.dense)
+    def constants(self, ref: Tensor) -> _Constants:
+        """The cached constants for ``ref``'s device and dtype."""
+        return _constants(self.k_tuple, ref.device, ref.dtype, self.dense)
 
     def cat(self, parts: Sequence[Tensor], rows: int, widths: Sequence[int]) -> Tensor:
         flat = [t.reshape(self.z, rows, w) for t, w in zip(parts, widths, strict=True)]
         return flat[0] if len(flat) == 1 else torch.cat(flat, dim=-1)
 
-    def expand_v(self, v_cat: Tensor, selector: Tensor | None) -> Tensor:
+    def expand_v(self, v_cat: Tensor, const: _Constants) -> Tensor:
         """``V = cat_A V_A``, ``(z, c_in * prod k, sum_A p_A)``: ``T @ V`` is every ``M_A v_A``.
 
         ``V_A[(c, k), k'_A] = v_A[c, k_notA] * [k_A == k'_A]``.
         """
-        if self.d == 0:
+        if self.numel_k == 1:  # d = 0 or 1x1 kernels: every V_A is v_A itself
             return v_cat
-        if selector is not None:
-            big = torch.einsum("zcq,pkq->zckp", v_cat, selector)
-            return big.reshape(self.z, self.c_in * self.numel_k, self.off_p[-1])
+        if const.expand is not None:
+            big = v_cat.reshape(self.z * self.c_in, self.off_q[-1]).mm(const.expand)
+            return big.view(self.z, self.c_in * self.numel_k, self.off_p[-1])
         parts = []
         for m, a in enumerate(self.subsets):
             v = v_cat[..., self.off_q[m] : self.off_q[m + 1]]
@@ -203,14 +242,17 @@ class _Plan:
             parts.append(big.reshape(self.z, self.c_in * self.numel_k, self.p[m]))
         return torch.cat(parts, dim=-1)
 
-    def mt_u(self, t: Tensor, u_cat: Tensor, selector: Tensor | None) -> Tensor:
-        """Every ``M_A^T u_A``, as ``v_cat`` ``(z, c_in, sum_A q_A)``, from one GEMM ``U^T T``."""
+    def mt_u(self, t: Tensor, u_cat: Tensor, const: _Constants) -> Tensor:
+        """Every ``M_A^T u_A``, as ``v_cat`` ``(z, c_in, sum_A q_A)``, from one GEMM on ``T``."""
+        if self.numel_k == 1:  # d = 0 or 1x1 kernels: every M_A is T
+            return torch.bmm(t.transpose(1, 2), u_cat)  # (z, c_in, 2^d)
+        if const.diag is not None:
+            # Y^T = T^T U (a transposed operand, not a copy) comes out as (z, c, k, p): its
+            # diagonal read against D is then one product on a free view.
+            y_t = torch.bmm(t.transpose(1, 2), u_cat)  # (z, c_in * prod k, sum p)
+            v = y_t.view(self.z * self.c_in, self.numel_k * self.off_p[-1]).mm(const.diag)
+            return v.view(self.z, self.c_in, self.off_q[-1])
         y = torch.bmm(u_cat.transpose(1, 2), t)  # (z, sum p, c_in * prod k): reads T once
-        if self.d == 0:
-            return y.reshape(self.z, self.c_in, 1)
-        if selector is not None:
-            y = y.reshape(self.z, self.off_p[-1], self.c_in, self.numel_k)
-            return torch.einsum("zpck,pkq->zcq", y, selector)
         parts = []
         for m, a in enumerate(self.subsets):
             y_a = y[:, self.off_p[m] : self.off_p[m + 1]]
@@ -221,19 +263,27 @@ class _Plan:
         return torch.cat(parts, dim=-1)
 
 
-def _normalize(x: Tensor, old: Tensor, seg: Tensor, eps: float) -> tuple[Tensor, Tensor]:
-    """Normalize each subset's block of columns of ``x (z, rows, cols)``; norms ``(z, 2^d)``.
+@functools.lru_cache(maxsize=256)
+def _plan(shape: tuple[int, ...]) -> _Plan:
+    return _Plan(shape)
 
-    ``seg (cols, 2^d)`` says which subset a column belongs to, so all blocks are handled by
-    a few whole-tensor kernels. Where a norm is ``<= eps`` the ``old`` vector is kept: a
-    zero product (an all-zero filter) must not turn the persistent vector into zeros or
-    NaNs, from which it could never recover. ``torch.where`` keeps this free of host sync.
+
+def _normalize(x: Tensor, old: Tensor, block: Tensor, eps: Tensor) -> tuple[Tensor, Tensor]:
+    """Normalize each subset's block of columns of ``x (z, rows, cols)``.
+
+    Returns the normalized tensor and each column's block norm ``(z, cols)`` (``block``:
+    see :class:`_Constants`), so all blocks are handled by a few whole-tensor kernels. Where
+    a norm is ``<= eps`` the ``old`` vector is kept: a zero product (an all-zero filter)
+    must not turn the persistent vector into zeros or NaNs, from which it could never
+    recover. ``torch.where`` keeps this free of host sync (the quotient it discards may be
+    NaN; none of it is kept).
     """
-    norms = (x * x).sum(dim=1).matmul(seg).sqrt()  # (z, 2^d)
-    per_col = norms.matmul(seg.T).unsqueeze(1)  # each column's block norm, (z, 1, cols)
-    return torch.where(per_col > eps, x / per_col.clamp_min(eps), old), norms
+    per_col = (x * x).sum(dim=1).mm(block).sqrt()  # (z, cols)
+    norms = per_col.unsqueeze(1)
+    return torch.where(norms > eps, x / norms, old), per_col
 
 
+@functools.lru_cache(maxsize=8)
 def _eps(dtype: torch.dtype) -> float:
     return float(torch.finfo(dtype).tiny) ** 0.5
 
@@ -248,58 +298,78 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _run(
-    plan: _Plan, weights: Tensor, us: Sequence[Tensor], vs: Sequence[Tensor], n_iter: int
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """``n_iter`` iterations; returns ``(u_cat, V, sigma, v_cat)`` with ``sigma (z, 2^d)``.
+def _no_autocast(device_type: str):
+    """Autocast would run the GEMMs in half precision: switch it off, if it is on at all
+    (entering the context manager is not free, and the hot path runs once per step)."""
+    if torch.is_autocast_enabled(device_type):
+        return torch.autocast(device_type, enabled=False)
+    return contextlib.nullcontext()
 
-    The returned vectors satisfy ``u_A = M_A v_A / sigma_A`` (the last half-step), so
-    ``sigma_A = u_A^T M_A v_A``; ``V`` is the expanded ``v`` of :meth:`_Plan.expand_v`.
-    With ``n_iter = 0`` only that half-step is taken. About 20 kernels per iteration
-    whatever ``d`` (dense selector), two of them GEMMs that read the weights.
+
+def _iterate(
+    plan: _Plan, t: Tensor, us: Sequence[Tensor], vs: Sequence[Tensor], n_iter: int
+) -> tuple[Tensor, Tensor, Tensor, _Constants]:
+    """``n_iter`` iterations but the last ``u`` half-step: returns ``(u_cat, v_cat, V, const)``.
+
+    ``t`` is the ``(z, c_out, c_in * prod k)`` view ``T`` of the filters, in the compute
+    dtype; ``V`` is the expanded ``v`` of :meth:`_Plan.expand_v`, so that ``bmm(t, V)``,
+    the last half-step's product, is every ``M_A v_A``. With ``n_iter = 0``: the stored
+    vectors. A dozen kernels per iteration whatever ``d`` (dense selector).
     """
+    dtype = t.dtype
+    const = plan.constants(t)
+    eps = const.eps
+    u_cat = plan.cat([u if u.dtype == dtype else u.to(dtype) for u in us], plan.c_out, plan.p)
+    v_cat = plan.cat([v if v.dtype == dtype else v.to(dtype) for v in vs], plan.c_in, plan.q)
+    for it in range(n_iter):
+        if it > 0:
+            x = torch.bmm(t, plan.expand_v(v_cat, const))
+            u_cat, _ = _normalize(x, u_cat, const.block_p, eps)
+        v_cat, _ = _normalize(plan.mt_u(t, u_cat, const), v_cat, const.block_q, eps)
+    return u_cat, v_cat, plan.expand_v(v_cat, const), const
+
+
+def _matrix(plan: _Plan, weights: Tensor) -> Tensor:
+    """``T``: a view of the filters, unless half-precision weights must be upcast."""
+    t = weights.reshape(plan.z, plan.c_out, plan.c_in * plan.numel_k)
     dtype = _compute_dtype(weights.dtype)
-    eps = _eps(dtype)
-    # A view (T of each filter) unless the weights are half precision and must be upcast.
-    t = weights.reshape(plan.z, plan.c_out, plan.c_in * plan.numel_k).to(dtype)
-    selector, seg_p, seg_q = plan.constants(t)
-    u_cat = plan.cat([u.to(dtype) for u in us], plan.c_out, plan.p)
-    v_cat = plan.cat([v.to(dtype) for v in vs], plan.c_in, plan.q)
-    for it in range(max(n_iter, 1)):
-        if it < n_iter:
-            v_cat, _ = _normalize(plan.mt_u(t, u_cat, selector), v_cat, seg_q, eps)
-        v_big = plan.expand_v(v_cat, selector)
-        x = torch.bmm(t, v_big)  # (z, c_out, sum p): every M_A v_A, reading T once
-        u_cat, sigma = _normalize(x, u_cat, seg_p, eps)
-    return u_cat, v_big, sigma, v_cat
+    return t if t.dtype == dtype else t.to(dtype)
 
 
 def _store(
     plan: _Plan, us: Sequence[Tensor], vs: Sequence[Tensor], u_cat: Tensor, v_cat: Tensor
 ) -> None:
-    for m, (u, v) in enumerate(zip(us, vs, strict=True)):
-        u.copy_(u_cat[..., plan.off_p[m] : plan.off_p[m + 1]].reshape(u.shape))
-        v.copy_(v_cat[..., plan.off_q[m] : plan.off_q[m + 1]].reshape(v.shape))
+    # One split into views, shapes as plain ints: on these small tensors the Python-side
+    # cost of slicing or of parsing a torch.Size argument is more than that of the copy.
+    u_parts = u_cat.split_with_sizes(plan.p, -1)
+    for dst, src, shape in zip(us, u_parts, plan.u_shapes, strict=True):
+        dst.copy_(src.view(*shape))
+    v_parts = v_cat.split_with_sizes(plan.q, -1)
+    for dst, src, shape in zip(vs, v_parts, plan.v_shapes, strict=True):
+        dst.copy_(src.view(*shape))
 
 
 def _check_state(weights: Tensor, us: Sequence[Tensor], vs: Sequence[Tensor]) -> _Plan:
-    plan = _Plan(weights)
+    if weights.ndim < 4:
+        raise ValueError(
+            f"weights must be (L, groups, c_out, c_in, *kernel), got shape {tuple(weights.shape)}"
+        )
+    plan = _plan(tuple(weights.shape))
     n = len(plan.subsets)
     if len(us) != n or len(vs) != n:
         raise ValueError(
             f"a filter with {plan.d} spatial axes has {n} matricizations; "
             f"got {len(us)} u and {len(vs)} v vectors"
         )
-    lead = tuple(weights.shape[:2])
-    if any(t.device != weights.device for t in (*us, *vs)):
-        raise ValueError(f"the vectors must be on the weights' device ({weights.device})")
-    for m, a in enumerate(plan.subsets):
-        u_shape = (*lead, plan.c_out, *(plan.k[i] for i in a))
-        v_shape = (*lead, plan.c_in, *(plan.k[j] for j in range(plan.d) if j not in a))
-        if tuple(us[m].shape) != u_shape or tuple(vs[m].shape) != v_shape:
+    device = weights.device
+    for m, (u, v) in enumerate(zip(us, vs, strict=True)):
+        if u.device != device or v.device != device:
+            raise ValueError(f"the vectors must be on the weights' device ({device})")
+        if u.shape != plan.u_shapes[m] or v.shape != plan.v_shapes[m]:
             raise ValueError(
-                f"matricization {m} (row axes {a}) needs u of shape {u_shape} and v of shape "
-                f"{v_shape}, got {tuple(us[m].shape)} and {tuple(vs[m].shape)}"
+                f"matricization {m} (row axes {plan.subsets[m]}) needs u of shape "
+                f"{plan.u_shapes[m]} and v of shape {plan.v_shapes[m]}, "
+                f"got {tuple(u.shape)} and {tuple(v.shape)}"
             )
     return plan
 
@@ -308,6 +378,14 @@ def _check_n_iter(n_iter: int) -> int:
     if int(n_iter) != n_iter or n_iter < 0:
         raise ValueError(f"n_iter must be a non-negative integer, got {n_iter!r}")
     return int(n_iter)
+
+
+def _no_autocast(device_type: str) -> contextlib.AbstractContextManager:
+    """Autocast would run the GEMMs in half precision: switch it off where it is on (entering
+    the context manager costs more than the check, and this runs once per training step)."""
+    if torch.is_autocast_enabled(device_type):
+        return torch.autocast(device_type, enabled=False)
+    return contextlib.nullcontext()
 
 
 def power_iteration_(weights: Tensor, us: list[Tensor], vs: list[Tensor], n_iter: int = 1) -> None:
@@ -325,64 +403,11 @@ def power_iteration_(weights: Tensor, us: list[Tensor], vs: list[Tensor], n_iter
     plan = _check_state(weights, us, vs)
     if n_iter == 0:
         return
-    with torch.no_grad(), torch.autocast(weights.device.type, enabled=False):
-        u_cat, _, _, v_cat = _run(plan, weights.detach(), us, vs, n_iter)
+    with torch.no_grad(), _no_autocast(weights.device.type):
+        t = _matrix(plan, weights)
+        u_cat, v_cat, v_big, const = _iterate(plan, t, us, vs, n_iter)
+        u_cat, _ = _normalize(torch.bmm(t, v_big), u_cat, const.block_p, const.eps)
         _store(plan, us, vs, u_cat, v_cat)
-
-
-class _SelectedRankOne(torch.autograd.Function):
-    """``scale * max_g min_A sigma_A`` whose gradient is ``scale * u_A* v_A*^T``.
-
-    ``sigma_A = u_A^T M_A v_A`` is linear in the filter with ``u, v`` held fixed, so its
-    gradient is the outer product ``u_A[o, k_A] * v_A[c, k_notA]`` in the filter's layout:
-    that is ``U_A @ V_A^T`` with the structured ``V_A`` of :class:`_Plan`. Only the selected
-    (group, subset) of each layer gets it: the others are multiplied by a zero mask, so
-    one batched GEMM writes the whole gradient and nothing leaves the device.
-    """
-
-    @staticmethod
-    def forward(  # type: ignore[override]
-        ctx,
-        weights: Tensor,
-        sigma: Tensor,
-        u_cat: Tensor,
-        v_cat: Tensor,
-        offsets: list[int],
-        n_layers: int,
-        scale: float,
-    ) -> Tensor:
-        z, n_sub = sigma.shape
-        per_layer = sigma.view(n_layers, z // n_layers, n_sub)
-        best_sub = per_layer.argmin(dim=-1)  # (L, g)
-        per_group = per_layer.gather(-1, best_sub.unsqueeze(-1)).squeeze(-1)
-        value, best_group = per_group.max(dim=-1)  # (L,)
-        g = z // n_layers
-        group_hit = torch.arange(g, device=sigma.device) == best_group.unsqueeze(-1)  # (L, g)
-        sub_hit = torch.arange(n_sub, device=sigma.device) == best_sub.unsqueeze(-1)
-        mask = (group_hit.unsqueeze(-1) & sub_hit).reshape(z, n_sub).to(u_cat.dtype)
-        # Expand the (z, subset) mask to the concatenated columns of u_cat (built from
-        # views, not from a host list, so nothing is copied to the device).
-        col_mask = torch.cat(
-            [mask[:, m : m + 1].expand(z, offsets[m + 1] - offsets[m]) for m in range(n_sub)],
-            dim=1,
-        )
-        ctx.save_for_backward(u_cat * col_mask.unsqueeze(1), v_cat)
-        ctx.weight_shape = weights.shape
-        ctx.weight_dtype = weights.dtype
-        ctx.n_layers = n_layers
-        ctx.scale = scale
-        return (value * scale).to(weights.dtype)
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_out: Tensor):  # type: ignore[override]
-        u_sel, v_cat = ctx.saved_tensors
-        # Scale the small u factor, not the weight-sized product: one pass fewer.
-        coeff = (grad_out.to(u_sel.dtype) * ctx.scale).view(ctx.n_layers, 1)
-        coeff = coeff.expand(ctx.n_layers, u_sel.shape[0] // ctx.n_layers).reshape(-1, 1, 1)
-        with torch.autocast(u_sel.device.type, enabled=False):
-            grad = torch.bmm(u_sel * coeff, v_cat.transpose(1, 2))  # (z, c_out, c_in * prod k)
-        return grad.view(ctx.weight_shape).to(ctx.weight_dtype), None, None, None, None, None, None
 
 
 def fantastic_four_estimate(
@@ -400,18 +425,49 @@ def fantastic_four_estimate(
     the selected group and subset of each layer (zero elsewhere), the gradient of the
     exact bound once the vectors have converged. The value costs no pass beyond the
     iteration's own; with ``n_iter = 0`` one ``M_A v_A`` pass computes it and the stored
-    vectors are left unchanged. Selection uses device-side ``argmin``/``max`` only (no
+    vectors are left unchanged. Selection uses device-side ``min``/``max`` only (no
     host synchronization), so it is fit for every training step. The result has the
     weights' dtype; half-precision weights are iterated in float32, and autocast is
     switched off inside (it would run the products in half precision).
     """
     n_iter = _check_n_iter(n_iter)
     plan = _check_state(weights, us, vs)
-    # Autocast would run the GEMMs in half precision: the estimate needs float32 at least.
-    with torch.no_grad(), torch.autocast(weights.device.type, enabled=False):
-        u_cat, v_big, sigma, v_cat = _run(plan, weights.detach(), us, vs, n_iter)
-        if n_iter > 0:
-            _store(plan, us, vs, u_cat, v_cat)
-    return _SelectedRankOne.apply(
-        weights, sigma, u_cat, v_big, plan.off_p, weights.shape[0], math.sqrt(plan.numel_k)
-    )
+    with _no_autocast(weights.device.type):
+        t = _matrix(plan, weights)  # differentiable: a view of the weights
+        with torch.no_grad():
+            u_cat, v_cat, v_big, const = _iterate(plan, t, us, vs, n_iter)
+        # The last half-step's product X = T V, every M_A v_A, is the iteration's own pass
+        # over the weights; recording it for autograd is what makes the value differentiable.
+        x = torch.bmm(t, v_big)
+        with torch.no_grad():
+            u_cat, per_col = _normalize(x, u_cat, const.block_p, const.eps)
+            if n_iter > 0:
+                _store(plan, us, vs, u_cat, v_cat)
+            u_sel = u_cat * _selection(plan, const, per_col).unsqueeze(1)
+        # u_sel^T X = sqrt(prod k) u_A^T M_A v_A = sqrt(prod k) sigma_A of the selected
+        # (group, subset) of each layer, with u held fixed: linear in the weights, its
+        # gradient is sqrt(prod k) u_A v_A^T, in the filter's layout through the view, one
+        # GEMM in the backward pass.
+        value = (x * u_sel).sum(dim=(1, 2))
+        if plan.g > 1:
+            value = value.view(plan.n_layers, plan.g).sum(dim=-1)
+    return value if value.dtype == weights.dtype else value.to(weights.dtype)
+
+
+def _selection(plan: _Plan, const: _Constants, per_col: Tensor) -> Tensor:
+    """``(z, sum p)``: ``sqrt(prod k)`` on the columns of ``u_cat`` of each layer's selected
+    pair, 0 elsewhere.
+
+    ``per_col`` holds each column's ``sigma_A``, so a minimum over the columns is the
+    minimum over subsets, the first minimal column lying in the first minimal subset (as
+    ``argmin``); row ``i`` of ``block_p`` is the mask of the subset of column ``i``. Then
+    the group of the largest minimum. Device-side only: no host sync, no index tensor
+    copied to the device.
+    """
+    mins, col = per_col.view(plan.n_layers, plan.g, -1).min(dim=-1)  # (L, g)
+    mask = const.select.index_select(0, col.view(-1))  # (z, sum p)
+    if plan.g > 1:
+        best_group = mins.argmax(dim=-1, keepdim=True)  # (L, 1)
+        group_hit = _arange(plan.g, per_col.device) == best_group  # (L, g)
+        mask = mask * group_hit.view(plan.z, 1)
+    return mask
