@@ -3,11 +3,34 @@
 Nothing here imports Lightning.
 """
 
+from .bounds import (
+    SUPPORTED_LAYERS,
+    fantastic_four,
+    layer_bounds,
+    layer_spectral_bound,
+)
+from .certify import certified_radius, logit_margins
+from .exact import conv_spectral_norm, operator_matrix
 from .matricize import grouped_weight, matricize, row_subsets, spatial_dims
+from .norms import gram_iteration_bound, spectral_norm_exact
+from .power import fantastic_four_estimate, init_singular_vectors, power_iteration_
 
 __all__ = [
+    "SUPPORTED_LAYERS",
+    "fantastic_four",
+    "layer_bounds",
+    "layer_spectral_bound",
+    "certified_radius",
+    "logit_margins",
     "grouped_weight",
     "matricize",
     "row_subsets",
     "spatial_dims",
+    "fantastic_four_estimate",
+    "init_singular_vectors",
+    "power_iteration_",
+    "gram_iteration_bound",
+    "spectral_norm_exact",
+    "conv_spectral_norm",
+    "operator_matrix",
 ]
