@@ -19,6 +19,7 @@ from lightning_spectral.functional.bounds import (
     gram_kernel_bound,
     layer_bounds,
     layer_spectral_bound,
+    polyphase_filter,
     sampled_symbol_bound,
     tap_sum_bound,
 )
@@ -401,3 +402,47 @@ def test_every_bound_is_sound(case) -> None:
             assert gram_kernel_bound(w, groups=groups, n_steps=steps).item() >= exact * (1 - REL)
         coarse = [3 * (k - 1) + 1 for k in w.shape[2:]]  # inflation 1.2-1.4 per axis
         assert sampled_symbol_bound(w, coarse, groups=groups).item() >= exact * (1 - REL)
+
+
+@pytest.mark.parametrize(
+    ("d", "k", "stride", "dil", "groups"),
+    [(1, 3, 2, 1, 1), (1, 4, 3, 2, 2), (2, 3, 2, 1, 1), (2, 5, 2, 2, 3), (3, 3, 2, 1, 1)],
+)
+def test_polyphase_filter_reproduces_the_strided_convolution(d, k, stride, dil, groups) -> None:
+    # y = conv(x, W, stride s) must equal the stride-1 convolution of the space-to-depth
+    # rearrangement of x by polyphase_filter(W): the identity the polyphase bounds rest on.
+    conv = (nn.Conv1d, nn.Conv2d, nn.Conv3d)[d - 1]
+    layer = conv(2 * groups, groups, k, stride=stride, dilation=dil, groups=groups, bias=False)
+    layer = layer.double()
+    n = 4 * stride + dil * (k - 1) + 1
+    x = torch.randn(1, 2 * groups, *(n,) * d, dtype=torch.float64)
+    y = layer(x)
+    ext = dil * (k - 1) + 1
+    kq = -(-ext // stride)
+    m = -(-n // stride) + kq  # components long enough for every window
+    xp = torch.zeros(1, 2 * groups, *(m * stride,) * d, dtype=torch.float64)
+    xp[(slice(None), slice(None), *(slice(0, n),) * d)] = x
+    # (N, C, m*s, ...) -> (N, C, s, ..., m, ...) -> channels (C, r_1, ..., r_d)
+    shape = [1, 2 * groups]
+    for _ in range(d):
+        shape += [m, stride]
+    parts = xp.reshape(shape)
+    perm = [0, 1] + [3 + 2 * j for j in range(d)] + [2 + 2 * j for j in range(d)]
+    stacked = parts.permute(perm).reshape(1, 2 * groups * stride**d, *(m,) * d)
+    w_poly = polyphase_filter(layer.weight, (stride,) * d, (dil,) * d)
+    assert tuple(w_poly.shape[2:]) == (kq,) * d
+    fn = (torch.nn.functional.conv1d, torch.nn.functional.conv2d, torch.nn.functional.conv3d)
+    z = fn[d - 1](stacked, w_poly, groups=groups)
+    crop = (slice(None), slice(None), *(slice(0, s) for s in y.shape[2:]))
+    torch.testing.assert_close(z[crop], y, rtol=1e-12, atol=1e-12)
+
+
+def test_polyphase_bound_is_exact_for_non_overlapping_windows() -> None:
+    # kernel == stride, no padding: the operator is block diagonal with one block, the
+    # c_out x (c_in * k * k) matrix, which is the polyphase filter's only tap.
+    layer = nn.Conv2d(3, 5, 2, stride=2, bias=False).double()
+    exact = exact_norm(layer, (6, 6))
+    bounds = layer_bounds(layer)
+    assert bounds["polyphase_fantastic_four"].item() == pytest.approx(exact, rel=1e-9)
+    assert bounds["fantastic_four"].item() > exact * 1.05
+    assert layer_spectral_bound(layer).item() == pytest.approx(exact, rel=1e-9)

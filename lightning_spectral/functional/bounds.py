@@ -55,6 +55,7 @@ __all__ = [
     "circular_grid_norm",
     "layer_bounds",
     "layer_spectral_bound",
+    "polyphase_filter",
 ]
 
 SUPPORTED_LAYERS: tuple[type, ...] = (
@@ -428,6 +429,76 @@ def _default_budget(wg_shape: Sequence[int], d: int) -> float:
     return max(_MIN_BUDGET, _BUDGET_FACTOR * ff_cost)
 
 
+def polyphase_filter(weight: Tensor, stride: Sequence[int], dilation: Sequence[int]) -> Tensor:
+    """The stride-1 filter of a strided convolution's polyphase form.
+
+    Along an axis with stride ``s``, write the (dilated) tap offset ``dil * t = s q + r``,
+    ``0 <= r < s``. Output ``y[i] = sum_t W_t xp[s i + dil t]`` of the padded input ``xp``
+    becomes ``sum_r sum_q W'_{r, q} xp_r[i + q]`` with ``xp_r[m] = xp[s m + r]``: a
+    stride-1, undilated convolution of the ``s``-fold channel stack ``(xp_r)_r`` by the
+    filter ``W'`` of shape ``(c_out, c_in * prod s, *ceil(ext / s))``. The map
+    ``xp -> (xp_r)_r`` only re-indexes pixels (an isometry), so every symbol bound of
+    ``W'`` bounds the strided valid convolution, hence (times the padding factor of the
+    zeros/reflect/replicate decomposition) the layer; and the adjoint for transposed
+    convolutions. Channel order keeps each group's input channels together, so grouped
+    filters stay block diagonal over groups. Axes with stride 1 are left as they are.
+    """
+    w = weight
+    d = w.ndim - 2
+    c_out = w.shape[0]
+    for j in range(d):
+        s, dil = int(stride[j]), int(dilation[j])
+        if s == 1:
+            continue
+        ax = 2 + j
+        k = w.shape[ax]
+        ext = dil * (k - 1) + 1
+        kq = -(-ext // s)
+        shape = list(w.shape)
+        shape[ax] = kq * s
+        dense = w.new_zeros(shape)
+        dense.narrow(ax, 0, ext)[(slice(None),) * ax + (slice(None, None, dil),)] = w
+        # (.., kq * s, ..) -> (.., kq, s, ..): tap q * s + r; then r joins the channels.
+        dense = dense.reshape(*shape[:ax], kq, s, *shape[ax + 1 :])
+        dense = dense.movedim(ax + 1, 2)  # (c_out, c_in', s, ..., kq, ...)
+        w = dense.reshape(c_out, -1, *dense.shape[3:])
+    return w
+
+
+def _symbol_bounds(w: Tensor, g: int, budget: float) -> dict[str, Tensor]:
+    """Every bound on ``sup ||P(theta)||`` of the filter ``w`` that fits ``budget``."""
+    co, ci = w.shape[0] // g, w.shape[1]
+    kernel = [int(k) for k in w.shape[2:]]
+    d = len(kernel)
+    out: dict[str, Tensor] = {
+        "fantastic_four": fantastic_four(w, groups=g),
+        "tap_sum": tap_sum_bound(w, groups=g),
+    }
+    c_small, c_big = min(co, ci), max(co, ci)
+    taps = math.prod(kernel)
+    node_cost = 4 * g * _opnorm_cost(co, ci) + g * co * ci * taps
+    sampled = _sampled_grid(kernel, budget / node_cost)
+    if sampled is not None:
+        out["sampled_frequency"] = sampled_symbol_bound(w, sampled[0], groups=g)
+    if taps > 1 and (sampled is None or sampled[1] > _GRAM_IF_RHO):
+        # Gram kernel, only where the sampled bound is absent or loose (elsewhere it is
+        # never tighter in practice): as many self-correlation steps as the budget allows.
+        cost, ksize, steps = 0.0, list(kernel), 0
+        c_in_step = c_big
+        while steps < _GRAM_MAX_STEPS[d]:
+            new = [2 * x - 1 for x in ksize]
+            step = _gram_step_cost(g, c_small, c_in_step, math.prod(ksize), math.prod(new))
+            evaluate = g * math.prod(new) * c_small**3 * 3
+            if cost + step + evaluate > budget:
+                break
+            cost += step
+            ksize, c_in_step, steps = new, c_small, steps + 1
+        if steps:
+            subsets = "all" if g * (c_small * max(ksize)) ** 3 * 2**d <= budget else "ends"
+            out["gram_kernel"] = gram_kernel_bound(w, groups=g, n_steps=steps, subsets=subsets)
+    return out
+
+
 def layer_bounds(
     module: nn.Module,
     input_size: Sequence[int] | None = None,
@@ -471,32 +542,14 @@ def layer_bounds(
         )
     grid = geo.grid(input_size) if input_size is not None else None
 
-    out: dict[str, Tensor] = {
-        "fantastic_four": fantastic_four(w, groups=g),
-        "tap_sum": tap_sum_bound(w, groups=g),
-    }
-    c_small, c_big = min(co, ci), max(co, ci)
+    out = _symbol_bounds(w, g, budget)
+    if any(st > 1 for st in geo.stride) and (geo.transposed or geo.mode != "circular"):
+        # Not for circular mode: its factor counts rows of C_n, a decomposition in which
+        # the stride lives in the row selection, not in the convolution.
+        poly = polyphase_filter(w, geo.stride, geo.dilation)
+        out.update({f"polyphase_{k}": v for k, v in _symbol_bounds(poly, g, budget).items()})
     taps = math.prod(geo.kernel)
     node_cost = 4 * g * _opnorm_cost(co, ci) + g * co * ci * taps
-    sampled = _sampled_grid(geo.kernel, budget / node_cost)
-    if sampled is not None:
-        out["sampled_frequency"] = sampled_symbol_bound(w, sampled[0], groups=g)
-    if taps > 1 and (sampled is None or sampled[1] > _GRAM_IF_RHO):
-        # Gram kernel, only where the sampled bound is absent or loose (elsewhere it is
-        # never tighter in practice): as many self-correlation steps as the budget allows.
-        cost, ksize, steps = 0.0, list(geo.kernel), 0
-        c_in_step = c_big
-        while steps < _GRAM_MAX_STEPS[d]:
-            new = [2 * x - 1 for x in ksize]
-            step = _gram_step_cost(g, c_small, c_in_step, math.prod(ksize), math.prod(new))
-            evaluate = g * math.prod(new) * c_small**3 * 3
-            if cost + step + evaluate > budget:
-                break
-            cost += step
-            ksize, c_in_step, steps = new, c_small, steps + 1
-        if steps:
-            subsets = "all" if g * (c_small * max(ksize)) ** 3 * 2**d <= budget else "ends"
-            out["gram_kernel"] = gram_kernel_bound(w, groups=g, n_steps=steps, subsets=subsets)
     if grid is not None and _grid_nodes(grid) * node_cost <= budget:
         out["fft"] = circular_grid_norm(w, grid, groups=g, dilation=geo.dilation)
     if factor != 1.0:
