@@ -68,6 +68,8 @@ SUPPORTED_LAYERS: tuple[type, ...] = (
     nn.Linear,
 )
 
+# Relative safety margin on every computed matrix norm (see ``_opnorm``).
+_ROUNDING_MARGIN = 1e-13
 # Norm inflation the sampled-frequency bound aims for, and the largest one worth computing.
 _SAMPLED_TARGET = 1.05
 _SAMPLED_MAX = 1.5
@@ -95,9 +97,13 @@ def _opnorm(matrix: Tensor) -> Tensor:
     """Exact batched spectral norm (largest singular value), differentiable.
 
     The top eigenvalue of the smaller Gram matrix (:func:`.norms.spectral_norm_exact`): the
-    same value as an SVD to float64 rounding, and 10x or more faster on CPU.
+    same value as an SVD to float64 rounding, and 10x or more faster on CPU. Raised by
+    ``_ROUNDING_MARGIN`` so that float64 rounding cannot put a bound below the exact value:
+    the top singular value computed through the Gram matrix has a relative error of about
+    ``n * 2^-53 / 2`` at worst (``n`` the Gram side), under 1e-13 for ``n`` up to ~1800 and
+    typically ``sqrt(n) * 2^-53``, far smaller.
     """
-    return spectral_norm_exact(matrix)
+    return spectral_norm_exact(matrix) * (1 + _ROUNDING_MARGIN)
 
 
 def _opnorm_cost(m: int, n: int) -> float:
