@@ -1,6 +1,7 @@
-"""Provable l2 robustness on scikit-learn's digits with a spectrally constrained SmallCNN.
+"""Provable l2 robustness on scikit-learn's digits with a spectrally constrained shallow CNN.
 
-Trains a ``SmallCNN`` (Lipschitz-margin training, ``LipschitzMarginClassifier`` below) with
+Trains a shallow CNN (``ShallowCNN`` below: one strided convolution, ReLU, a linear head;
+Lipschitz-margin training, ``LipschitzMarginClassifier`` below) with
 ``SpectralBoundRegularizer(constraint=1.0, certify_epsilons=...)``: after every optimizer
 step each layer is rescaled so that its *guaranteed* spectral bound is at most 1, and every
 validation run logs certified robust accuracy (``certified/acc@<eps>``), the mean certified
@@ -15,8 +16,17 @@ Units: pixels are in [0, 1] (digits' 0..16 divided by 16) and nothing normalizes
 the model, so epsilons are l2 norms of perturbations of the 8x8 image in those units
 (``input_scale = 1``). For scale: the l2 distance between two different digits is typically 3-5.
 
-Run: ``python examples/certify_digits.py`` (a few minutes on a CPU: the constraint computes
-every layer's guaranteed bound after every step).
+Why shallow: every layer is held at a guaranteed bound of 1, but a ReLU network's actual gain
+shrinks with each layer (ReLU discards part of the signal, and the bound of a product is the
+product of the bounds), so deeper constrained networks end with logits spread over a narrow
+range and small margins. One strided convolution (bounded tightly by the engine's polyphase
+bound; no pooling, whose bound can exceed its gain) plus the linear head keeps the bound close
+to the network's true gain while still being a convolutional model. (The library's
+``SmallCNN``, three convolutions, reaches clean 0.62 and refined certified 0.30 / 0.10 at
+eps 0.1 / 0.25 here.)
+
+Run: ``python examples/certify_digits.py`` (about 15-30 s on a 2-core CPU: the constraint
+computes every layer's guaranteed bound after every step).
 """
 
 from __future__ import annotations
@@ -33,7 +43,23 @@ from torch import nn
 from lightning_spectral import SpectralBoundRegularizer, network_lipschitz_bound
 from lightning_spectral.data import DigitsDataModule
 from lightning_spectral.functional import certified_radius
-from lightning_spectral.models import ImageClassifier, SmallCNN
+from lightning_spectral.models import ImageClassifier
+
+
+class ShallowCNN(nn.Sequential):
+    """``fc(flatten(relu(conv(x))))``: one 4x4 convolution with stride 2 and padding 1, 8x8 -> 4x4.
+
+    The network bound is ``||fc|| * ||conv||`` (ReLU and flatten are 1-Lipschitz), so with both
+    layers constrained to 1 it is at most 1; the refined certificate uses ``fc``'s row
+    differences and the bound of ``conv`` alone.
+    """
+
+    def __init__(self, width: int = 64, num_classes: int = 10) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(1, width, 4, stride=2, padding=1)
+        self.relu = nn.ReLU()
+        self.flatten = nn.Flatten()
+        self.fc = nn.Linear(width * 4 * 4, num_classes)
 
 
 class LipschitzMarginClassifier(ImageClassifier):
@@ -96,14 +122,14 @@ def certify(model: nn.Module, loader, epsilons: Sequence[float]) -> dict[str, li
 
 def main(argv: Sequence[str] | None = None) -> dict[str, list[float]]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--epochs", type=int, default=60)
+    parser.add_argument("--epochs", type=int, default=100)
     parser.add_argument("--constraint", type=float, default=1.0)
-    parser.add_argument("--lr", type=float, default=3e-3, help="Adam learning rate")
+    parser.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate")
     parser.add_argument("--temperature", type=float, default=100.0,
                         help="logits are multiplied by this inside the training loss only")
-    parser.add_argument("--train-eps", type=float, default=0.25,
+    parser.add_argument("--train-eps", type=float, default=0.5,
                         help="Lipschitz-margin training radius (loss only)")
-    parser.add_argument("--width", type=int, default=16)
+    parser.add_argument("--width", type=int, default=64, help="channels of the convolution")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--epsilons", type=float, nargs="+", default=[0.1, 0.25, 0.5, 0.75, 1.0])
     args = parser.parse_args(argv)
@@ -111,7 +137,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, list[float]]:
     pl.seed_everything(args.seed, workers=True)
     torch.set_num_threads(min(2, torch.get_num_threads()))
     data = DigitsDataModule(batch_size=64, seed=args.seed)
-    model = SmallCNN(width=args.width)
+    model = ShallowCNN(width=args.width)
     module = LipschitzMarginClassifier(model, temperature=args.temperature,
                                        train_eps=args.train_eps, lr=args.lr)
     regularizer = SpectralBoundRegularizer(
