@@ -505,10 +505,11 @@ class SpectralBoundRegularizer(Callback):
         degree 1, so afterwards the guaranteed bound is ``<= c`` exactly.
 
         The bound used is ``layer_spectral_bound(module, max_cost=0)``: the minimum of the
-        exact Fantastic Four bound and the tap-sum bound, valid for every input size. The
+        exact Fantastic Four bound and the tap-sum bound (and, for strided layers, the same two
+        bounds of the polyphase filter), valid for every input size. The
         tighter optional bounds (Gram kernel, sampled frequencies) cost up to ~1e8
         multiply-adds per layer, too much for every step; since the full bound is never
-        larger, it is ``<= c`` too. Cost per step: float64 SVDs of the ``2^d`` matricizations
+        larger, it is ``<= c`` too. Cost per step: float64 norms of the ``2^d`` matricizations
         of every layer, and one host sync per layer (the bound checks its input is finite).
         """
         if self.constraint is None:

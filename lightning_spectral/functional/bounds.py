@@ -516,7 +516,9 @@ def layer_bounds(
     ``nn.Linear``: ``{"matrix_norm": ||W||_2}`` (exact). Convolutions (and transposed
     ones): each symbol bound times the padding factor (module docstring), namely
     ``fantastic_four``, ``tap_sum``, and, when their cost fits, ``sampled_frequency`` and
-    (if that one is absent or inflated by more than 1.2) ``gram_kernel``. With
+    (if that one is absent or inflated by more than 1.2) ``gram_kernel``; for strided
+    layers (not circular mode) the same bounds of the polyphase filter, named
+    ``polyphase_<name>`` (see :func:`polyphase_filter`). With
     ``input_size`` (the spatial size of the layer's input) the padding factor is exact for
     that size and ``fft`` (the exact norm of ``C_N``, equal to the layer's norm for
     circular same-size stride-1 layers) joins when it fits.
