@@ -28,10 +28,12 @@ def header(cfg: Config) -> list[str]:
 def _paper_sizes(cfg: Config) -> str:
     channels = sorted(cfg.paper_sizes)
     sizes = "/".join(str(cfg.paper_sizes[c]) for c in channels)
-    origin = "as in the paper"
-    if cfg.paper_sizes != PAPER_SIZES:
-        origin = "reduced from the paper's " + "/".join(str(PAPER_SIZES[c]) for c in channels)
-    return f"{sizes} for {'/'.join(map(str, channels))} output channels, {origin}"
+    text = f"{sizes} for {'/'.join(map(str, channels))} output channels"
+    if cfg.paper_sizes == PAPER_SIZES:
+        return text + ", as in the paper"
+    paper_sizes = "/".join(str(PAPER_SIZES[c]) for c in sorted(PAPER_SIZES))
+    paper_channels = "/".join(map(str, sorted(PAPER_SIZES)))
+    return f"{text}; the paper's table has {paper_sizes} for {paper_channels}"
 
 
 def _check_note(c: FftCheck) -> str:
