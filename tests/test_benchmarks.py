@@ -88,6 +88,8 @@ def test_quick_run_structure(quick_run: tuple[str, str]) -> None:
         "## 4. One batched power-iteration step over all ResNet-18 convolutions",
         "## Soundness",
     ]
+    # --quick shrinks table 1's input sizes, and says so.
+    assert "n (16/8/8/8 for 64/128/256/512 output channels; the paper's table has" in stdout
     machine = next(line for line in stdout.splitlines() if line.startswith("Machine: "))
     for part in (f"torch {torch.__version__}", "CPUs", "device cpu", "set_num_threads(1)"):
         assert part in machine

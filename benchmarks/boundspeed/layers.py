@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 import torch
 from torch import Tensor, nn
@@ -83,7 +83,7 @@ def representatives(layers: list[Layer], key: Callable[[Layer], tuple]) -> list[
     ]
 
 
-def _accuracy(model: nn.Module, loader: object) -> float:
+def _accuracy(model: nn.Module, loader: Iterable[tuple[Tensor, Tensor]]) -> float:
     correct = total = 0
     with torch.no_grad():
         for x, y in loader:
