@@ -14,12 +14,14 @@ from benchmarks.boundspeed.measure import ratios
 
 
 def fmt(x: float | None, digits: int = 3) -> str:
+    """``x`` to ``digits`` decimals; ``-`` where there is no value."""
     if x is None or math.isnan(x):
         return "-"
     return f"{x:.{digits}f}"
 
 
 def fmt_time(t: float | None) -> str:
+    """Seconds in us, ms or s, three significant digits or so."""
     if t is None:
         return "-"
     if t < 1e-3:
@@ -30,6 +32,7 @@ def fmt_time(t: float | None) -> str:
 
 
 def speedup(slow: float, fast: float) -> str:
+    """``slow / fast`` as ``1.5x`` or, from 10 on, ``12x``."""
     r = slow / fast
     return f"{r:.1f}x" if r < 10 else f"{r:.0f}x"
 
@@ -109,6 +112,7 @@ def machine() -> str:
 
 
 def load() -> str:
+    """The 1/5/15-minute load averages: times are comparable only under similar load."""
     try:
         return "load average " + ", ".join(f"{x:.1f}" for x in os.getloadavg())
     except OSError:

@@ -8,6 +8,7 @@ from benchmarks.boundspeed.tables import DIGIT_METHODS, PAPER_METHODS, REAL_METH
 
 
 def header(cfg: Config) -> list[str]:
+    """Title, the machine (CPU, cores, torch, Python, device, threads, load), the legend."""
     title = "# Spectral-norm bounds: speed and tightness"
     return [
         title + (" (--quick smoke run, reduced sizes)" if cfg.quick else ""),
@@ -46,6 +47,7 @@ def _check_note(c: FftCheck) -> str:
 
 
 def paper(rows: list[Layer], checks: list[FftCheck], cfg: Config) -> list[str]:
+    """Table 1: circular stride-1 stand-ins at the paper's sizes, FFT time extrapolated."""
     s = cfg.fft_subsample
     return [
         "## 1. ResNet-18 at the paper's table sizes (circular stride-1 operators)",
@@ -70,7 +72,8 @@ def paper(rows: list[Layer], checks: list[FftCheck], cfg: Config) -> list[str]:
 
 
 def real(rows: list[Layer], cfg: Config) -> list[str]:
-    stopped = [layer.name for layer in rows if layer.notes]
+    """Table 2: the real ResNet-18 layers, bracketed by op-PI from below."""
+    stopped = [layer.name for layer in rows if "op-PI stopped at max_iter" in layer.notes]
     return [
         f"## 2. ResNet-18 layers as they are, at their input sizes for a {cfg.image_size}x"
         f"{cfg.image_size} image",
@@ -87,6 +90,7 @@ def real(rows: list[Layer], cfg: Config) -> list[str]:
 
 
 def digits(rows: list[Layer], acc: float, cfg: Config) -> list[str]:
+    """Table 3: the trained digits CNN, the explicit matrix's norm as the exact reference."""
     return [
         f"## 3. SmallCNN trained on the digits ({cfg.digits_epochs} epochs of SGD, test "
         f"accuracy {acc:.3f})",
@@ -112,6 +116,7 @@ def _tables(rows: list[Layer], methods: list[str], exact: str) -> list[str]:
 
 
 def batched(step: dict[str, float]) -> list[str]:
+    """Table 4: a batched power-iteration step in passes over the weights' memory."""
     read = step["read"]
     return [
         "## 4. One batched power-iteration step over all ResNet-18 convolutions",
@@ -132,6 +137,7 @@ def batched(step: dict[str, float]) -> list[str]:
 
 
 def soundness(problems: list[str], seconds: float) -> list[str]:
+    """The verdict: every provable bound >= every exact value and estimate from below."""
     verdict = "yes" if not problems else "NO:\n" + "\n".join(f"- {p}" for p in problems)
     return [
         "## Soundness",

@@ -45,6 +45,7 @@ def run_method(name: str, conv: nn.Conv2d, size: Size, cfg: Config) -> tuple[Tim
 
 
 def record(layer: Layer, name: str, timing: Timing) -> None:
+    """Store a method's value, median time and repeats on ``layer``."""
     layer.values[name], layer.times[name], layer.repeats[name] = timing[:3]
     if isinstance(timing.output, dict):  # the tightest bound: which one won
         layer.winner = min(timing.output, key=lambda k: float(timing.output[k]))
