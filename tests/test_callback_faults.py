@@ -109,7 +109,8 @@ def test_lazy_layers_are_penalized_exactly():
         torch.testing.assert_close(p, q, atol=1e-4, rtol=1e-4, msg=name)
 
 
-def test_lazy_layers_constraint_and_logged_bounds(tmp_path):
+@pytest.mark.parametrize("sanity_steps", [0, 1])
+def test_lazy_layers_constraint_and_logged_bounds(tmp_path, sanity_steps):
     c = 0.5
     net = lazy_net()
     seen = []
@@ -121,7 +122,7 @@ def test_lazy_layers_constraint_and_logged_bounds(tmp_path):
     reg = SpectralBoundRegularizer(constraint=c)
     trainer = quiet_trainer(max_epochs=1, limit_train_batches=4, limit_val_batches=1,
                             log_every_n_steps=1, logger=CSVLogger(tmp_path, name="run"),
-                            callbacks=[reg, _Check()])
+                            num_sanity_val_steps=sanity_steps, callbacks=[reg, _Check()])
     trainer.fit(Module(net, lr=0.5), loader(8), loader(8))
     assert len(seen) == 4 and max(seen) <= c * (1 + 1e-12)
     with open(trainer.logger.experiment.metrics_file_path) as f:
@@ -129,6 +130,15 @@ def test_lazy_layers_constraint_and_logged_bounds(tmp_path):
     for name in reg.layer_names:
         assert {f"spectral_estimate/{name}", f"spectral_bound/{name}"} <= keys
     assert float(trainer.callback_metrics["spectral_bound/max"]) <= c * (1 + 1e-7)
+
+
+def test_lazy_layers_validate_only():
+    reg = SpectralBoundRegularizer()
+    trainer = quiet_trainer(limit_val_batches=1, callbacks=[reg])
+    trainer.validate(Module(lazy_net()), loader(8), verbose=False)
+    bounds = reg.guaranteed_bounds()
+    assert list(bounds) == ["net.0", "net.2", "net.5"]
+    assert float(trainer.callback_metrics["spectral_bound/max"]) >= max(bounds.values())
 
 
 # ---------------------------------------------------------------- two instances
