@@ -356,8 +356,12 @@ class SpectralBoundRegularizer(Callback):
                 "weight (e.g. it standardizes or rescales it), so no bound of that weight is a "
                 "bound on the layer: it is neither penalized, constrained nor reported."
             )
-        if chosen:
-            return
+        if not chosen:
+            self._warn_no_match(pl_module, frozen)
+
+    def _warn_no_match(self, pl_module: nn.Module, frozen: int) -> None:
+        # Lists the layers that do exist, so that the patterns can be fixed.
+        supported = _supported_layers()
         existing = [
             f"{n} ({type(m).__name__})"
             for n, m in pl_module.named_modules() if n and isinstance(m, supported)
@@ -470,8 +474,7 @@ class SpectralBoundRegularizer(Callback):
             handle.remove()
         self._step_hooks, self._size_hooks = [], []
         self._trainer = None
-        if not self._lazy_pending:
-            self._pending_state = None
+        self._pending_state = None
 
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int

@@ -193,8 +193,11 @@ def test_csv_logger_receives_the_keys(tmp_path):
     steps = [r for r in rows if r["spectral_penalty"]]
     assert len(steps) == 4  # 8 batches, every 2nd step
     final = next(r for r in rows if r["spectral_bound/net.2"])
+    bounds = reg.guaranteed_bounds()  # float64; the weights are those validated last
     for n in names:  # the bound is never below the exact norm; ratio = bound / exact
         bound, exact = float(final[f"spectral_bound/{n}"]), float(final[f"spectral_exact/{n}"])
+        assert bound >= bounds[n]  # stored as float32, rounded up: still an upper bound
+        assert bound == pytest.approx(bounds[n], rel=2e-7)  # one float32 ulp
         assert bound >= exact * (1 - 1e-6)
         assert float(final[f"spectral_ratio/{n}"]) == pytest.approx(bound / exact, rel=1e-5)
     # The input sizes recorded in the first batch: 8x8 for the first two convs.
