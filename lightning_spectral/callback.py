@@ -619,16 +619,20 @@ class SpectralBoundRegularizer(Callback):
 
         One on-device flag for all layers and one host sync per step; the estimates are those
         the step's loss used (non-finite with finite weights: weights too large for float32).
+        The flag is the finiteness of per-layer sums: NaN and Inf propagate through a sum, and
+        a sum reads each weight once (``isfinite(w).all()`` costs about 8x more on CPU). A
+        sum can overflow with finite weights: then the weights are checked one by one.
         """
-        flags = [torch.isfinite(m.weight).all() for m in self._layers.values()]
+        sums = [m.weight.sum(dtype=_compute_dtype(m.weight.dtype)) for m in self._layers.values()]
         if self._last_estimates is not None:
-            flags.append(torch.isfinite(self._last_estimates).all())
-        device = flags[0].device
-        if bool(torch.stack([f.to(device) for f in flags]).all()):  # the one sync
+            sums.append(self._last_estimates.sum())
+        device = sums[0].device
+        if bool(torch.isfinite(torch.stack([t.to(device) for t in sums])).all()):  # the sync
             return
         self._raise_non_finite("after the optimizer step")
+        if self._last_estimates is None or bool(torch.isfinite(self._last_estimates).all()):
+            return  # a sum overflowed; every weight and estimate is finite
         names = self.layer_names
-        assert self._last_estimates is not None
         bad = [names[i] for i in torch.nonzero(~torch.isfinite(self._last_estimates)).flatten()]
         raise RuntimeError(
             f"SpectralBoundRegularizer: the spectral estimate of layer(s) {', '.join(bad)} is not "

@@ -326,3 +326,20 @@ def test_no_match_warning_lists_existing_layers():
     with pytest.warns(UserWarning, match=r"net\.0 \(Conv2d\).*net\.7 \(Linear\)"):
         reg._discover(Module(tiny_net()))
     assert reg.layer_names == []
+
+
+def test_finite_check_tells_overflowing_sums_from_non_finite_weights():
+    module = Module(nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2)))
+    reg = SpectralBoundRegularizer(warmup_power_iterations=0)
+    reg._discover(module)
+    reg._last_estimates = torch.ones(2)
+    with torch.no_grad():
+        module.net[1].weight.fill_(3e38)  # finite, but their float32 sum is not
+    reg._check_finite_after_step()
+    reg._last_estimates = torch.tensor([1.0, float("inf")])
+    with pytest.raises(RuntimeError, match=r"estimate of layer\(s\) net\.1 .*too large"):
+        reg._check_finite_after_step()
+    with torch.no_grad():
+        module.net[1].weight[0, 0] = float("nan")
+    with pytest.raises(RuntimeError, match=r"non-finite weights .* net\.1 "):
+        reg._check_finite_after_step()
