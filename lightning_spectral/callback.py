@@ -391,9 +391,23 @@ class SpectralBoundRegularizer(Callback):
         if not self._lazy_pending:
             self._build_groups()
 
-    def _build_if_materialized(self) -> bool:
-        """Build the shape groups once no selected layer is lazy; whether they exist."""
-        if self._lazy_pending and not any(is_lazy(m.weight) for m in self._layers.values()):
+    def _build_if_materialized(self, *, after_batch: bool = False) -> bool:
+        """Build the shape groups once no selected layer is lazy; whether they exist.
+
+        ``after_batch``: a whole batch has run, so a layer still lazy is one the model does not
+        call; it leaves the selection (with a warning) instead of holding up the others.
+        """
+        if not self._lazy_pending:
+            return True
+        lazy = [n for n, m in self._layers.items() if is_lazy(m.weight)]
+        if lazy and after_batch:
+            rank_zero_warn(
+                f"SpectralBoundRegularizer: lazy layer(s) {', '.join(lazy)} were not "
+                "materialized by a whole batch (never called?) and are left out."
+            )
+            self._layers = {n: m for n, m in self._layers.items() if n not in lazy}
+            lazy = []
+        if not lazy:
             self._lazy_pending = False
             self._build_groups()
         return not self._lazy_pending
@@ -491,6 +505,7 @@ class SpectralBoundRegularizer(Callback):
     ) -> None:
         if not self._layers:
             return
+        self._build_if_materialized(after_batch=True)
         if not self._estimated_this_batch:
             if self.beta > 0 and not pl_module.automatic_optimization:
                 raise RuntimeError(
@@ -523,8 +538,9 @@ class SpectralBoundRegularizer(Callback):
         dataloader_idx: int = 0,
     ) -> None:
         self._remove_size_hooks_if_done()
-        if self._layers:
-            self._build_if_materialized()  # lazy layers: the first validation batch made them
+        if self._layers:  # lazy layers: the first validation batch materialized them
+            # In fit, a layer that validation does not call may be called by training_step.
+            self._build_if_materialized(after_batch=trainer.state.fn != "fit")
         if self._tracker is not None and not trainer.sanity_checking:
             self._tracker.on_validation_batch_end(trainer, pl_module, batch)
 

@@ -132,6 +132,21 @@ def test_lazy_layers_constraint_and_logged_bounds(tmp_path, sanity_steps):
     assert float(trainer.callback_metrics["spectral_bound/max"]) <= c * (1 + 1e-7)
 
 
+class _WithUnusedLazy(Module):
+    def __init__(self, net):
+        super().__init__(net)
+        self.spare = nn.LazyLinear(3)  # never called: never materialized
+
+
+def test_a_lazy_layer_never_called_does_not_hold_up_the_others():
+    reg = SpectralBoundRegularizer(beta=0.1)
+    trainer = quiet_trainer(max_steps=2, log_every_n_steps=1, callbacks=[reg])
+    with pytest.warns(UserWarning, match=r"spare .*not materialized"):
+        trainer.fit(_WithUnusedLazy(lazy_net()), loader(8))
+    assert reg.layer_names == ["net.0", "net.2", "net.5"]
+    assert float(trainer.callback_metrics["spectral_penalty"]) > 0
+
+
 def test_lazy_layers_validate_only():
     reg = SpectralBoundRegularizer()
     trainer = quiet_trainer(limit_val_batches=1, callbacks=[reg])
