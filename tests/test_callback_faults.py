@@ -132,6 +132,27 @@ def test_lazy_layers_constraint_and_logged_bounds(tmp_path, sanity_steps):
     assert float(trainer.callback_metrics["spectral_bound/max"]) <= c * (1 + 1e-7)
 
 
+def test_lazy_layers_resume_exactly(tmp_path):
+    def run(epochs, ckpt_path=None, seed=0):
+        torch.manual_seed(seed)
+        net = lazy_net()
+        reg = SpectralBoundRegularizer(beta=BETA, constraint=0.9, warmup_power_iterations=3)
+        trainer = quiet_trainer(max_epochs=epochs, callbacks=[reg])
+        trainer.fit(Module(net), loader(16), ckpt_path=ckpt_path)
+        return net, reg, trainer
+
+    net_a, reg_a, _ = run(4)
+    _, reg_b, trainer_b = run(2)
+    trainer_b.save_checkpoint(tmp_path / "mid.ckpt")
+    net_c, reg_c, _ = run(4, tmp_path / "mid.ckpt", seed=5)
+    for p, q in zip(net_a.parameters(), net_c.parameters(), strict=True):
+        assert torch.equal(p, q)
+    va, vb, vc = _vectors(reg_a), _vectors(reg_b), _vectors(reg_c)
+    assert va.keys() == vc.keys() == {"net.0", "net.2", "net.5"}
+    assert all(torch.equal(x, y) for n in va for x, y in zip(va[n], vc[n], strict=True))
+    assert not all(torch.equal(x, y) for n in va for x, y in zip(va[n], vb[n], strict=True))
+
+
 class _WithUnusedLazy(Module):
     def __init__(self, net):
         super().__init__(net)
