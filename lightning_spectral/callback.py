@@ -1,11 +1,12 @@
 """``SpectralBoundRegularizer``: penalize, constrain and log the spectral bounds of layers.
 
-The paper's objective (Singla & Feizi, ICLR 2021, section 7 of ``paper.md``) is
+The training objective of Singla & Feizi (ICLR 2021) is
 
     task loss + beta * sum_I u_I,
 
 ``u_I = sqrt(prod k) * min_A ||M_A||_2`` the Fantastic Four bound of the I-th convolution or
-linear layer, estimated during training by one power iteration per step on persistent vectors.
+linear layer (``M_A`` the ``2^d`` matricizations of its filter, ``k`` its kernel size),
+estimated during training by one power iteration per step on persistent vectors.
 This module is orchestration only: the estimate is
 :func:`lightning_spectral.functional.power.fantastic_four_estimate`, the guaranteed values are
 :func:`lightning_spectral.functional.bounds.layer_spectral_bound` and the exact norms
@@ -37,6 +38,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
+from torch.nn.parameter import is_lazy
 
 from .functional.matricize import grouped_weight
 from .functional.power import fantastic_four_estimate, init_singular_vectors, power_iteration_
@@ -52,6 +54,30 @@ def _supported_layers() -> tuple[type, ...]:
     from .functional.bounds import SUPPORTED_LAYERS
 
     return tuple(SUPPORTED_LAYERS)
+
+
+def _torch_base(module: nn.Module) -> type:
+    return next(c for c in type(module).__mro__ if c in _supported_layers())
+
+
+def _computes_w_x(module: nn.Module) -> bool:
+    """Whether the layer runs its torch class's own ``forward`` (and ``_conv_forward``).
+
+    Only then is its output the convolution (or matrix product) with ``module.weight`` that
+    the bounds are bounds of; a subclass that rescales or standardizes its weight is not.
+    """
+    base = _torch_base(module)
+    methods = [m for m in ("forward", "_conv_forward") if hasattr(base, m)]
+    return all(getattr(type(module), m) is getattr(base, m) for m in methods)
+
+
+def _round_up_to_float32(value: float) -> float:
+    # Lightning stores a logged float as float32, rounding to nearest: a guaranteed upper
+    # bound is rounded up instead, so that the logged value is still an upper bound.
+    f32 = torch.tensor(value, dtype=torch.float32)
+    if float(f32) < value:
+        f32 = torch.nextafter(f32, torch.tensor(math.inf))
+    return float(f32)
 
 
 def _groups(module: nn.Module) -> int:
@@ -113,31 +139,44 @@ class SpectralBoundRegularizer(Callback):
     Adds ``beta * reduction(bounds)`` to the training loss, ``bounds`` the power-iteration
     estimates of the Fantastic Four bound ``sqrt(prod k) * min_A ||M_A||_2`` of every selected
     layer (Singla & Feizi, ICLR 2021). Optionally projects the weights after every optimizer step
-    so that each layer's *guaranteed* bound is at most ``constraint``, logs estimates during
-    training and guaranteed bounds (and exact norms) at validation end, and certifies robustness
-    (``certify_epsilons``). See ``docs/callback.md``.
+    so that each layer's *guaranteed* bound is at most ``constraint``, logs estimates
+    (``spectral_estimate/*``) during training and guaranteed bounds (``spectral_bound/*``, and
+    exact norms) at validation end, and certifies robustness (``certify_epsilons``). See
+    ``docs/callback.md``.
+
+    Selected are the trainable layers (``weight.requires_grad``) of the supported types whose
+    class runs the torch class's own ``forward``: a subclass overriding ``forward`` (or
+    ``_conv_forward``), e.g. one that standardizes or rescales its weight, need not compute
+    ``W x`` with its stored weight, so no bound of that weight bounds it; such layers are left
+    out with a warning naming them. Lazy layers (``nn.LazyConv2d``, ...) are taken up after the
+    first forward pass has materialized them.
 
     Args:
         beta: weight of the penalty; 0 monitors only.
-        n_power_iterations: power iterations per training step (the paper: 1).
+        n_power_iterations: power iterations per training step (Singla & Feizi use 1).
         warmup_power_iterations: iterations when the vectors are created, so the first steps
             already see converged estimates.
         include: glob patterns (``fnmatch``) on module names (``named_modules``) selecting layers;
             default every supported layer (``nn.Conv1d/2d/3d``, ``nn.ConvTranspose1d/2d/3d``,
             ``nn.Linear`` and subclasses).
         exclude: glob patterns removing layers from the selection.
-        reduction: ``"sum"`` (the paper's objective), ``"max"`` or ``"mean"`` over layers.
+        include_frozen: also select layers whose weight does not require a gradient (e.g. a
+            frozen teacher held by the module); by default they are neither penalized nor
+            rescaled by the constraint. Read when the layers are discovered, at the start of
+            ``fit``.
+        reduction: ``"sum"`` (the objective of Singla & Feizi), ``"max"`` or ``"mean"``.
         target: penalize only ``max(0, bound - target)`` per layer.
         constraint: after every optimizer step, rescale each layer whose guaranteed bound exceeds
             ``constraint`` so that it no longer does.
         log_every_n_steps: how often training values are logged, in optimizer steps (``None``:
             the trainer's ``log_every_n_steps``).
-        log_per_layer: log ``spectral/<layer>`` (and the per-layer validation values), not only
-            the aggregates.
+        log_per_layer: log ``spectral_estimate/<layer>`` (and the per-layer validation values),
+            not only the aggregates.
         exact_every_n_epochs: every this many epochs, also log exact norms and the ratio
             bound/exact at validation end (``None``: never; exact norms can be slow).
-        check_finite: before every optimizer step, raise if a layer's weights are non-finite
-            (one host synchronization of one flag per step; free on CPU).
+        check_finite: right after every optimizer step, before anything (e.g. a checkpoint)
+            sees the new weights, raise naming the layer(s) whose weights (or estimates) are
+            non-finite (one host synchronization of one flag per step; free on CPU).
         certify_epsilons: l2 radii at which to log certified robust accuracy at validation.
         input_scale: factor turning a radius on the model's input into the units of the
             epsilons (see :class:`lightning_spectral.certification.CertificationTracker`).
@@ -152,6 +191,7 @@ class SpectralBoundRegularizer(Callback):
         warmup_power_iterations: int = 50,
         include: list[str] | None = None,
         exclude: list[str] | None = None,
+        include_frozen: bool = False,
         reduction: Reduction = "sum",
         target: float | None = None,
         constraint: float | None = None,
@@ -171,6 +211,7 @@ class SpectralBoundRegularizer(Callback):
         )
         self.include = _check_patterns("include", include)
         self.exclude = _check_patterns("exclude", exclude)
+        self.include_frozen = _check_bool("include_frozen", include_frozen)
         if reduction not in ("sum", "max", "mean"):
             raise ValueError(f"reduction must be 'sum', 'max' or 'mean', got {reduction!r}")
         self.reduction: Reduction = reduction
@@ -221,6 +262,9 @@ class SpectralBoundRegularizer(Callback):
 
         self._layers: dict[str, nn.Module] = {}
         self._shape_groups: list[_ShapeGroup] = []
+        self._lazy_pending = False  # selected layers not materialized yet: no groups so far
+        self._trainer: pl.Trainer | None = None
+        self._last_guaranteed_max: Tensor | None = None  # the constraint's, after the last step
         self._pending_state: dict[str, Any] | None = None
         self._input_sizes: dict[str, tuple[int, ...] | None] = {}
         self._size_hooks: list[Any] = []
@@ -238,52 +282,151 @@ class SpectralBoundRegularizer(Callback):
         """Names (as in ``named_modules``) of the layers the callback acts on, in model order."""
         return list(self._layers)
 
+    @property
+    def state_key(self) -> str:
+        """Checkpoint key: the class name, plus the selection arguments when not the default.
+
+        Distinct selections (e.g. a penalty on the convolutions and a constraint on the head)
+        give distinct keys, so several instances can share one Trainer and its checkpoints.
+        """
+        selection: dict[str, Any] = {}
+        if self.include is not None and self.include != list(_DEFAULT_INCLUDE):
+            selection["include"] = self.include
+        if self.exclude:
+            selection["exclude"] = self.exclude
+        if self.include_frozen:
+            selection["include_frozen"] = True
+        if not selection:
+            return type(self).__qualname__
+        return self._generate_state_key(**selection)
+
+    @property
+    def _legacy_state_key(self) -> str:  # type: ignore[override]
+        # Lightning falls back to this key when ``state_key`` is not in a checkpoint: the class
+        # name, the key of every instance before the key named the selection.
+        return type(self).__qualname__
+
     def _select(self, pl_module: nn.Module) -> dict[str, nn.Module]:
         supported = _supported_layers()
         include = self.include if self.include is not None else list(_DEFAULT_INCLUDE)
         exclude = self.exclude or []
         chosen: dict[str, nn.Module] = {}
         unsupported: list[str] = []
+        overriding: list[str] = []
+        frozen = 0
         for name, module in pl_module.named_modules():
             if not name or not any(fnmatch.fnmatchcase(name, p) for p in include):
                 continue
             if any(fnmatch.fnmatchcase(name, p) for p in exclude):
                 continue
             if isinstance(module, supported):
-                chosen[name] = module
+                if not (self.include_frozen or module.weight.requires_grad):
+                    frozen += 1
+                elif not _computes_w_x(module):
+                    overriding.append(f"{name} ({type(module).__name__})")
+                else:
+                    chosen[name] = module
             elif self.include is not None and not any(True for _ in module.children()):
                 w = getattr(module, "weight", None)
                 if isinstance(w, Tensor) and w.ndim >= 2:
                     unsupported.append(f"{name} ({type(module).__name__})")
+        self._warn_about_selection(pl_module, chosen, unsupported, overriding, frozen)
+        return chosen
+
+    def _warn_about_selection(
+        self,
+        pl_module: nn.Module,
+        chosen: dict[str, nn.Module],
+        unsupported: list[str],
+        overriding: list[str],
+        frozen: int,
+    ) -> None:
+        supported = _supported_layers()
         if unsupported:
             rank_zero_warn(
                 "SpectralBoundRegularizer: include patterns match layers of unsupported types, "
                 f"which are left out: {', '.join(unsupported)}. Supported: "
                 + ", ".join(t.__name__ for t in supported)
             )
-        if not chosen:
+        if overriding:
             rank_zero_warn(
-                "SpectralBoundRegularizer: no layer matches include="
-                f"{list(include)!r} exclude={list(exclude)!r} among "
-                + ", ".join(t.__name__ for t in supported)
-                + "; the callback does nothing."
+                "SpectralBoundRegularizer: left out layer(s) whose class overrides forward (or "
+                "_conv_forward) of its torch class: "
+                f"{', '.join(overriding)}. Such a layer need not compute W x with its stored "
+                "weight (e.g. it standardizes or rescales it), so no bound of that weight is a "
+                "bound on the layer: it is neither penalized, constrained nor reported."
             )
-        return chosen
+        if not chosen:
+            self._warn_no_match(pl_module, frozen)
+
+    def _warn_no_match(self, pl_module: nn.Module, frozen: int) -> None:
+        # Lists the layers that do exist, so that the patterns can be fixed.
+        supported = _supported_layers()
+        existing = [
+            f"{n} ({type(m).__name__})"
+            for n, m in pl_module.named_modules() if n and isinstance(m, supported)
+        ]
+        found = (
+            "the model has none of these types"
+            if not existing
+            else f"{len(existing)} exist: {', '.join(existing[:5])}"
+            + (", ..." if len(existing) > 5 else "")
+        )
+        rank_zero_warn(
+            "SpectralBoundRegularizer: no layer matches include="
+            f"{list(self.include or _DEFAULT_INCLUDE)!r} exclude={list(self.exclude or [])!r} "
+            "among " + ", ".join(t.__name__ for t in supported) + f" layers ({found})"
+            + (
+                f"; {frozen} frozen layer(s) matched but are left out (include_frozen=True "
+                "selects them)" if frozen else ""
+            )
+            + "; the callback does nothing."
+        )
 
     def _discover(self, pl_module: nn.Module) -> None:
-        layers = self._select(pl_module)
-        old = {n: g for g in self._shape_groups for n in g.names}
-        keep = (
-            set(layers) == set(old)
-            and all(
-                layers[n] is m
-                for g in self._shape_groups
-                for n, m in zip(g.names, g.modules, strict=True)
+        self._layers = self._select(pl_module)
+        # Lazy layers have no weight shape until a forward pass materializes them; the shape
+        # groups wait for that (``_build_if_materialized``).
+        self._lazy_pending = any(is_lazy(m.weight) for m in self._layers.values())
+        if not self._lazy_pending:
+            self._build_groups()
+
+    def _build_if_materialized(self, *, after_batch: bool = False) -> bool:
+        """Build the shape groups once no selected layer is lazy; whether they exist.
+
+        ``after_batch``: a whole batch has run, so a layer still lazy is one the model does not
+        call; it leaves the selection (with a warning) instead of holding up the others.
+        """
+        if not self._lazy_pending:
+            return True
+        lazy = [n for n, m in self._layers.items() if is_lazy(m.weight)]
+        if lazy and after_batch:
+            rank_zero_warn(
+                f"SpectralBoundRegularizer: lazy layer(s) {', '.join(lazy)} were not "
+                "materialized by a whole batch (never called?) and are left out."
             )
+            self._layers = {n: m for n, m in self._layers.items() if n not in lazy}
+            lazy = []
+        if not lazy:
+            self._lazy_pending = False
+            self._build_groups()
+        return not self._lazy_pending
+
+    def _build_groups(self) -> None:
+        layers = self._layers
+        keep = set(layers) == {n for g in self._shape_groups for n in g.names} and all(
+            layers[n] is m
+            for g in self._shape_groups
+            for n, m in zip(g.names, g.modules, strict=True)
         )
-        self._layers = layers
-        if keep:  # a second fit() on the same model: continue with the vectors we have
-            return
+        if not keep:  # (a second fit() on the same model continues with the vectors it has)
+            self._new_groups()
+        if self._pending_state is not None and self._shape_groups:
+            self._apply_state(self._pending_state)
+            self._pending_state = None
+
+    def _new_groups(self) -> None:
+        layers = self._layers
         by_key: dict[tuple[Any, ...], list[str]] = {}
         for name, module in layers.items():
             w = module.weight
@@ -311,9 +454,7 @@ class SpectralBoundRegularizer(Callback):
         # Not setup(): Lightning calls configure_model after the callbacks' setup, and the
         # optimizers the constraint hooks into exist only once the strategy is set up.
         self._discover(pl_module)
-        if self._pending_state is not None:
-            self._apply_state(self._pending_state)
-            self._pending_state = None
+        self._trainer = trainer
         self._record_input_sizes()
         if pl_module.automatic_optimization:
             if self._wrapped is None:
@@ -324,9 +465,14 @@ class SpectralBoundRegularizer(Callback):
                 "add the penalty to your loss. In training_step write "
                 "`loss = loss + regularizer.penalty(self)` before `self.manual_backward(loss)`."
             )
-        if self.constraint is not None:
+        if self.constraint is not None or self.check_finite:
+            # One hook does both, the check first: it names a non-finite layer before the
+            # projection (or a checkpoint, written after the step) sees it.
             for opt in trainer.optimizers:
                 self._step_hooks.append(opt.register_step_post_hook(self._after_optimizer_step))
+        if self.constraint is not None and not self._lazy_pending:
+            # Lazy layers: first projected after the first optimizer step (their first forward
+            # necessarily runs with the initial weights).
             self.project(pl_module)
 
     def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -341,6 +487,7 @@ class SpectralBoundRegularizer(Callback):
         for handle in self._step_hooks + self._size_hooks:
             handle.remove()
         self._step_hooks, self._size_hooks = [], []
+        self._trainer = None
         self._pending_state = None
 
     def on_train_batch_start(
@@ -358,6 +505,7 @@ class SpectralBoundRegularizer(Callback):
     ) -> None:
         if not self._layers:
             return
+        self._build_if_materialized(after_batch=True)
         if not self._estimated_this_batch:
             if self.beta > 0 and not pl_module.automatic_optimization:
                 raise RuntimeError(
@@ -373,30 +521,6 @@ class SpectralBoundRegularizer(Callback):
         if not self._should_log(trainer):
             return
         self._log_training_values(pl_module)
-
-    def on_before_optimizer_step(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
-    ) -> None:
-        if not self.check_finite or self._last_estimates is None:
-            return
-        # One flag for all layers: a non-finite weight makes its power-iteration value
-        # non-finite (NaN/inf propagate through M v), so one host sync checks them all.
-        if bool(torch.isfinite(self._last_estimates).all()):
-            return
-        bad = [n for n, m in self._layers.items() if not bool(torch.isfinite(m.weight).all())]
-        if bad:
-            raise RuntimeError(
-                f"SpectralBoundRegularizer: non-finite weights in layer(s) {', '.join(bad)} "
-                f"(global step {trainer.global_step}); stopping before the optimizer step. "
-                "Lower the learning rate or beta, or clip gradients."
-            )
-        names = self.layer_names
-        bad = [names[i] for i in torch.nonzero(~torch.isfinite(self._last_estimates)).flatten()]
-        raise RuntimeError(
-            f"SpectralBoundRegularizer: the spectral estimate of layer(s) {', '.join(bad)} is not "
-            f"finite although the weights are (global step {trainer.global_step}): the weights "
-            "are too large for float32."
-        )
 
     def on_validation_epoch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule
@@ -414,13 +538,16 @@ class SpectralBoundRegularizer(Callback):
         dataloader_idx: int = 0,
     ) -> None:
         self._remove_size_hooks_if_done()
+        if self._layers:  # lazy layers: the first validation batch materialized them
+            # In fit, a layer that validation does not call may be called by training_step.
+            self._build_if_materialized(after_batch=trainer.state.fn != "fit")
         if self._tracker is not None and not trainer.sanity_checking:
             self._tracker.on_validation_batch_end(trainer, pl_module, batch)
 
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.sanity_checking:
             return
-        if self._layers:
+        if self._layers and not self._lazy_pending:
             self._log_validation_values(trainer, pl_module)
         if self._tracker is not None:
             self._tracker.on_validation_epoch_end(trainer, pl_module)
@@ -438,9 +565,9 @@ class SpectralBoundRegularizer(Callback):
         adds it.
         """
         if not self._shape_groups:
-            if not self._layers:
+            if not self._layers and not self._lazy_pending:
                 self._discover(pl_module)
-            if not self._shape_groups:
+            if not self._build_if_materialized() or not self._shape_groups:
                 return torch.zeros(())
         device = self._shape_groups[0].us[0].device
         with torch.autocast(device_type=device.type, enabled=False):
@@ -493,8 +620,56 @@ class SpectralBoundRegularizer(Callback):
     # ------------------------------------------------------------------ the constraint
 
     def _after_optimizer_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
-        if self._layers:
+        # Runs inside optimizer.step(), before Lightning's on_train_batch_end hooks, where
+        # ModelCheckpoint writes: a raise here keeps non-finite weights out of every checkpoint.
+        if not self._layers or not self._build_if_materialized():
+            return
+        if self.check_finite:
+            self._check_finite_after_step()
+        if self.constraint is not None:
             self._project_layers()
+
+    @torch.no_grad()
+    def _check_finite_after_step(self) -> None:
+        """Raise naming the layer(s) if the step left non-finite weights (or estimates).
+
+        One on-device flag for all layers and one host sync per step; the estimates are those
+        the step's loss used (non-finite with finite weights: weights too large for float32).
+        The flag is the finiteness of per-layer sums: NaN and Inf propagate through a sum, and
+        a sum reads each weight once (``isfinite(w).all()`` costs about 8x more on CPU). A
+        sum can overflow with finite weights: then the weights are checked one by one.
+        """
+        sums = [m.weight.sum(dtype=_compute_dtype(m.weight.dtype)) for m in self._layers.values()]
+        if self._last_estimates is not None:
+            sums.append(self._last_estimates.sum())
+        device = sums[0].device
+        if bool(torch.isfinite(torch.stack([t.to(device) for t in sums])).all()):  # the sync
+            return
+        self._raise_non_finite("after the optimizer step")
+        if self._last_estimates is None or bool(torch.isfinite(self._last_estimates).all()):
+            return  # a sum overflowed; every weight and estimate is finite
+        names = self.layer_names
+        bad = [names[i] for i in torch.nonzero(~torch.isfinite(self._last_estimates)).flatten()]
+        raise RuntimeError(
+            f"SpectralBoundRegularizer: the spectral estimate of layer(s) {', '.join(bad)} is not "
+            f"finite although the weights are ({self._where()}): the weights are too large for "
+            "float32."
+        )
+
+    def _raise_non_finite(self, context: str) -> None:
+        bad = [n for n, m in self._layers.items() if not bool(torch.isfinite(m.weight).all())]
+        if bad:
+            raise RuntimeError(
+                f"SpectralBoundRegularizer: non-finite weights (NaN or Inf) in layer(s) "
+                f"{', '.join(bad)} ({context}, {self._where()}); stopped before a checkpoint "
+                "or anything else could use them. Lower the learning rate or beta, or clip "
+                "gradients."
+            )
+
+    def _where(self) -> str:
+        if self._trainer is None:
+            return "outside fit"
+        return f"global step {self._trainer.global_step}"
 
     def project(self, pl_module: nn.Module) -> None:
         """Rescale every selected layer whose guaranteed bound exceeds ``constraint``.
@@ -502,7 +677,8 @@ class SpectralBoundRegularizer(Callback):
         A layer with guaranteed bound ``b > c`` is multiplied by ``c / b`` (times
         ``1 - 8 eps`` of the weight dtype, so rounding the product cannot push the bound
         back above ``c``). Every bound the library has is a norm of the weight, homogeneous of
-        degree 1, so afterwards the guaranteed bound is ``<= c`` exactly.
+        degree 1, so afterwards the guaranteed bound is ``<= c`` exactly, and
+        ``min(b, c)`` is a guaranteed bound of the layer as rescaled.
 
         The bound used is ``layer_spectral_bound(module, max_cost=0)``: the minimum of the
         exact Fantastic Four bound and the tap-sum bound (and, for strided layers, the same two
@@ -511,6 +687,7 @@ class SpectralBoundRegularizer(Callback):
         multiply-adds per layer, too much for every step; since the full bound is never
         larger, it is ``<= c`` too. Cost per step: float64 norms of the ``2^d`` matricizations
         of every layer, and one host sync per layer (the bound checks its input is finite).
+        Lazy layers not materialized yet are skipped.
         """
         if self.constraint is None:
             return
@@ -523,14 +700,21 @@ class SpectralBoundRegularizer(Callback):
         from .functional.bounds import layer_spectral_bound
 
         assert self.constraint is not None
+        after: list[Tensor] = []
         for name, module in self._layers.items():
             w = module.weight
+            if is_lazy(w):
+                continue
             if not isinstance(w, nn.Parameter):
                 raise RuntimeError(
                     f"SpectralBoundRegularizer(constraint=...): the weight of {name} is not a "
                     "plain parameter (a parametrization?), so it cannot be rescaled in place"
                 )
-            bound = layer_spectral_bound(module, max_cost=0.0)
+            try:
+                bound = layer_spectral_bound(module, max_cost=0.0)
+            except ValueError:
+                self._raise_non_finite("found by the constraint's projection")
+                raise
             margin = 8 * torch.finfo(w.dtype).eps
             scale = torch.where(
                 bound > self.constraint,
@@ -538,6 +722,10 @@ class SpectralBoundRegularizer(Callback):
                 torch.ones_like(bound),
             )
             w.mul_(scale.to(device=w.device, dtype=w.dtype))
+            after.append(bound.clamp(max=self.constraint))
+        if after:
+            # Kept on the device; logged with the other training values, without a sync.
+            self._last_guaranteed_max = torch.stack([a.to(after[0].device) for a in after]).max()
 
     # ------------------------------------------------------------------ logging
 
@@ -550,16 +738,30 @@ class SpectralBoundRegularizer(Callback):
         return step % every == 0 or trainer.should_stop
 
     def _log_training_values(self, pl_module: pl.LightningModule) -> None:
+        """Log the penalty and the estimates, and the constraint's guaranteed maximum.
+
+        Keys say what a value is: ``spectral_estimate/*`` are power-iteration estimates (from
+        below) of the Fantastic Four bound, ``spectral_bound/step_max`` is guaranteed. The
+        progress bar shows the guaranteed value when there is one.
+        """
         if self._last_estimates is None or self._last_penalty is None:
             return
-        # One host transfer per logging step for every value.
-        values = torch.cat([self._last_penalty.reshape(1).float(), self._last_estimates.float()])
-        penalty, *per_layer = values.tolist()
-        pl_module.log("spectral/penalty", penalty, on_step=True, on_epoch=False)
-        pl_module.log("spectral/max", max(per_layer), on_step=True, on_epoch=False, prog_bar=True)
+        parts = [self._last_penalty.reshape(1), self._last_estimates]
+        guaranteed = self._last_guaranteed_max if self.constraint is not None else None
+        if guaranteed is not None:
+            parts.append(guaranteed.reshape(1).to(self._last_estimates.device))
+        # One host transfer per logging step for every value (float64: a guaranteed bound
+        # must not be rounded down on the way).
+        values = torch.cat([p.double() for p in parts]).tolist()
+        penalty, per_layer = values[0], values[1:1 + len(self._layers)]
+        log = functools.partial(pl_module.log, on_step=True, on_epoch=False)
+        log("spectral_penalty", penalty)
+        log("spectral_estimate/max", max(per_layer), prog_bar=guaranteed is None)
+        if guaranteed is not None:
+            log("spectral_bound/step_max", _round_up_to_float32(values[-1]), prog_bar=True)
         if self.log_per_layer:
             for name, value in zip(self._layers, per_layer, strict=True):
-                pl_module.log(f"spectral/{name}", value, on_step=True, on_epoch=False)
+                log(f"spectral_estimate/{name}", value)
 
     @torch.no_grad()
     def guaranteed_bounds(self) -> dict[str, float]:
@@ -572,6 +774,8 @@ class SpectralBoundRegularizer(Callback):
 
         out = {}
         for name, module in self._layers.items():
+            if is_lazy(module.weight):  # not materialized yet: no weight to bound
+                continue
             size = self._input_sizes.get(name)
             out[name] = float(layer_spectral_bound(module, size))
         return out
@@ -592,10 +796,11 @@ class SpectralBoundRegularizer(Callback):
     def _log_validation_values(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         bounds = self.guaranteed_bounds()
         log = functools.partial(pl_module.log, on_step=False, on_epoch=True, sync_dist=True)
-        log("spectral_bound/max", max(bounds.values()))
+        up = _round_up_to_float32  # logged as float32: rounded up, still an upper bound
+        log("spectral_bound/max", up(max(bounds.values())), prog_bar=True)
         if self.log_per_layer:
             for name, value in bounds.items():
-                log(f"spectral_bound/{name}", value)
+                log(f"spectral_bound/{name}", up(value))
         every = self.exact_every_n_epochs
         if every is None or trainer.current_epoch % every:
             return
