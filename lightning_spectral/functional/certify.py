@@ -29,10 +29,12 @@ __all__ = ["certified_radius", "logit_margins"]
 
 
 def _check_logits_target(logits: Tensor, target: Tensor) -> None:
-    if logits.ndim != 2:
-        raise ValueError(f"logits must have shape (N, C), got {tuple(logits.shape)}")
+    if not isinstance(logits, Tensor) or logits.ndim != 2:
+        raise ValueError(f"logits must have shape (N, C), got {getattr(logits, 'shape', logits)}")
     if logits.shape[1] < 2:
         raise ValueError(f"logits need at least 2 classes, got shape {tuple(logits.shape)}")
+    if not logits.dtype.is_floating_point:
+        raise ValueError(f"logits must be floating point, got dtype {logits.dtype}")
     if target.ndim != 1 or target.shape[0] != logits.shape[0]:
         raise ValueError(
             f"target must have shape (N,) = ({logits.shape[0]},), got {tuple(target.shape)}"
@@ -44,13 +46,22 @@ def _check_logits_target(logits: Tensor, target: Tensor) -> None:
             f"target values must lie in [0, {logits.shape[1]}), got range "
             f"[{int(target.min())}, {int(target.max())}]"
         )
+    # An infinite logit makes an infinite margin (certified at every radius) and NaN compares
+    # false everywhere: either way the certificate would claim what nothing guarantees.
+    bad = ~torch.isfinite(logits).all(dim=1)
+    if bool(bad.any()):
+        rows = torch.nonzero(bad).flatten()[:8].tolist()
+        raise ValueError(
+            f"logits are not finite (inf or NaN) in row(s) {rows} of {logits.shape[0]}; "
+            "no certificate exists for them (overflow in float16? diverged weights?)"
+        )
 
 
 def _as_constant(value: Tensor | float, n: int, name: str, device: torch.device) -> Tensor:
     """A non-negative finite constant (scalar or one per sample) as float64 of shape (N,)."""
     c = torch.as_tensor(value, dtype=torch.float64, device=device).detach()
-    if c.ndim == 0:
-        c = c.expand(n)
+    if c.numel() == 1:
+        c = c.reshape(()).expand(n)
     elif c.shape != (n,):
         raise ValueError(f"{name} must be a scalar or have shape ({n},), got {tuple(c.shape)}")
     if not bool(torch.isfinite(c).all()) or bool((c < 0).any()):
