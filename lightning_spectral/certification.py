@@ -10,7 +10,8 @@ it
    input shape ``s`` the run's batches have, once per shape and run (the weights may change
    between runs, and the bound depends on the input size: a global average over ``N``
    positions contributes ``1/sqrt(N)``);
-2. on every batch, runs ``pl_module(x)`` under ``no_grad``, computes each sample's certified
+2. on every batch, runs ``pl_module(x)`` under ``no_grad`` in eval mode (whatever mode the
+   trainer left it in: the bound is for the eval-mode network), computes each sample's certified
    radius ``(f_y - max_{j != y} f_j) / (sqrt(2) L_s)`` once, and feeds it to
    :class:`~lightning_spectral.metrics.CertifiedRobustAccuracy` and
    :class:`~lightning_spectral.metrics.CertifiedRadius`;
@@ -36,12 +37,13 @@ min(std)``, valid, slightly loose).
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from .functional.certify import certified_radius
 from .lipschitz import network_lipschitz_bound
@@ -92,6 +94,23 @@ def _check_input_scale(input_scale: Any) -> float:
             f"per channel), got {input_scale!r}"
         )
     return float(min(values))
+
+
+@contextlib.contextmanager
+def _eval_mode(module: nn.Module) -> Iterator[None]:
+    """Eval mode for the duration, every submodule's own flag restored afterwards.
+
+    The bound is for the network in eval mode; logits computed in train mode (dropout, batch
+    statistics) come from another map, and a train-mode BatchNorm would also update its
+    running statistics.
+    """
+    modes = [(m, m.training) for m in module.modules()]
+    module.eval()
+    try:
+        yield
+    finally:
+        for m, training in modes:
+            m.training = training
 
 
 class _Run:
@@ -182,7 +201,7 @@ class CertificationTracker:
         run = self._run(stage)
         x, y = self.batch_to_input_target(batch)
         lip = self._lipschitz_for(run, pl_module, x)
-        with torch.no_grad():
+        with torch.no_grad(), _eval_mode(pl_module):
             logits = pl_module(x)
         if not isinstance(logits, Tensor) or logits.ndim != 2:
             raise TypeError(
@@ -192,6 +211,7 @@ class CertificationTracker:
         if run.accuracy.device != logits.device:
             run.accuracy.to(logits.device)
             run.radius.to(logits.device)
+        y = y.to(logits.device)
         radius = certified_radius(logits, y, lip.to(logits.device))
         run.accuracy.update(logits, y, radius=radius)
         run.radius.update(logits, y, radius=radius)

@@ -194,3 +194,28 @@ def test_tracker_keeps_validation_and_test_states_apart() -> None:
         values = tracker.compute(stage)
         prefix = "test/" if stage == "test" else ""
         assert float(values[f"{prefix}certified/acc@0"]) == pytest.approx(clean)
+
+
+class _BatchNormNet(_Net):
+    """BatchNorm uses batch statistics in train mode: the logits then differ from eval mode."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.model = nn.Sequential(nn.Flatten(), nn.Linear(36, 8), nn.BatchNorm1d(8), nn.ReLU(),
+                                   nn.Linear(8, 3))
+
+    def on_validation_model_eval(self) -> None:
+        pass  # the user keeps train mode during validation (e.g. for MC dropout)
+
+
+def test_certificates_are_for_the_eval_mode_network(tmp_path: Path) -> None:
+    """The bound holds for the network in eval mode; logits from train mode are another map."""
+    module, val, eps = _BatchNormNet(), _data(40, 6, 8), [0.0, 0.01]
+    bn = module.model[2]
+    stats = (bn.running_mean.clone(), bn.running_var.clone())
+    trainer = _trainer(tmp_path, SpectralBoundRegularizer(certify_epsilons=eps))
+    trainer.validate(module, DataLoader(val, batch_size=20))
+    assert module.training  # the user's choice is left as it was
+    torch.testing.assert_close((bn.running_mean, bn.running_var), stats)  # nothing updated
+    module.eval()
+    _assert_logged(_logged(trainer), "", _expected(module, val, eps), eps)
