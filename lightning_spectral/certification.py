@@ -43,6 +43,7 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 
 from .functional.certify import certified_radius
@@ -160,6 +161,7 @@ class CertificationTracker:
         self.batch_to_input_target = batch_to_input_target or default_batch_to_input_target
         self.lipschitz_fn = lipschitz_fn or network_lipschitz_bound
         self.runs = {stage: _Run(self.epsilons, prefix) for stage, prefix in _PREFIXES.items()}
+        self._warned_precision = False
 
     def _run(self, stage: str) -> _Run:
         if stage not in self.runs:
@@ -211,10 +213,24 @@ class CertificationTracker:
         if run.accuracy.device != logits.device:
             run.accuracy.to(logits.device)
             run.radius.to(logits.device)
+        self._warn_if_low_precision(logits)
         y = y.to(logits.device)
         radius = certified_radius(logits, y, lip.to(logits.device))
         run.accuracy.update(logits, y, radius=radius)
         run.radius.update(logits, y, radius=radius)
+
+    def _warn_if_low_precision(self, logits: Tensor) -> None:
+        eps = torch.finfo(logits.dtype).eps
+        if self._warned_precision or eps <= torch.finfo(torch.float32).eps:
+            return
+        self._warned_precision = True
+        rank_zero_warn(
+            f"certifying {logits.dtype} logits: the certificate holds for the network evaluated "
+            "exactly, and the rounding of a half-precision forward (relative error ~"
+            f"{eps:.0e} per operation) is not covered; radii within "
+            "that of epsilon are not meaningfully certified. Certify in float32 for tighter "
+            "guarantees."
+        )
 
     def compute(self, stage: str = "validate") -> dict[str, Tensor]:
         """The values that are logged, by name (metrics synchronized across processes;

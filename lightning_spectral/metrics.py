@@ -12,6 +12,7 @@ is normalized outside the model, divide the model's constant by the normalizatio
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -49,12 +50,17 @@ def _radius_of(
 
 
 def _check_epsilons(epsilons: Sequence[float] | float) -> list[float]:
-    if isinstance(epsilons, (int, float)):
-        epsilons = [epsilons]
-    eps = [float(e) for e in epsilons]
-    if not eps or any(not (e >= 0.0) or e == float("inf") for e in eps):
-        raise ValueError(f"epsilons must be a non-empty list of finite values >= 0, got {eps}")
-    return eps
+    values = [epsilons] if isinstance(epsilons, (int, float)) else epsilons
+    ok = isinstance(values, Sequence) and not isinstance(values, (str, bytes)) and values
+    ok = ok and all(
+        isinstance(e, (int, float)) and not isinstance(e, bool) and 0 <= e < math.inf
+        for e in values
+    )
+    if not ok:
+        raise ValueError(
+            f"epsilons must be a non-empty list of finite numbers >= 0, got {epsilons!r}"
+        )
+    return [float(e) for e in values]
 
 
 class CertifiedRobustAccuracy(Metric):

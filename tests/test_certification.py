@@ -219,3 +219,16 @@ def test_certificates_are_for_the_eval_mode_network(tmp_path: Path) -> None:
     torch.testing.assert_close((bn.running_mean, bn.running_var), stats)  # nothing updated
     module.eval()
     _assert_logged(_logged(trainer), "", _expected(module, val, eps), eps)
+
+
+def test_half_precision_logits_are_certified_with_a_warning() -> None:
+    """A float16 network's rounding (~1e-3 relative) is not covered by the certificate."""
+    module = _Net().half()
+    tracker = CertificationTracker([0.0])
+    x, y = _data(8, 6, 9).tensors
+    tracker.on_test_epoch_start(None, module)
+    with pytest.warns(UserWarning, match="float16.*rounding"):
+        tracker.on_test_batch_end(None, module, (x.half(), y))
+    with torch.no_grad():
+        clean = float((module(x.half()).argmax(1) == y).float().mean())
+    assert float(tracker.compute("test")["test/certified/acc@0"]) == pytest.approx(clean)

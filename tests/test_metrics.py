@@ -76,6 +76,12 @@ def test_metric_attributes_and_plots() -> None:
         CertifiedRobustAccuracy([-0.1])
 
 
+@pytest.mark.parametrize("eps", ["0.1", [True], [0.1, float("nan")], [float("inf")], 0.1j])
+def test_bad_epsilons_are_refused_by_name(eps) -> None:
+    with pytest.raises(ValueError, match="epsilons must be"):
+        CertifiedRobustAccuracy(eps)
+
+
 def test_refined_certificate_through_the_metric() -> None:
     logits, target = _data(50, 2)
     weight = torch.randn(5, 7)
