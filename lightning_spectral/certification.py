@@ -226,10 +226,9 @@ class CertificationTracker:
         self._warned_precision = True
         rank_zero_warn(
             f"certifying {logits.dtype} logits: the certificate holds for the network evaluated "
-            "exactly, and the rounding of a half-precision forward (relative error ~"
-            f"{eps:.0e} per operation) is not covered; radii within "
-            "that of epsilon are not meaningfully certified. Certify in float32 for tighter "
-            "guarantees."
+            "in exact arithmetic; the rounding of a half-precision forward (relative error ~"
+            f"{eps:.0e} per operation) is not accounted for, so samples with small margins may "
+            "be certified wrongly. Certify a float32 copy of the model for a guarantee."
         )
 
     def compute(self, stage: str = "validate") -> dict[str, Tensor]:
