@@ -232,3 +232,47 @@ def test_half_precision_logits_are_certified_with_a_warning() -> None:
     with torch.no_grad():
         clean = float((module(x.half()).argmax(1) == y).float().mean())
     assert float(tracker.compute("test")["test/certified/acc@0"]) == pytest.approx(clean)
+
+
+def _deepfool_distance(model: nn.Module, x: torch.Tensor, steps: int = 30) -> torch.Tensor:
+    """l2 length of a perturbation that changes each prediction (DeepFool with overshoot, in
+    float64; converts ``model``): an upper bound on the distance to the decision boundary."""
+    model = model.double().eval()
+    x0 = x.double()
+    label = model(x0).argmax(1)
+    delta = torch.zeros_like(x0)
+    found = torch.full((x.shape[0],), math.inf, dtype=torch.float64)
+    for _ in range(steps):
+        xa = (x0 + delta).requires_grad_(True)
+        z = model(xa)
+        flipped = z.argmax(1) != label
+        norms = delta.flatten(1).norm(dim=1)
+        found = torch.where(flipped, torch.minimum(found, norms), found)
+        other = z.scatter(1, label[:, None], -math.inf).argmax(1)
+        gap = (z.gather(1, label[:, None]) - z.gather(1, other[:, None])).squeeze(1)
+        (grad,) = torch.autograd.grad(gap.sum(), xa)
+        g2 = grad.flatten(1).pow(2).sum(1).clamp_min(1e-30)
+        # The linearized boundary is gap / ||grad|| away along -grad; overshoot it slightly.
+        step = (gap.clamp_min(0) / g2 * 1.02 + 1e-6)[:, None, None, None] * grad
+        still = (~flipped).double()[:, None, None, None]  # flipped points stay where they are
+        delta = delta - still * step
+    return found
+
+
+def test_certified_radii_withstand_an_attack_at_each_input_size() -> None:
+    """The certified radius of every sample is below the boundary distance an attack finds."""
+    torch.manual_seed(3)
+    module = _Net()
+    with torch.no_grad():
+        module.model[0].weight.abs_()  # the features follow the input's mean: large margins
+    big, small = _data(40, 16, 2).tensors[0], _data(200, 4, 3).tensors[0]
+    with torch.no_grad():  # labels the network gets right: every radius is positive
+        big, small = (big, module(big).argmax(1)), (small, module(small).argmax(1))
+    tracker = CertificationTracker([0.0])
+    tracker.on_validation_epoch_start(None, module)
+    tracker.on_validation_batch_end(None, module, big)
+    tracker.on_validation_batch_end(None, module, small)
+    radii = tracker.runs["validate"].radius.radii()[40:]
+    distance = _deepfool_distance(module, small[0])
+    assert torch.isfinite(distance).all() and (radii > 0).all()
+    assert (radii <= distance).all(), int((radii > distance).sum())
