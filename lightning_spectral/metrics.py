@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import math
+import numbers
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -36,7 +37,7 @@ def _radius_of(
     """The certified radii of a batch: computed here, or checked when given precomputed."""
     if radius is None:
         return certified_radius(logits, target, lipschitz_constant, **refined)
-    if lipschitz_constant is not None or refined:
+    if lipschitz_constant is not None or any(v is not None for v in refined.values()):
         raise ValueError("pass either radius= or the Lipschitz constant(s), not both")
     _check_logits_target(logits, target)  # `correct` is read off them below
     if not isinstance(radius, Tensor) or radius.shape != (logits.shape[0],):
@@ -50,10 +51,14 @@ def _radius_of(
 
 
 def _check_epsilons(epsilons: Sequence[float] | float) -> list[float]:
-    values = [epsilons] if isinstance(epsilons, (int, float)) else epsilons
+    values: Any = epsilons
+    if isinstance(epsilons, Tensor) and epsilons.ndim <= 1:
+        values = epsilons.detach().reshape(-1).tolist()
+    elif isinstance(epsilons, numbers.Real):
+        values = [epsilons]
     ok = isinstance(values, Sequence) and not isinstance(values, (str, bytes)) and values
     ok = ok and all(
-        isinstance(e, (int, float)) and not isinstance(e, bool) and 0 <= e < math.inf
+        isinstance(e, numbers.Real) and not isinstance(e, bool) and 0 <= e < math.inf
         for e in values
     )
     if not ok:

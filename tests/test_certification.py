@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import math
+import pickle
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -111,8 +112,9 @@ def test_accuracy_has_one_value_per_epsilon(eps: list[float]) -> None:
     value = metric.compute()
     assert value.shape == (len(eps),)
     assert value[0] == pytest.approx(0.5)
-    # forward() returns the batch's value through the same compute.
+    # forward() returns the batch's value through the same compute; a pickled copy keeps it.
     assert metric(logits, target, 1.0).shape == (len(eps),)
+    assert pickle.loads(pickle.dumps(metric)).compute().shape == (len(eps),)
 
 
 @pytest.mark.parametrize("eps", [[0.01], [0.0, 0.01, 0.05]])

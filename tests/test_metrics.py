@@ -82,6 +82,14 @@ def test_bad_epsilons_are_refused_by_name(eps) -> None:
         CertifiedRobustAccuracy(eps)
 
 
+def test_epsilons_from_numbers_numpy_and_tensors() -> None:
+    import numpy as np
+
+    assert CertifiedRobustAccuracy(0.5).epsilons == [0.5]
+    for eps in ([0, np.float32(0.25), np.int64(1)], torch.tensor([0.0, 0.25, 1.0])):
+        assert CertifiedRobustAccuracy(eps).epsilons == [0.0, 0.25, 1.0]
+
+
 def test_refined_certificate_through_the_metric() -> None:
     logits, target = _data(50, 2)
     weight = torch.randn(5, 7)
