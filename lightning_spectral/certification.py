@@ -97,6 +97,14 @@ def _check_input_scale(input_scale: Any) -> float:
     return float(min(values))
 
 
+def _float32_rounded_up(value: Tensor) -> Tensor:
+    """The smallest float32 ``>= value``: a logged upper bound must stay one."""
+    rounded = value.float()
+    if rounded.double() < value:
+        rounded = torch.nextafter(rounded, torch.full_like(rounded, math.inf))
+    return rounded
+
+
 @contextlib.contextmanager
 def _eval_mode(module: nn.Module) -> Iterator[None]:
     """Eval mode for the duration, every submodule's own flag restored afterwards.
@@ -247,7 +255,10 @@ class CertificationTracker:
         """Log :meth:`compute` through ``pl_module.log`` (nothing if no batch was seen)."""
         if not self._run(stage).lipschitz:
             return
-        for name, value in self.compute(stage).items():
+        values = self.compute(stage)
+        lip_name = f"{self._run(stage).prefix}lipschitz/network"
+        values[lip_name] = _float32_rounded_up(values[lip_name])
+        for name, value in values.items():
             # Already reduced over processes by torchmetrics: no further sync needed.
             pl_module.log(name, value.float().to(pl_module.device), on_epoch=True, on_step=False,
                           sync_dist=False, rank_zero_only=False)

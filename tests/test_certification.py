@@ -278,3 +278,26 @@ def test_certified_radii_withstand_an_attack_at_each_input_size() -> None:
     distance = _deepfool_distance(module, small[0])
     assert torch.isfinite(distance).all() and (radii > 0).all()
     assert (radii <= distance).all(), int((radii > distance).sum())
+
+
+def test_logged_network_bound_is_rounded_up(tmp_path: Path) -> None:
+    """The bound is float64; the logged float32 value must not fall below it."""
+    true_bound = 1.0 + 2.0**-30  # float32 rounds it to nearest: down to 1.0
+    tracker = CertificationTracker(
+        [0.0], lipschitz_fn=lambda module, shape: torch.tensor(true_bound, dtype=torch.float64))
+
+    class Harness(pl.Callback):
+        def on_validation_epoch_start(self, trainer, pl_module) -> None:
+            tracker.on_validation_epoch_start(trainer, pl_module)
+
+        def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx,
+                                    dataloader_idx=0) -> None:
+            tracker.on_validation_batch_end(trainer, pl_module, batch)
+
+        def on_validation_epoch_end(self, trainer, pl_module) -> None:
+            tracker.on_validation_epoch_end(trainer, pl_module)
+
+    trainer = _trainer(tmp_path, Harness())
+    trainer.validate(_Net(), DataLoader(_data(8, 6, 10), batch_size=8))
+    assert float(trainer.callback_metrics["lipschitz/network"]) >= true_bound
+    assert _last(_logged(trainer), "lipschitz/network") >= true_bound
