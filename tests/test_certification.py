@@ -301,3 +301,16 @@ def test_logged_network_bound_is_rounded_up(tmp_path: Path) -> None:
     trainer.validate(_Net(), DataLoader(_data(8, 6, 10), batch_size=8))
     assert float(trainer.callback_metrics["lipschitz/network"]) >= true_bound
     assert _last(_logged(trainer), "lipschitz/network") >= true_bound
+
+
+def test_several_validation_dataloaders_are_pooled(tmp_path: Path) -> None:
+    class TwoLoaders(_Net):
+        def validation_step(self, batch, batch_idx, dataloader_idx=0) -> None:
+            pass
+
+    module, first, second, eps = TwoLoaders(), _data(10, 6, 11), _data(14, 6, 12), [0.0, 0.01]
+    trainer = _trainer(tmp_path, SpectralBoundRegularizer(certify_epsilons=eps))
+    trainer.validate(module, [DataLoader(first, batch_size=5), DataLoader(second, batch_size=5)])
+    pooled = TensorDataset(*(torch.cat(t) for t in zip(first.tensors, second.tensors,
+                                                         strict=True)))
+    _assert_logged(_logged(trainer), "", _expected(module, pooled, eps), eps)
