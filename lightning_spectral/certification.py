@@ -17,7 +17,7 @@ it
    :class:`~lightning_spectral.metrics.CertifiedRadius`;
 3. logs ``certified/acc@<eps>``, ``certified/radius`` and ``lipschitz/network`` (validation)
    or the same names under ``test/`` (test). ``lipschitz/network`` is ``max_s L_s`` over the
-   shapes seen in the run (on this process).
+   shapes seen in the run by any process.
 
 Validation and test keep separate metric states, so their values never mix.
 
@@ -241,7 +241,8 @@ class CertificationTracker:
 
     def compute(self, stage: str = "validate") -> dict[str, Tensor]:
         """The values that are logged, by name (metrics synchronized across processes;
-        ``lipschitz/network``, the max over input shapes, is this process's)."""
+        ``lipschitz/network``, the max over input shapes, is this process's: :meth:`log`
+        takes the max over processes)."""
         run = self._run(stage)
         p = run.prefix
         acc = run.accuracy.compute()
@@ -257,11 +258,14 @@ class CertificationTracker:
             return
         values = self.compute(stage)
         lip_name = f"{self._run(stage).prefix}lipschitz/network"
-        values[lip_name] = _float32_rounded_up(values[lip_name])
+        lip = _float32_rounded_up(values.pop(lip_name)).to(pl_module.device)
         for name, value in values.items():
             # Already reduced over processes by torchmetrics: no further sync needed.
             pl_module.log(name, value.float().to(pl_module.device), on_epoch=True, on_step=False,
                           sync_dist=False, rank_zero_only=False)
+        # Processes may have seen different input shapes: the max over all of them.
+        pl_module.log(lip_name, lip, on_epoch=True, on_step=False, sync_dist=True,
+                      reduce_fx="max", rank_zero_only=False)
 
     # Lightning-style entry points, as the callback calls them.
 

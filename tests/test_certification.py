@@ -314,3 +314,43 @@ def test_several_validation_dataloaders_are_pooled(tmp_path: Path) -> None:
     pooled = TensorDataset(*(torch.cat(t) for t in zip(first.tensors, second.tensors,
                                                          strict=True)))
     _assert_logged(_logged(trainer), "", _expected(module, pooled, eps), eps)
+
+
+def test_two_ddp_processes_with_different_input_sizes(tmp_path: Path) -> None:
+    """Metrics pool both ranks; the logged network bound is the max over every rank's shapes."""
+    import os
+    import subprocess
+    import sys
+
+    here = Path(__file__).parent
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(here.parent),
+                                                       os.environ.get("PYTHONPATH")]))}
+    proc = subprocess.run([sys.executable, str(here / "certification_ddp_script.py"),
+                           str(tmp_path)], env=env, cwd=tmp_path, capture_output=True,
+                          text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    sys.path.insert(0, str(here))
+    from certification_ddp_script import SIZES, rank_loader
+
+    results = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    module = _Net()
+    module.load_state_dict(results[0]["state"])
+    lips = [float(network_lipschitz_bound(module, (1, s, s))) for s in SIZES]
+    accs, radii = [], []
+    for rank in range(2):
+        x, y = rank_loader(rank).dataset.tensors
+        with torch.no_grad():
+            acc, mean = _reference(module(x), y, lips[rank], [0.0, 0.05])
+        accs.append(acc)
+        radii.append(mean)
+    for result in results:
+        for prefix in ("", "test/"):
+            logged = result["logged"]
+            assert float(logged[f"{prefix}lipschitz/network"]) >= max(lips)
+            assert float(logged[f"{prefix}lipschitz/network"]) == pytest.approx(max(lips))
+            for k, e in enumerate(("0", "0.05")):
+                assert float(logged[f"{prefix}certified/acc@{e}"]) == pytest.approx(
+                    (accs[0][k] + accs[1][k]) / 2, abs=1e-6)
+            assert float(logged[f"{prefix}certified/radius"]) == pytest.approx(
+                sum(radii) / 2, rel=1e-5)
