@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import numbers
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -82,11 +83,11 @@ def _check_input_scale(input_scale: Any) -> float:
     values = input_scale
     if isinstance(input_scale, Tensor) and input_scale.ndim <= 1:
         values = input_scale.detach().reshape(-1).tolist()
-    elif isinstance(input_scale, (int, float)):
+    elif isinstance(input_scale, numbers.Real):
         values = [input_scale]
     ok = isinstance(values, Sequence) and not isinstance(values, (str, bytes)) and values
     ok = ok and all(
-        isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0
+        isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v) and v > 0
         for v in values
     )
     if not ok:

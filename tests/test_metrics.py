@@ -290,3 +290,10 @@ def test_tracker_names_a_non_finite_network_bound() -> None:
 def test_tracker_refuses_bad_input_scales(scale) -> None:
     with pytest.raises(ValueError, match="input_scale"):
         CertificationTracker([0.1], input_scale=scale)
+
+
+def test_tracker_input_scale_takes_the_smallest_std() -> None:
+    import numpy as np
+
+    for scale in (np.float32(0.25), [0.5, np.float64(0.25)], torch.tensor([0.5, 0.25, 1.0])):
+        assert CertificationTracker([0.1], input_scale=scale).input_scale == 0.25
