@@ -552,6 +552,28 @@ class SpectralBoundRegularizer(Callback):
         if self._tracker is not None:
             self._tracker.on_validation_epoch_end(trainer, pl_module)
 
+    # trainer.test certifies too; the tracker logs under "test/", apart from validation.
+
+    def on_test_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._tracker is not None:
+            self._tracker.on_test_epoch_start(trainer, pl_module)
+
+    def on_test_batch_end(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        if self._tracker is not None:
+            self._tracker.on_test_batch_end(trainer, pl_module, batch)
+
+    def on_test_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._tracker is not None:
+            self._tracker.on_test_epoch_end(trainer, pl_module)
+
     # ------------------------------------------------------------------ the penalty
 
     def penalty(self, pl_module: nn.Module) -> Tensor:

@@ -1,20 +1,29 @@
-"""Certified robustness during validation: the part of the callback that certifies.
+"""Certified robustness during validation and test: the part of the callback that certifies.
 
 :class:`CertificationTracker` is owned by
 :class:`lightning_spectral.callback.SpectralBoundRegularizer` (``certify_epsilons=[...]``) and
-driven from its validation hooks. Per validation run it
+driven from its validation and test hooks. Per run (each validation run, each ``trainer.test``)
+it
 
-1. computes a guaranteed bound ``L`` on the Lipschitz constant of ``pl_module``'s forward
-   (:func:`lightning_spectral.network_lipschitz_bound`, float64, eval mode), once, from the
-   shape of the first validation batch;
-2. on every validation batch, runs ``pl_module(x)`` under ``no_grad`` and updates
+1. computes a guaranteed bound ``L_s`` on the l2 Lipschitz constant of ``pl_module``'s forward
+   (:func:`lightning_spectral.network_lipschitz_bound`, float64, eval mode) for every per-sample
+   input shape ``s`` the run's batches have, once per shape and run (the weights may change
+   between runs, and the bound depends on the input size: a global average over ``N``
+   positions contributes ``1/sqrt(N)``);
+2. on every batch, runs ``pl_module(x)`` under ``no_grad`` in eval mode (whatever mode the
+   trainer left it in: the bound is for the eval-mode network), computes each sample's certified
+   radius ``(f_y - max_{j != y} f_j) / (sqrt(2) L_s)`` once, and feeds it to
    :class:`~lightning_spectral.metrics.CertifiedRobustAccuracy` and
    :class:`~lightning_spectral.metrics.CertifiedRadius`;
-3. logs ``certified/acc@<eps>``, ``certified/radius`` and ``lipschitz/network``.
+3. logs ``certified/acc@<eps>``, ``certified/radius`` and ``lipschitz/network`` (validation)
+   or the same names under ``test/`` (test). ``lipschitz/network`` is ``max_s L_s`` over the
+   shapes seen in the run by any process.
 
-What is traced is the LightningModule's own ``forward``: it must map the validation input to
-the logits with operations the network bound knows (``return self.model(x)`` is fine). If it
-cannot be traced, the error says why; nothing is silently skipped.
+Validation and test keep separate metric states, so their values never mix.
+
+What is traced is the LightningModule's own ``forward``: it must map the input to the logits
+with operations the network bound knows (``return self.model(x)`` is fine). If it cannot be
+traced, the error says why; nothing is silently skipped.
 
 Units (``input_scale``): epsilons and radii are l2 norms in "input units". If the batch holds
 the data as the user thinks of it (or the model normalizes inside its forward), that is the
@@ -28,18 +37,26 @@ min(std)``, valid, slightly loose).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import contextlib
+import math
+import numbers
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
-from torch import Tensor
+from lightning.pytorch.utilities import rank_zero_warn
+from torch import Tensor, nn
 
+from .functional.certify import certified_radius
 from .lipschitz import network_lipschitz_bound
 from .metrics import CertifiedRadius, CertifiedRobustAccuracy, _check_epsilons
 
 __all__ = ["CertificationTracker", "default_batch_to_input_target"]
 
 BatchToInputTarget = Callable[[Any], "tuple[Tensor, Tensor]"]
+
+# Logged names per run kind: validation keeps the unprefixed names, test gets "test/".
+_PREFIXES = {"validate": "", "test": "test/"}
 
 
 def default_batch_to_input_target(batch: Any) -> tuple[Tensor, Tensor]:
@@ -61,19 +78,84 @@ def _eps_name(eps: float) -> str:
     return f"{eps:g}"
 
 
+def _check_input_scale(input_scale: Any) -> float:
+    """The smallest std of a scalar or per-channel ``input_scale``, checked."""
+    values = input_scale
+    if isinstance(input_scale, Tensor) and input_scale.ndim <= 1:
+        values = input_scale.detach().reshape(-1).tolist()
+    elif isinstance(input_scale, numbers.Real):
+        values = [input_scale]
+    ok = isinstance(values, Sequence) and not isinstance(values, (str, bytes)) and values
+    ok = ok and all(
+        isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v) and v > 0
+        for v in values
+    )
+    if not ok:
+        raise ValueError(
+            "input_scale must be a finite number > 0 or a non-empty sequence of them (one std "
+            f"per channel), got {input_scale!r}"
+        )
+    return float(min(values))
+
+
+def _float32_rounded_up(value: Tensor) -> Tensor:
+    """The smallest float32 ``>= value``: a logged upper bound must stay one."""
+    rounded = value.float()
+    if rounded.double() < value:
+        rounded = torch.nextafter(rounded, torch.full_like(rounded, math.inf))
+    return rounded
+
+
+@contextlib.contextmanager
+def _eval_mode(module: nn.Module) -> Iterator[None]:
+    """Eval mode for the duration, every submodule's own flag restored afterwards.
+
+    The bound is for the network in eval mode; logits computed in train mode (dropout, batch
+    statistics) come from another map, and a train-mode BatchNorm would also update its
+    running statistics.
+    """
+    modes = [(m, m.training) for m in module.modules()]
+    module.eval()
+    try:
+        yield
+    finally:
+        for m, training in modes:
+            m.training = training
+
+
+class _Run:
+    """The state of one kind of run (validation or test), never shared with the other."""
+
+    def __init__(self, epsilons: list[float], prefix: str) -> None:
+        self.prefix = prefix
+        self.accuracy = CertifiedRobustAccuracy(epsilons)
+        self.radius = CertifiedRadius()
+        self.lipschitz: dict[tuple[int, ...], Tensor] = {}  # per-sample input shape -> L
+
+    def reset(self) -> None:
+        self.accuracy.reset()
+        self.radius.reset()
+        self.lipschitz = {}  # the weights may have changed since the last run
+
+
 class CertificationTracker:
-    """Certified accuracy and radius on the validation set, with a guaranteed network bound.
+    """Certified accuracy and radius on the validation and test sets, with guaranteed bounds.
 
     Args:
         epsilons: l2 radii (input units, see the module docstring) at which certified accuracy
-            is reported; logged as ``certified/acc@<eps>`` with ``eps`` formatted by ``:g``.
+            is reported; logged as ``certified/acc@<eps>`` (``test/certified/acc@<eps>`` in
+            ``trainer.test``) with ``eps`` formatted by ``:g``.
         input_scale: the std of a normalization applied to the data *outside* the model
             (scalar, or per-channel sequence: the minimum is used); 1.0 when there is none
             or the model normalizes inside its forward.
         batch_to_input_target: ``fn(batch) -> (x, y)`` for batch layouts other than
             ``(x, y)``; see :func:`default_batch_to_input_target`.
-        lipschitz_fn: ``fn(pl_module, input_shape) -> Tensor``, how ``L`` is computed
-            (default :func:`lightning_spectral.network_lipschitz_bound`); must be guaranteed.
+        lipschitz_fn: ``fn(pl_module, input_shape) -> Tensor``, how ``L`` is computed for a
+            per-sample input shape (default :func:`lightning_spectral.network_lipschitz_bound`);
+            must be a guaranteed bound.
+
+    ``runs["validate"]`` and ``runs["test"]`` hold each run kind's metrics (``accuracy``,
+    ``radius``) and its bounds by input shape (``lipschitz``).
     """
 
     def __init__(
@@ -84,24 +166,20 @@ class CertificationTracker:
         lipschitz_fn: Callable[[Any, tuple[int, ...]], Tensor] | None = None,
     ) -> None:
         self.epsilons = _check_epsilons(epsilons)
-        scale = torch.as_tensor(input_scale, dtype=torch.float64).reshape(-1)
-        if scale.numel() == 0 or not bool(torch.isfinite(scale).all()) or bool((scale <= 0).any()):
-            raise ValueError(f"input_scale must be finite and > 0, got {input_scale!r}")
-        self.input_scale = float(scale.min())
+        self.input_scale = _check_input_scale(input_scale)
         self.batch_to_input_target = batch_to_input_target or default_batch_to_input_target
         self.lipschitz_fn = lipschitz_fn or network_lipschitz_bound
-        self.accuracy = CertifiedRobustAccuracy(self.epsilons)
-        self.radius = CertifiedRadius()
-        self.lipschitz: Tensor | None = None
+        self.runs = {stage: _Run(self.epsilons, prefix) for stage, prefix in _PREFIXES.items()}
+        self._warned_precision = False
 
-    def on_validation_epoch_start(self, trainer: Any, pl_module: Any) -> None:
-        self.accuracy.reset()
-        self.radius.reset()
-        self.lipschitz = None  # weights changed since the last run
+    def _run(self, stage: str) -> _Run:
+        if stage not in self.runs:
+            raise ValueError(f"stage must be one of {sorted(self.runs)}, got {stage!r}")
+        return self.runs[stage]
 
-    def _compute_lipschitz(self, pl_module: Any, x: Tensor) -> Tensor:
+    def _compute_lipschitz(self, pl_module: Any, shape: tuple[int, ...]) -> Tensor:
         try:
-            model_lip = self.lipschitz_fn(pl_module, tuple(x.shape[1:]))
+            model_lip = self.lipschitz_fn(pl_module, shape)
         except TypeError as exc:
             raise TypeError(
                 f"certification traces {type(pl_module).__name__}.forward and could not bound "
@@ -109,41 +187,103 @@ class CertificationTracker:
                 "(e.g. `return self.model(x)`), or register a rule with "
                 "lightning_spectral.register_lipschitz_rule."
             ) from exc
+        lip = torch.as_tensor(model_lip, dtype=torch.float64).detach().cpu().reshape(())
+        if not bool(torch.isfinite(lip)) or bool(lip < 0):
+            raise ValueError(
+                f"the network Lipschitz bound of {type(pl_module).__name__} at input shape "
+                f"{shape} is {float(lip)}, not a finite number >= 0: no certificate can "
+                "follow from it (diverged or non-finite weights?)"
+            )
         # Lipschitz constant w.r.t. the raw input: ||delta / std|| <= ||delta|| / min(std).
-        return torch.as_tensor(model_lip, dtype=torch.float64).detach().cpu() / self.input_scale
+        return lip / self.input_scale
 
-    def on_validation_batch_end(self, trainer: Any, pl_module: Any, batch: Any) -> None:
+    def _lipschitz_for(self, run: _Run, pl_module: Any, x: Tensor) -> Tensor:
+        shape = tuple(int(s) for s in x.shape[1:])
+        if shape not in run.lipschitz:
+            run.lipschitz[shape] = self._compute_lipschitz(pl_module, shape)
+        return run.lipschitz[shape]
+
+    def start(self, stage: str) -> None:
+        """Forget the previous run of this kind: its metric states and its bounds."""
+        self._run(stage).reset()
+
+    def update(self, stage: str, pl_module: Any, batch: Any) -> None:
+        """Certify one batch with the bound at the batch's input shape."""
+        run = self._run(stage)
         x, y = self.batch_to_input_target(batch)
-        if self.lipschitz is None:
-            self.lipschitz = self._compute_lipschitz(pl_module, x)
-        device = x.device
-        if self.accuracy.device != device:
-            self.accuracy.to(device)
-            self.radius.to(device)
-        with torch.no_grad():
+        lip = self._lipschitz_for(run, pl_module, x)
+        with torch.no_grad(), _eval_mode(pl_module):
             logits = pl_module(x)
         if not isinstance(logits, Tensor) or logits.ndim != 2:
             raise TypeError(
                 f"{type(pl_module).__name__}(x) must return (N, C) logits for certification, "
                 f"got {getattr(logits, 'shape', type(logits))}"
             )
-        lip = self.lipschitz.to(device)
-        self.accuracy.update(logits, y, lip)
-        self.radius.update(logits, y, lip)
+        if run.accuracy.device != logits.device:
+            run.accuracy.to(logits.device)
+            run.radius.to(logits.device)
+        self._warn_if_low_precision(logits)
+        y = y.to(logits.device)
+        radius = certified_radius(logits, y, lip.to(logits.device))
+        run.accuracy.update(logits, y, radius=radius)
+        run.radius.update(logits, y, radius=radius)
 
-    def compute(self) -> dict[str, Tensor]:
-        """The values that are logged, by name (synchronized across processes)."""
-        acc = self.accuracy.compute()
-        out = {f"certified/acc@{_eps_name(e)}": acc[i] for i, e in enumerate(self.epsilons)}
-        out["certified/radius"] = self.radius.compute()
+    def _warn_if_low_precision(self, logits: Tensor) -> None:
+        eps = torch.finfo(logits.dtype).eps
+        if self._warned_precision or eps <= torch.finfo(torch.float32).eps:
+            return
+        self._warned_precision = True
+        rank_zero_warn(
+            f"certifying {logits.dtype} logits: the certificate holds for the network evaluated "
+            "in exact arithmetic; the rounding of a half-precision forward (relative error ~"
+            f"{eps:.0e} per operation) is not accounted for, so samples with small margins may "
+            "be certified wrongly. Certify a float32 copy of the model for a guarantee."
+        )
+
+    def compute(self, stage: str = "validate") -> dict[str, Tensor]:
+        """The values that are logged, by name (metrics synchronized across processes;
+        ``lipschitz/network``, the max over input shapes, is this process's: :meth:`log`
+        takes the max over processes)."""
+        run = self._run(stage)
+        p = run.prefix
+        acc = run.accuracy.compute()
+        out = {f"{p}certified/acc@{_eps_name(e)}": acc[i] for i, e in enumerate(self.epsilons)}
+        out[f"{p}certified/radius"] = run.radius.compute()
+        if run.lipschitz:
+            out[f"{p}lipschitz/network"] = torch.stack(list(run.lipschitz.values())).max()
         return out
 
-    def on_validation_epoch_end(self, trainer: Any, pl_module: Any) -> None:
-        if self.lipschitz is None:
-            return  # no validation batch was seen
-        values = self.compute()
-        values["lipschitz/network"] = self.lipschitz
+    def log(self, stage: str, pl_module: Any) -> None:
+        """Log :meth:`compute` through ``pl_module.log`` (nothing if no batch was seen)."""
+        if not self._run(stage).lipschitz:
+            return
+        values = self.compute(stage)
+        lip_name = f"{self._run(stage).prefix}lipschitz/network"
+        lip = _float32_rounded_up(values.pop(lip_name)).to(pl_module.device)
         for name, value in values.items():
             # Already reduced over processes by torchmetrics: no further sync needed.
             pl_module.log(name, value.float().to(pl_module.device), on_epoch=True, on_step=False,
                           sync_dist=False, rank_zero_only=False)
+        # Processes may have seen different input shapes: the max over all of them.
+        pl_module.log(lip_name, lip, on_epoch=True, on_step=False, sync_dist=True,
+                      reduce_fx="max", rank_zero_only=False)
+
+    # Lightning-style entry points, as the callback calls them.
+
+    def on_validation_epoch_start(self, trainer: Any, pl_module: Any) -> None:
+        self.start("validate")
+
+    def on_validation_batch_end(self, trainer: Any, pl_module: Any, batch: Any) -> None:
+        self.update("validate", pl_module, batch)
+
+    def on_validation_epoch_end(self, trainer: Any, pl_module: Any) -> None:
+        self.log("validate", pl_module)
+
+    def on_test_epoch_start(self, trainer: Any, pl_module: Any) -> None:
+        self.start("test")
+
+    def on_test_batch_end(self, trainer: Any, pl_module: Any, batch: Any) -> None:
+        self.update("test", pl_module, batch)
+
+    def on_test_epoch_end(self, trainer: Any, pl_module: Any) -> None:
+        self.log("test", pl_module)

@@ -11,7 +11,10 @@ is normalized outside the model, divide the model's constant by the normalizatio
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import functools
+import math
+import numbers
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -19,28 +22,67 @@ from torch import Tensor
 from torchmetrics import Metric
 from torchmetrics.utilities.data import dim_zero_cat
 
-from .functional.certify import certified_radius
+from .functional.certify import _check_logits_target, certified_radius
 
 __all__ = ["CertifiedRobustAccuracy", "CertifiedRadius"]
 
 
+def _radius_of(
+    logits: Tensor,
+    target: Tensor,
+    lipschitz_constant: Tensor | float | None,
+    radius: Tensor | None,
+    refined: dict[str, Any],
+) -> Tensor:
+    """The certified radii of a batch: computed here, or checked when given precomputed."""
+    if radius is None:
+        return certified_radius(logits, target, lipschitz_constant, **refined)
+    if lipschitz_constant is not None or any(v is not None for v in refined.values()):
+        raise ValueError("pass either radius= or the Lipschitz constant(s), not both")
+    _check_logits_target(logits, target)  # `correct` is read off them below
+    if not isinstance(radius, Tensor) or radius.shape != (logits.shape[0],):
+        raise ValueError(
+            f"radius must have shape ({logits.shape[0]},), one per row of the logits, got "
+            f"{getattr(radius, 'shape', type(radius))}"
+        )
+    if bool(torch.isnan(radius).any()):
+        raise ValueError("radius has NaN entries; compute it with certified_radius")
+    return radius.detach().to(torch.float64)
+
+
 def _check_epsilons(epsilons: Sequence[float] | float) -> list[float]:
-    if isinstance(epsilons, (int, float)):
-        epsilons = [epsilons]
-    eps = [float(e) for e in epsilons]
-    if not eps or any(not (e >= 0.0) or e == float("inf") for e in eps):
-        raise ValueError(f"epsilons must be a non-empty list of finite values >= 0, got {eps}")
-    return eps
+    values: Any = epsilons
+    if isinstance(epsilons, Tensor) and epsilons.ndim <= 1:
+        values = epsilons.detach().reshape(-1).tolist()
+    elif isinstance(epsilons, numbers.Real):
+        values = [epsilons]
+    ok = isinstance(values, Sequence) and not isinstance(values, (str, bytes)) and values
+    ok = ok and all(
+        isinstance(e, numbers.Real) and not isinstance(e, bool) and 0 <= e < math.inf
+        for e in values
+    )
+    if not ok:
+        raise ValueError(
+            f"epsilons must be a non-empty list of finite numbers >= 0, got {epsilons!r}"
+        )
+    return [float(e) for e in values]
 
 
 class CertifiedRobustAccuracy(Metric):
     """Share of samples classified correctly with certified radius ``>= eps``, per ``eps``.
 
+    A sample is certified at ``eps`` when ``argmax(logits) == target`` and its certified radius
+    is ``>= eps``: no l2 perturbation shorter than ``eps`` can change its prediction.
+
     ``update(logits, target, lipschitz_constant, **refined)`` takes the arguments of
     :func:`~lightning_spectral.functional.certify.certified_radius` (keyword arguments
-    ``last_layer_weight`` / ``feature_lipschitz`` select the refined certificate).
-    ``compute()`` returns a float tensor of shape ``(len(epsilons),)`` in the order given.
-    At ``eps = 0`` it is the clean accuracy (argmax equals the label, ties broken by argmax).
+    ``last_layer_weight`` / ``feature_lipschitz`` select the refined certificate);
+    ``update(logits, target, radius=r)`` takes radii that function already computed, so one
+    computation can feed this metric and :class:`CertifiedRadius`.
+    ``compute()`` returns a float tensor of shape ``(len(epsilons),)`` in the order given,
+    also for a single epsilon. At ``eps = 0`` it is the clean accuracy (ties broken by
+    ``argmax``, i.e. towards the lower class index); a tied sample has radius 0, so it is
+    never certified at ``eps > 0``.
     """
 
     is_differentiable = False
@@ -64,10 +106,12 @@ class CertifiedRobustAccuracy(Metric):
         self,
         logits: Tensor,
         target: Tensor,
-        lipschitz_constant: Tensor | float | None,
+        lipschitz_constant: Tensor | float | None = None,
+        *,
+        radius: Tensor | None = None,
         **refined: Any,
     ) -> None:
-        radius = certified_radius(logits, target, lipschitz_constant, **refined)
+        radius = _radius_of(logits, target, lipschitz_constant, radius, refined)
         correct = logits.argmax(dim=1) == target
         eps = torch.tensor(self.epsilons, dtype=torch.float64, device=radius.device)
         hits = correct[:, None] & (radius[:, None] >= eps[None, :])
@@ -76,6 +120,17 @@ class CertifiedRobustAccuracy(Metric):
 
     def compute(self) -> Tensor:
         return self.certified.float() / self.total.clamp_min(1).float()
+
+    def _wrap_compute(self, compute: Callable[..., Any]) -> Callable[..., Tensor]:
+        # torchmetrics squeezes one-element results to 0-dim; one value per epsilon is the
+        # contract, whatever the number of epsilons.
+        wrapped = super()._wrap_compute(compute)
+
+        @functools.wraps(compute)
+        def per_epsilon(*args: Any, **kwargs: Any) -> Tensor:
+            return wrapped(*args, **kwargs).reshape(len(self.epsilons))
+
+        return per_epsilon
 
     def plot(self, val: Tensor | None = None, ax: Any = None) -> Any:
         """Certified accuracy against epsilon (one curve); returns ``(fig, ax)``."""
@@ -120,10 +175,13 @@ class CertifiedRadius(Metric):
         self,
         logits: Tensor,
         target: Tensor,
-        lipschitz_constant: Tensor | float | None,
+        lipschitz_constant: Tensor | float | None = None,
+        *,
+        radius: Tensor | None = None,
         **refined: Any,
     ) -> None:
-        radius = certified_radius(logits, target, lipschitz_constant, **refined).clamp_min(0.0)
+        """Arguments as :meth:`CertifiedRobustAccuracy.update` (``radius=`` precomputed)."""
+        radius = _radius_of(logits, target, lipschitz_constant, radius, refined).clamp_min(0.0)
         self.radius_sum += radius.sum().to(self.radius_sum.device)
         self.count += radius.numel()
         self.radius_values.append(radius)

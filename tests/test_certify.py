@@ -119,3 +119,79 @@ def test_refined_certificate_on_features() -> None:
 def test_invalid_arguments_are_refused(logits, target, lip, kwargs, match) -> None:
     with pytest.raises(ValueError, match=match):
         certified_radius(logits, target, lip, **kwargs)
+
+
+@pytest.mark.parametrize("bad", [math.inf, -math.inf, math.nan])
+def test_non_finite_logits_are_refused(bad: float) -> None:
+    """An infinite logit would give an infinite margin: 'certified' at every radius."""
+    logits = torch.tensor([[1.0, 0.0], [2.0, 0.0]])
+    logits[1, 0] = bad
+    with pytest.raises(ValueError, match="logits.*not finite.*row"):
+        certified_radius(logits, torch.tensor([0, 0]), 1.0)
+    with pytest.raises(ValueError, match="logits.*not finite"):
+        certified_radius(logits, torch.tensor([0, 0]), None,
+                         last_layer_weight=torch.eye(2), feature_lipschitz=1.0)
+
+
+def test_float16_overflow_is_refused_and_finite_half_logits_are_exact() -> None:
+    big = torch.tensor([[7e4, 0.0]]).half()  # overflows float16 to +inf
+    with pytest.raises(ValueError, match="not finite"):
+        certified_radius(big, torch.tensor([0]), 1.0)
+    logits = torch.randn(30, 4).half()
+    target = torch.randint(0, 4, (30,))
+    # Computed in float64 from the half values, which float64 holds exactly.
+    torch.testing.assert_close(certified_radius(logits, target, 0.7),
+                               certified_radius(logits.double(), target, 0.7), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"lipschitz_constant": torch.tensor(math.nan)}, "lipschitz_constant.*finite"),
+        ({"lipschitz_constant": torch.tensor([1.0, -1.0])}, "lipschitz_constant.*>= 0"),
+        ({"lipschitz_constant": math.inf}, "lipschitz_constant.*finite"),
+        ({"lipschitz_constant": None, "last_layer_weight": torch.eye(2),
+          "feature_lipschitz": math.nan}, "feature_lipschitz.*finite"),
+        ({"lipschitz_constant": None, "last_layer_weight": torch.eye(2),
+          "feature_lipschitz": -0.5}, "feature_lipschitz.*>= 0"),
+        ({"lipschitz_constant": None, "last_layer_weight": torch.eye(2)[None],
+          "feature_lipschitz": 1.0}, r"\(C, D\)"),
+        ({"lipschitz_constant": None, "last_layer_weight": torch.eye(2),
+          "feature_lipschitz": torch.ones(2, 1)}, "feature_lipschitz.*shape"),
+    ],
+)
+def test_bad_constants_are_refused(kwargs, match) -> None:
+    logits, target = torch.tensor([[1.0, 0.0], [2.0, 0.0]]), torch.tensor([0, 1])
+    with pytest.raises(ValueError, match=match):
+        certified_radius(logits, target, **kwargs)
+
+
+def test_one_element_constant_counts_as_a_scalar() -> None:
+    logits, target = torch.tensor([[1.0, 0.0], [2.0, 0.0]]), torch.tensor([0, 1])
+    torch.testing.assert_close(certified_radius(logits, target, torch.tensor([2.0])),
+                               certified_radius(logits, target, 2.0))
+
+
+@pytest.mark.parametrize(
+    ("logits", "target", "match"),
+    [
+        (torch.ones(2, 3, dtype=torch.long), torch.zeros(2, dtype=torch.long), "floating"),
+        (torch.ones(2, 3, dtype=torch.bool), torch.zeros(2, dtype=torch.long), "floating"),
+        (torch.randn(2, 3), torch.tensor([True, False]), "integer"),
+        (torch.randn(2, 3), torch.tensor([0, -1]), r"\[0, 3\)"),
+        (torch.randn(2, 3), torch.zeros(2, 1, dtype=torch.long), r"\(N,\)"),
+    ],
+)
+def test_bad_logits_and_targets_are_refused(logits, target, match) -> None:
+    with pytest.raises(ValueError, match=match):
+        certified_radius(logits, target, 1.0)
+
+
+def test_ties_are_never_certified_above_zero() -> None:
+    """With tied top logits the prediction can flip under any perturbation."""
+    logits = torch.tensor([[1.0, 1.0, 0.0], [1.0, 1.0, 0.0]])
+    radius = certified_radius(logits, torch.tensor([0, 1]), 1.0)
+    assert (radius == 0).all()
+    refined = certified_radius(logits, torch.tensor([0, 1]), None,
+                               last_layer_weight=torch.eye(3), feature_lipschitz=1.0)
+    assert (refined <= 0).all()

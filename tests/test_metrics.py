@@ -76,6 +76,20 @@ def test_metric_attributes_and_plots() -> None:
         CertifiedRobustAccuracy([-0.1])
 
 
+@pytest.mark.parametrize("eps", ["0.1", [True], [0.1, float("nan")], [float("inf")], 0.1j])
+def test_bad_epsilons_are_refused_by_name(eps) -> None:
+    with pytest.raises(ValueError, match="epsilons must be"):
+        CertifiedRobustAccuracy(eps)
+
+
+def test_epsilons_from_numbers_numpy_and_tensors() -> None:
+    import numpy as np
+
+    assert CertifiedRobustAccuracy(0.5).epsilons == [0.5]
+    for eps in ([0, np.float32(0.25), np.int64(1)], torch.tensor([0.0, 0.25, 1.0])):
+        assert CertifiedRobustAccuracy(eps).epsilons == [0.0, 0.25, 1.0]
+
+
 def test_refined_certificate_through_the_metric() -> None:
     logits, target = _data(50, 2)
     weight = torch.randn(5, 7)
@@ -227,3 +241,59 @@ def test_spectral_bound_regularizer_logs_the_certificates() -> None:
     assert abs(float(logged["certified/acc@0"]) - acc[0]) < 1e-6
     assert abs(float(logged["certified/acc@0.01"]) - acc[1]) < 1e-6
     assert abs(float(logged["certified/radius"]) - mean) < 1e-6
+
+
+@pytest.mark.parametrize("metric", [CertifiedRobustAccuracy([0.1]), CertifiedRadius()])
+def test_metrics_refuse_non_finite_logits_and_constants(metric) -> None:
+    logits, target = _data(6, 4)
+    bad = logits.clone()
+    bad[2, 1] = float("inf")
+    with pytest.raises(ValueError, match="logits.*not finite"):
+        metric.update(bad, target, 1.0)
+    with pytest.raises(ValueError, match="lipschitz_constant.*finite"):
+        metric.update(logits, target, float("nan"))
+    with pytest.raises(ValueError, match="lipschitz_constant.*>= 0"):
+        metric.update(logits, target, -2.0)
+
+
+def test_precomputed_radii_feed_both_metrics() -> None:
+    from lightning_spectral.functional import certified_radius
+
+    logits, target = _data(90, 5)
+    radius = certified_radius(logits, target, 0.9)
+    shared = (CertifiedRobustAccuracy(EPS), CertifiedRadius())
+    alone = (CertifiedRobustAccuracy(EPS), CertifiedRadius())
+    for a, b in zip(shared, alone, strict=True):
+        a.update(logits, target, radius=radius)
+        b.update(logits, target, 0.9)
+        torch.testing.assert_close(a.compute(), b.compute())
+    with pytest.raises(ValueError, match="either"):
+        shared[0].update(logits, target, 0.9, radius=radius)
+    with pytest.raises(ValueError, match=r"radius must have shape \(90,\)"):
+        shared[1].update(logits, target, radius=radius[:5])
+    with pytest.raises(ValueError, match=r"\[0, 5\)"):
+        shared[0].update(logits, target + 5, radius=radius)
+    with pytest.raises(ValueError, match="radius.*NaN"):
+        shared[0].update(logits, target, radius=torch.full((90,), float("nan")))
+
+
+def test_tracker_names_a_non_finite_network_bound() -> None:
+    module = _Classifier()
+    tracker = CertificationTracker([0.1], lipschitz_fn=lambda m, s: torch.tensor(float("nan")))
+    batch = (torch.randn(3, 1, 4, 4), torch.zeros(3, dtype=torch.long))
+    tracker.on_validation_epoch_start(None, module)
+    with pytest.raises(ValueError, match=r"network Lipschitz bound .*\(1, 4, 4\).*nan"):
+        tracker.on_validation_batch_end(None, module, batch)
+
+
+@pytest.mark.parametrize("scale", [True, "0.5", [[0.5, 0.2]], float("nan"), -1.0, []])
+def test_tracker_refuses_bad_input_scales(scale) -> None:
+    with pytest.raises(ValueError, match="input_scale"):
+        CertificationTracker([0.1], input_scale=scale)
+
+
+def test_tracker_input_scale_takes_the_smallest_std() -> None:
+    import numpy as np
+
+    for scale in (np.float32(0.25), [0.5, np.float64(0.25)], torch.tensor([0.5, 0.25, 1.0])):
+        assert CertificationTracker([0.1], input_scale=scale).input_scale == 0.25

@@ -29,28 +29,49 @@ __all__ = ["certified_radius", "logit_margins"]
 
 
 def _check_logits_target(logits: Tensor, target: Tensor) -> None:
-    if logits.ndim != 2:
-        raise ValueError(f"logits must have shape (N, C), got {tuple(logits.shape)}")
+    """Shapes and dtypes first, then the values, read back to the host once."""
+    if not isinstance(logits, Tensor) or logits.ndim != 2:
+        raise ValueError(f"logits must have shape (N, C), got {getattr(logits, 'shape', logits)}")
     if logits.shape[1] < 2:
         raise ValueError(f"logits need at least 2 classes, got shape {tuple(logits.shape)}")
-    if target.ndim != 1 or target.shape[0] != logits.shape[0]:
-        raise ValueError(
-            f"target must have shape (N,) = ({logits.shape[0]},), got {tuple(target.shape)}"
-        )
+    if not logits.dtype.is_floating_point:
+        raise ValueError(f"logits must be floating point, got dtype {logits.dtype}")
+    if not isinstance(target, Tensor) or target.ndim != 1 or target.shape[0] != logits.shape[0]:
+        raise ValueError(f"target must have shape (N,) = ({logits.shape[0]},), got "
+                         f"{getattr(target, 'shape', target)}")
     if target.dtype.is_floating_point or target.dtype == torch.bool:
         raise ValueError(f"target must hold integer class indices, got dtype {target.dtype}")
-    if target.numel() and (int(target.min()) < 0 or int(target.max()) >= logits.shape[1]):
+    if target.device != logits.device:
+        raise ValueError(f"target is on {target.device}, logits on {logits.device}")
+    if target.numel():
+        _check_values(logits, target)
+
+
+def _check_values(logits: Tensor, target: Tensor) -> None:
+    num_classes = logits.shape[1]
+    # An infinite logit makes an infinite margin (certified at every radius) and NaN compares
+    # false everywhere: either way the certificate would claim what nothing guarantees.
+    bad_rows = ~torch.isfinite(logits).all(dim=1)
+    out_of_range = (target < 0).any() | (target >= num_classes).any()
+    bad_target, bad_logits = torch.stack([out_of_range, bad_rows.any()]).tolist()
+    if bad_target:
         raise ValueError(
-            f"target values must lie in [0, {logits.shape[1]}), got range "
+            f"target values must lie in [0, {num_classes}), got range "
             f"[{int(target.min())}, {int(target.max())}]"
+        )
+    if bad_logits:
+        rows = torch.nonzero(bad_rows).flatten()[:8].tolist()
+        raise ValueError(
+            f"logits are not finite (inf or NaN) in row(s) {rows} of {logits.shape[0]}; "
+            "no certificate exists for them (overflow in float16? diverged weights?)"
         )
 
 
 def _as_constant(value: Tensor | float, n: int, name: str, device: torch.device) -> Tensor:
     """A non-negative finite constant (scalar or one per sample) as float64 of shape (N,)."""
     c = torch.as_tensor(value, dtype=torch.float64, device=device).detach()
-    if c.ndim == 0:
-        c = c.expand(n)
+    if c.numel() == 1:
+        c = c.reshape(()).expand(n)
     elif c.shape != (n,):
         raise ValueError(f"{name} must be a scalar or have shape ({n},), got {tuple(c.shape)}")
     if not bool(torch.isfinite(c).all()) or bool((c < 0).any()):
@@ -101,7 +122,15 @@ def certified_radius(
         float64 ``(N,)`` radii in the input's units. Where both certificates are available
         the larger is returned (each is valid on its own). Negative for misclassified samples,
         0 on ties, ``+inf`` where the relevant Lipschitz bound is 0 and the margin positive.
-        Floating-point error in computing the logits themselves is not accounted for.
+        A radius ``r`` certifies every perturbation with ``||delta||_2 < r``. Margins are taken
+        in float64 from the given logits (exact for float16/bfloat16/float32 values);
+        floating-point error in computing the logits themselves is not accounted for.
+
+    Raises:
+        ValueError: logits not ``(N, C)`` floating point, or with an inf/NaN entry (an infinite
+            margin would certify every radius); target not ``(N,)`` integer class indices in
+            ``[0, C)``; a constant NaN, infinite, negative or of the wrong shape; a
+            ``last_layer_weight`` not ``(C, D)`` or not finite.
     """
     margins = logit_margins(logits, target)  # validates shapes
     n, num_classes = margins.shape
