@@ -261,5 +261,7 @@ def test_bad_inputs_are_refused() -> None:
         curvature_certified_radius(lambda u: net(u) / 0.0, x, y, 1.0)
     with pytest.raises(ValueError, match="logits"):
         curvature_certified_radius(lambda u: net(u).flatten(), x, y, 1.0)
+    with pytest.raises(ValueError, match="at least 2 logits"):
+        curvature_certified_radius(lambda u: net(u)[:, :1], x, y * 0, 1.0)
     with pytest.raises(ValueError, match="training mode"):
         curvature_certified_radius(net.train(), x, y, 1.0)

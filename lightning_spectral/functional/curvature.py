@@ -442,6 +442,8 @@ def _logits_and_jacobian(
 
 
 def _check_target(target: Tensor, n: int, num_classes: int) -> None:
+    if num_classes < 2:
+        raise ValueError(f"the model must output at least 2 logits, got {num_classes}")
     if target.ndim != 1 or target.shape[0] != n:
         raise ValueError(f"target must have shape ({n},), got {tuple(target.shape)}")
     if target.dtype.is_floating_point or target.dtype == torch.bool:
