@@ -22,7 +22,7 @@ from __future__ import annotations
 import copy
 import math
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -508,6 +508,30 @@ def curvature_certified_radius(
         raise ValueError(f"x must have a batch axis, got shape {tuple(x.shape)}")
     if x.shape[0] == 0:
         return torch.zeros(0, dtype=torch.float64, device=x.device)
+    p = _pairs(model, x, target, curvature, dtype, chunk_size)
+    radii = _radius(p.margin, p.grad_norm, p.k)
+    radii = radii.scatter(1, p.y[:, None], math.inf)  # t = y is no competitor
+    return radii.min(dim=1).values
+
+
+class _Pairs(NamedTuple):
+    fn: Callable[[Tensor], Tensor]  # the model in the working precision
+    x: Tensor  # inputs in the working precision
+    y: Tensor  # (N,) labels, long
+    margin: Tensor  # (N, C) float64 z_y - z_t
+    grad_norm: Tensor  # (N, C) float64 ||grad (z_y - z_t)||
+    k: Tensor  # (N, C) float64 K_{y t}
+
+
+def _pairs(
+    model: Callable[[Tensor], Tensor],
+    x: Tensor,
+    target: Tensor,
+    curvature: Tensor | float,
+    dtype: torch.dtype | None,
+    chunk_size: int | None,
+) -> _Pairs:
+    """Validated margins, margin-gradient norms and curvature bounds for every (sample, t)."""
     fn = _prepare_model(model, dtype)
     xs = x.detach() if dtype is None else x.detach().to(dtype)
     logits, jac = _logits_and_jacobian(fn, xs, chunk_size)
@@ -518,9 +542,7 @@ def curvature_certified_radius(
     k = _pairwise_curvature(curvature, num_classes, logits.device)
     y = target.to(logits.device).long()
     z = logits.to(torch.float64)
-    margin = z.gather(1, y[:, None]) - z  # (N, C)
     jac = jac.to(torch.float64)
     grad = jac[torch.arange(n, device=jac.device), y][:, None, :] - jac  # (N, C, D)
-    radii = _radius(margin, torch.linalg.vector_norm(grad, dim=2), k[y])
-    radii = radii.scatter(1, y[:, None], math.inf)  # t = y is no competitor
-    return radii.min(dim=1).values
+    return _Pairs(fn, xs, y, z.gather(1, y[:, None]) - z,
+                  torch.linalg.vector_norm(grad, dim=2), k[y])
