@@ -14,6 +14,7 @@ from .curvature import (
     NonSmoothActivationError,
     SmoothSoftplus,
     activation_curvature,
+    crc_certified_radius,
     curvature_certified_radius,
     linear_head_pairwise_curvature,
 )
@@ -32,6 +33,7 @@ __all__ = [
     "NonSmoothActivationError",
     "SmoothSoftplus",
     "activation_curvature",
+    "crc_certified_radius",
     "curvature_certified_radius",
     "linear_head_pairwise_curvature",
     "grouped_weight",
