@@ -11,6 +11,7 @@ from torch import nn
 from lightning_spectral.functional import (
     SmoothSoftplus,
     activation_curvature,
+    crc_certified_radius,
     curvature_certified_radius,
     linear_head_pairwise_curvature,
 )
@@ -48,6 +49,50 @@ def test_quadratic_margin_gives_the_exact_root_distance() -> None:
     kk = math.sqrt(2) * k
     assert float(r_scalar[0]) == pytest.approx((math.sqrt(g * g + 2 * kk * mu) - g) / kk)
     assert r_scalar[0] < r[0]
+
+
+@pytest.mark.parametrize("loose", [1.0, 1.5, 2.0, 4.0])
+def test_crc_reaches_the_exact_distance_even_with_a_loose_bound(loose: float) -> None:
+    x0 = torch.tensor([[0.3, -0.2, 1.0]], dtype=D64)
+    grad = torch.tensor([1.5, -2.0, 0.5], dtype=D64)
+    mu, k = 0.8, 3.0
+    model = Quadratic(x0[0], mu, grad, k).eval()
+    g = float(grad.norm())
+    exact = (math.sqrt(g * g + 2 * k * mu) - g) / k
+    bound = torch.tensor([[0.0, k * loose], [k * loose, 0.0]], dtype=D64)
+    crc = float(crc_certified_radius(model, x0, torch.tensor([0]), bound)[0])
+    assert crc == pytest.approx(exact, rel=1e-9)
+    assert crc <= exact * (1 + 1e-12)
+    r_k = float(curvature_certified_radius(model, x0, torch.tensor([0]), bound)[0])
+    assert r_k <= crc and (loose == 1.0 or r_k < 0.99 * exact)
+
+
+@pytest.mark.parametrize(("outer", "inner"), [(1, 1), (3, 1), (30, 1), (30, 2)])
+def test_crc_with_an_unconverged_inner_solve_stays_sound(outer: int, inner: int) -> None:
+    """The residual correction: F(x) alone at an unconverged x overshoots the distance."""
+    x0 = torch.tensor([[0.3, -0.2, 1.0]], dtype=D64)
+    grad = torch.tensor([1.5, -2.0, 0.5], dtype=D64)
+    mu, k = 5.0, 3.0
+    model = Quadratic(x0[0], mu, grad, k).eval()
+    g = float(grad.norm())
+    exact = (math.sqrt(g * g + 2 * k * mu) - g) / k
+    bound = torch.tensor([[0.0, k], [k, 0.0]], dtype=D64)
+    crc = crc_certified_radius(model, x0, torch.tensor([0]), bound, outer_steps=outer,
+                               inner_steps=inner)
+    assert float(crc[0]) <= exact * (1 + 1e-12)
+
+
+def test_crc_on_affine_models_and_misclassified_points() -> None:
+    w = torch.randn(3, 4, dtype=D64)
+    model = _affine(w, torch.randn(3, dtype=D64))
+    x = torch.randn(20, 4, dtype=D64)
+    y = model(x).argmax(1).detach()
+    torch.testing.assert_close(crc_certified_radius(model, x, y, 0.0),
+                               curvature_certified_radius(model, x, y, 0.0), rtol=0, atol=0)
+    wrong = (y + 1) % 3
+    assert (crc_certified_radius(model, x, wrong, 0.5) == 0).all()
+    with pytest.raises(ValueError, match="inner_steps"):
+        crc_certified_radius(model, x, y, 0.5, inner_steps=0)
 
 
 def _affine(weight: torch.Tensor, bias: torch.Tensor) -> nn.Module:
@@ -194,6 +239,13 @@ def test_radius_never_exceeds_attack_distance(act: nn.Module, widths: list[int],
     assert float((r_pair / attack).median()) > 0.2  # the comparison has teeth
     # ... and so does the attack: the first-order guess mu / ||G|| (K = 0) overshoots it.
     assert (curvature_certified_radius(net, x, y, 0.0) > attack).any()
+    # The dual certificate sits in between (up to float64 rounding only), and is tighter.
+    crc = crc_certified_radius(net, x, y, pairwise)
+    assert (crc >= r_pair).all()
+    assert (crc <= attack * (1 + 1e-9)).all()
+    assert float((crc / r_pair).median()) > 1.1
+    rough = crc_certified_radius(net, x, y, pairwise, outer_steps=2, inner_steps=1)
+    assert (rough >= r_pair).all() and (rough <= attack * (1 + 1e-9)).all()
 
 
 def test_hand_bound_dominates_exact_hessians() -> None:
