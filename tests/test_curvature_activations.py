@@ -186,6 +186,15 @@ def test_subclass_overriding_forward_is_unknown() -> None:
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             return F.softplus(x, threshold=math.inf)
 
+    hooked = nn.Tanh()
+    hooked.register_forward_hook(lambda module, args, out: 3 * out)
+    patched = nn.Tanh()
+    patched.forward = lambda x: torch.tanh(3 * x)
+    pre_hooked = nn.Sigmoid()
+    pre_hooked.register_forward_pre_hook(lambda module, args: (5 * args[0],))
+    assert activation_curvature(hooked) is None
+    assert activation_curvature(patched) is None
+    assert activation_curvature(pre_hooked) is None
     assert activation_curvature(ScaledTanh()) is None
     assert activation_curvature(SmoothRelu()) is None
     assert activation_curvature(PlainTanh()) == activation_curvature(nn.Tanh())

@@ -317,3 +317,7 @@ def test_bad_inputs_are_refused() -> None:
         curvature_certified_radius(lambda u: net(u)[:, :1], x, y * 0, 1.0)
     with pytest.raises(ValueError, match="training mode"):
         curvature_certified_radius(net.train(), x, y, 1.0)
+    mixed = nn.Sequential(net.eval(), nn.Dropout(0.5)).eval()
+    mixed[1].train()
+    with pytest.raises(ValueError, match="training mode"):
+        curvature_certified_radius(mixed, x, y, 1.0)
