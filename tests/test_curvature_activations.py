@@ -91,6 +91,31 @@ def test_exact_values_are_rounded_up() -> None:
         assert h <= got_h <= h * (1 + 1e-7)
 
 
+# (activation, which derivative, where the docstring says it peaks)
+PEAKS = [
+    (nn.Tanh(), 2, 0.6584789484624084),
+    (nn.Sigmoid(), 2, -1.3169578969248166),
+    (nn.GELU(), 1, math.sqrt(2.0)),
+    (nn.GELU(approximate="tanh"), 1, 1.418504008790828),
+    (nn.SiLU(), 1, 2.399357280515467),
+    (nn.Mish(), 1, 1.490571179485428),
+    (nn.Mish(), 2, -0.08793443131491421),
+]
+
+
+@pytest.mark.parametrize(("act", "order", "peak"), PEAKS, ids=repr)
+def test_constants_dominate_the_peaks_resolved_finely(act: nn.Module, order: int,
+                                                      peak: float) -> None:
+    """Spacing 1e-7 around the stated argmax resolves the sup to ~1e-14 (the dense grid only
+    to ~1e-9, which is below the rounding-up margin of some constants)."""
+    x = peak + torch.linspace(-1e-3, 1e-3, 20_001, dtype=torch.float64)
+    derivative = _derivatives(act, x)[order - 1].abs()
+    constant = activation_curvature(act)[order - 1]
+    assert derivative.max() <= constant
+    assert derivative.max() >= constant * (1 - 1e-7)
+    assert abs(float(x[derivative.argmax()]) - peak) < 1e-5  # the stated argmax is right
+
+
 # Argmax of |s''| (from the docstring's roots of s'''), where the one-neuron bound is tight.
 ARGMAX = [
     (nn.Tanh(), 0.6584789484624084),
