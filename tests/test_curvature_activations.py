@@ -31,6 +31,7 @@ SMOOTH_MODULES = [
     nn.CELU(alpha=2.0),
     nn.Tanhshrink(),
     nn.Softsign(),
+    nn.LogSigmoid(),
 ]
 
 

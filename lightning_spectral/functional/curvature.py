@@ -149,6 +149,7 @@ _SMOOTH: dict[str, Callable[..., tuple[float, float]]] = {
     "mish": _constant(_MISH_G, _MISH_H),
     "tanhshrink": _constant(1.0, _TANH_H),
     "softsign": _constant(1.0, _SOFTSIGN_H),
+    "logsigmoid": _constant(1.0, 0.25),
 }
 
 _NONSMOOTH: dict[str, str] = {
@@ -182,6 +183,7 @@ _MODULES: dict[type[nn.Module], tuple[str, Callable[[Any], dict[str, Any]]]] = {
     nn.Mish: ("mish", lambda m: {}),
     nn.Tanhshrink: ("tanhshrink", lambda m: {}),
     nn.Softsign: ("softsign", lambda m: {}),
+    nn.LogSigmoid: ("logsigmoid", lambda m: {}),
     nn.ReLU: ("relu", lambda m: {}),
     nn.ReLU6: ("relu6", lambda m: {}),
     nn.LeakyReLU: ("leaky_relu", lambda m: {}),
@@ -206,7 +208,7 @@ _FUNCTIONS: dict[Any, str] = {
     torch.tanh: "tanh", F.tanh: "tanh", torch.sigmoid: "sigmoid", F.sigmoid: "sigmoid",
     torch.special.expit: "sigmoid", F.softplus: "softplus", F.elu: "elu", F.celu: "celu",
     torch.celu: "celu", F.gelu: "gelu", F.silu: "silu", F.mish: "mish",
-    F.tanhshrink: "tanhshrink", F.softsign: "softsign",
+    F.tanhshrink: "tanhshrink", F.softsign: "softsign", F.logsigmoid: "logsigmoid",
     torch.relu: "relu", F.relu: "relu", F.relu6: "relu6", F.leaky_relu: "leaky_relu",
     F.prelu: "prelu", torch.prelu: "prelu", F.rrelu: "rrelu", F.hardtanh: "hardtanh",
     F.hardswish: "hardswish", F.hardsigmoid: "hardsigmoid", torch.selu: "selu",
@@ -287,7 +289,11 @@ def activation_curvature(
       whole composition (and the value jump breaks even the integral form of Taylor's theorem
       the certificate rests on). So a finite threshold is refused; ``threshold=math.inf``
       (the exact formula) or :class:`SmoothSoftplus` (the same, computed without overflow)
-      get ``(1, beta / 4)``.
+      get ``(1, beta / 4)``; note that ``threshold=math.inf`` overflows to ``inf`` for
+      ``beta x > 88`` in float32 (709 in float64), which the certificates then refuse as
+      non-finite logits, while :class:`SmoothSoftplus` does not. LogSigmoid
+      ``-softplus(-x)`` (computed by torch without a switch) has ``s' = p(-x) in (0, 1)`` and
+      ``|s''| = p(1 - p) <= 1/4``: ``(1, 1/4)``.
     * ELU: ``s' = 1`` for ``x > 0`` and ``alpha e^x`` for ``x < 0``: continuous only if
       ``alpha = 1`` (otherwise refused); then ``s''`` is 0 or ``e^x < 1`` on each side, and a
       continuous piecewise-``C^1`` ``s'`` is Lipschitz with the sup of ``|s''|`` over the
