@@ -321,3 +321,30 @@ def test_bad_inputs_are_refused() -> None:
     mixed[1].train()
     with pytest.raises(ValueError, match="training mode"):
         curvature_certified_radius(mixed, x, y, 1.0)
+
+
+def test_bad_arguments_are_refused_before_the_model_runs() -> None:
+    net = _affine(torch.randn(3, 2, dtype=D64), torch.zeros(3, dtype=D64))
+    calls = []
+
+    def model(u: torch.Tensor) -> torch.Tensor:
+        calls.append(1)
+        return net(u)
+
+    x, y = torch.randn(4, 2, dtype=D64), torch.tensor([0, 1, 2, 0])
+    bad = [
+        (y, -1.0), (y, math.inf), (y, torch.ones(3, 2)), (y, torch.ones(3, 3, 3)),
+        (y, torch.full((3, 3), -1.0).fill_diagonal_(0)), (y[:3], 1.0), (y.double(), 1.0),
+        (y[:, None], 1.0),
+    ]
+    for target, curvature in bad:
+        for certify in (curvature_certified_radius, crc_certified_radius):
+            with pytest.raises(ValueError):
+                certify(model, x, target, curvature)
+    assert not calls
+    empty = x[:0]
+    assert curvature_certified_radius(model, empty, y[:0], 1.0).shape == (0,)
+    with pytest.raises(ValueError, match="finite and >= 0"):
+        crc_certified_radius(model, empty, y[:0], -1.0)
+    with pytest.raises(ValueError, match="batch axis"):
+        curvature_certified_radius(model, torch.tensor(1.0), y[:0], 1.0)

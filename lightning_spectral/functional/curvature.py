@@ -387,28 +387,36 @@ def _nonnegative_scalar(value: Tensor | float, name: str, device: torch.device) 
     return c
 
 
-def _pairwise_curvature(
-    curvature: Tensor | float, num_classes: int, device: torch.device
-) -> Tensor:
-    """``(C, C)`` float64 bounds ``K_yt`` on the Lipschitz constant of ``grad(z_y - z_t)``.
+def _curvature_tensor(curvature: Tensor | float) -> Tensor:
+    """The curvature argument as float64: a finite scalar >= 0, or a square matrix of pairwise
+    bounds, finite and >= 0 off the diagonal (the diagonal is never used and set to 0)."""
+    k = torch.as_tensor(curvature, dtype=torch.float64).detach()
+    if k.ndim == 0:
+        return _nonnegative_scalar(k, "curvature", k.device)
+    if k.ndim != 2 or k.shape[0] != k.shape[1]:
+        raise ValueError("curvature must be a scalar or a (C, C) matrix of pairwise bounds, "
+                         f"got shape {tuple(k.shape)}")
+    off_diagonal = ~torch.eye(k.shape[0], dtype=torch.bool, device=k.device)
+    k = torch.where(off_diagonal, k, torch.zeros_like(k))
+    if not bool(torch.isfinite(k).all()) or bool((k < 0).any()):
+        raise ValueError("curvature entries must be finite and >= 0 off the diagonal")
+    return k
+
+
+def _pairwise_curvature(k: Tensor, num_classes: int, device: torch.device) -> Tensor:
+    """``(C, C)`` bounds ``K_yt`` on the Lipschitz constant of ``grad(z_y - z_t)``.
 
     A scalar ``C`` bounds ``||Dz(x) - Dz(x')||``; then
     ``||(Dz(x) - Dz(x'))^T (e_y - e_t)|| <= sqrt(2) C ||x - x'||``.
     """
-    k = torch.as_tensor(curvature, dtype=torch.float64, device=device).detach()
     if k.ndim == 0:
-        k = _nonnegative_scalar(k, "curvature", device)
-        return (math.sqrt(2.0) * k).expand(num_classes, num_classes)
+        return (math.sqrt(2.0) * k).to(device).expand(num_classes, num_classes)
     if k.shape != (num_classes, num_classes):
         raise ValueError(
             f"curvature must be a scalar or a ({num_classes}, {num_classes}) matrix of pairwise "
-            f"bounds, got shape {tuple(k.shape)}"
+            f"bounds for this {num_classes}-class model, got shape {tuple(k.shape)}"
         )
-    off_diagonal = ~torch.eye(num_classes, dtype=torch.bool, device=device)
-    k = torch.where(off_diagonal, k, torch.zeros_like(k))  # the diagonal is never used
-    if not bool(torch.isfinite(k).all()) or bool((k < 0).any()):
-        raise ValueError("curvature entries must be finite and >= 0 off the diagonal")
-    return k
+    return k.to(device)
 
 
 def _prepare_model(
@@ -453,13 +461,16 @@ def _logits_and_jacobian(
     return logits.detach(), jac.detach().flatten(2)
 
 
-def _check_target(target: Tensor, n: int, num_classes: int) -> None:
-    if num_classes < 2:
-        raise ValueError(f"the model must output at least 2 logits, got {num_classes}")
+def _check_target(target: Tensor, n: int) -> None:
     if target.ndim != 1 or target.shape[0] != n:
         raise ValueError(f"target must have shape ({n},), got {tuple(target.shape)}")
     if target.dtype.is_floating_point or target.dtype == torch.bool:
         raise ValueError(f"target must hold integer class indices, got dtype {target.dtype}")
+
+
+def _check_classes(target: Tensor, n: int, num_classes: int) -> None:
+    if num_classes < 2:
+        raise ValueError(f"the model must output at least 2 logits, got {num_classes}")
     if n and (int(target.min()) < 0 or int(target.max()) >= num_classes):
         raise ValueError(f"target values must lie in [0, {num_classes}), got range "
                          f"[{int(target.min())}, {int(target.max())}]")
@@ -519,6 +530,8 @@ def curvature_certified_radius(
     if x.ndim < 1:
         raise ValueError(f"x must have a batch axis, got shape {tuple(x.shape)}")
     if x.shape[0] == 0:
+        _check_target(target, 0)
+        _curvature_tensor(curvature)
         return torch.zeros(0, dtype=torch.float64, device=x.device)
     p = _pairs(model, x, target, curvature, dtype, chunk_size)
     radii = _radius(p.margin, p.grad_norm, p.k)
@@ -543,15 +556,20 @@ def _pairs(
     dtype: torch.dtype | None,
     chunk_size: int | None,
 ) -> _Pairs:
-    """Validated margins, margin-gradient norms and curvature bounds for every (sample, t)."""
+    """Validated margins, margin-gradient norms and curvature bounds for every (sample, t).
+
+    Everything that can be checked without the model is checked before it runs.
+    """
+    _check_target(target, x.shape[0])
+    k = _curvature_tensor(curvature)
     fn = _prepare_model(model, dtype)
     xs = x.detach() if dtype is None else x.detach().to(dtype)
     logits, jac = _logits_and_jacobian(fn, xs, chunk_size)
     n, num_classes = logits.shape
-    _check_target(target, n, num_classes)
+    _check_classes(target, n, num_classes)
     if not bool(torch.isfinite(logits).all()) or not bool(torch.isfinite(jac).all()):
         raise ValueError("the model produced non-finite logits or input gradients")
-    k = _pairwise_curvature(curvature, num_classes, logits.device)
+    k = _pairwise_curvature(k, num_classes, logits.device)
     y = target.to(logits.device).long()
     z = logits.to(torch.float64)
     jac = jac.to(torch.float64)
