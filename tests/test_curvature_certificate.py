@@ -348,3 +348,23 @@ def test_bad_arguments_are_refused_before_the_model_runs() -> None:
         crc_certified_radius(model, empty, y[:0], -1.0)
     with pytest.raises(ValueError, match="batch axis"):
         curvature_certified_radius(model, torch.tensor(1.0), y[:0], 1.0)
+
+
+def test_image_inputs_and_chunking_match_the_flat_computation() -> None:
+    conv = nn.Sequential(
+        nn.Conv2d(1, 3, 3, padding=1), nn.Tanh(), nn.Flatten(), nn.Linear(48, 4)
+    ).to(D64).eval()
+    x = torch.randn(7, 1, 4, 4, dtype=D64)
+    y = conv(x).argmax(1).detach()
+
+    def flat(u: torch.Tensor) -> torch.Tensor:
+        return conv(u.view(-1, 1, 4, 4))
+
+    r_image = curvature_certified_radius(conv, x, y, 2.0)
+    r_flat = curvature_certified_radius(flat, x.flatten(1), y, 2.0)
+    r_chunked = curvature_certified_radius(conv, x, y, 2.0, chunk_size=3)
+    torch.testing.assert_close(r_image, r_flat, rtol=1e-14, atol=0)
+    torch.testing.assert_close(r_image, r_chunked, rtol=1e-14, atol=0)
+    torch.testing.assert_close(crc_certified_radius(conv, x, y, 2.0, outer_steps=5, inner_steps=5),
+                               crc_certified_radius(flat, x.flatten(1), y, 2.0, outer_steps=5,
+                                                    inner_steps=5), rtol=1e-12, atol=0)
