@@ -18,6 +18,12 @@ _LAZY = {
     "CertifiedRobustAccuracy": "lightning_spectral.metrics",
     "CertifiedRadius": "lightning_spectral.metrics",
     "layer_spectral_bound": "lightning_spectral.functional.bounds",
+    "activation_curvature": "lightning_spectral.functional.curvature",
+    "curvature_certified_radius": "lightning_spectral.functional.curvature",
+    "crc_certified_radius": "lightning_spectral.functional.curvature",
+    "linear_head_pairwise_curvature": "lightning_spectral.functional.curvature",
+    "SmoothSoftplus": "lightning_spectral.functional.curvature",
+    "NonSmoothActivationError": "lightning_spectral.functional.curvature",
 }
 
 __all__ = ["__version__", *_LAZY]

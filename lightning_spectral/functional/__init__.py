@@ -10,6 +10,14 @@ from .bounds import (
     layer_spectral_bound,
 )
 from .certify import certified_radius, logit_margins
+from .curvature import (
+    NonSmoothActivationError,
+    SmoothSoftplus,
+    activation_curvature,
+    crc_certified_radius,
+    curvature_certified_radius,
+    linear_head_pairwise_curvature,
+)
 from .exact import conv_spectral_norm, operator_matrix
 from .matricize import grouped_weight, matricize, row_subsets, spatial_dims
 from .norms import gram_iteration_bound, spectral_norm_exact
@@ -22,6 +30,12 @@ __all__ = [
     "layer_spectral_bound",
     "certified_radius",
     "logit_margins",
+    "NonSmoothActivationError",
+    "SmoothSoftplus",
+    "activation_curvature",
+    "crc_certified_radius",
+    "curvature_certified_radius",
+    "linear_head_pairwise_curvature",
     "grouped_weight",
     "matricize",
     "row_subsets",

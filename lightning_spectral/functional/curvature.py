@@ -1,0 +1,711 @@
+"""Curvature (second-order) robustness certificates: activation constants and the radius.
+
+For a twice-differentiable scalar map ``f`` the *curvature bound* is a constant ``K`` with
+``||grad f(x) - grad f(x')|| <= K ||x - x'||`` for all ``x, x'`` (for ``C^2`` maps,
+``K >= sup_x ||Hess f(x)||_2``). For a vector map ``z`` the Jacobian-Lipschitz constant ``C``
+bounds ``||Dz(x) - Dz(x')||_2 <= C ||x - x'||``. Compositions obey
+``C(phi o psi) <= C_phi L_psi^2 + L_phi C_psi`` (Entesari, Sharifi & Fazlyab, ICML 2024), so
+every network made of linear maps ``(||A||, 0)`` and smooth elementwise activations
+``(g, h)`` gets one; :func:`activation_curvature` gives ``(g, h)``.
+
+The certificate (Singla & Feizi, ICML 2020; Entesari et al. 2024): for the margin
+``mu(x) = z_y(x) - z_t(x)`` with gradient ``G = grad mu(x0)`` and curvature bound ``K``, Taylor's
+formula with integral remainder gives
+``mu(x0 + d) >= mu(x0) - ||G|| ||d|| - (K / 2) ||d||^2``, positive for
+``||d|| < r = 2 mu / (||G|| + sqrt(||G||^2 + 2 K mu))``. See :func:`curvature_certified_radius`.
+
+Floating-point rounding of the model's own evaluation is not accounted for.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = [
+    "NonSmoothActivationError",
+    "SmoothSoftplus",
+    "activation_curvature",
+    "crc_certified_radius",
+    "curvature_certified_radius",
+    "linear_head_pairwise_curvature",
+]
+
+# ----------------------------------------------------------------------------------------
+# Activation constants (g, h): g = sup |s'|, h = Lipschitz constant of s' (= sup |s''|).
+# Every constant below is the exact supremum rounded UP in its 8th significant digit; the
+# derivation (where the supremum is attained) is in the docstring of activation_curvature.
+# ----------------------------------------------------------------------------------------
+_TANH_H = 0.76980036  # 4 / (3 sqrt 3) = 0.769800358919501...
+_SIGMOID_H = 0.096225045  # 1 / (6 sqrt 3) = 0.0962250448649376...
+_GELU_ERF_G = 1.1289042  # Phi(sqrt 2) + sqrt(2) phi(sqrt 2) = 1.12890414518515...
+_GELU_TANH_G = 1.1289931  # at x = 1.418504: 1.12899306865877...
+_GELU_H = 0.79788457  # sqrt(2 / pi) = 0.797884560802865... (both GELU forms, at x = 0)
+_SILU_G = 1.0998394  # at x = 2.399357: 1.09983932012886...
+_SILU_H = 0.5  # exact, at x = 0
+_MISH_G = 1.0884982  # at x = 1.490571: 1.08849816125172...
+_MISH_H = 0.64420464  # at x = -0.0879344: 0.644204637236972...
+_SOFTSIGN_H = 2.0  # exact, one-sided limit at x = 0
+
+
+class NonSmoothActivationError(ValueError):
+    """The activation's derivative is not Lipschitz (it jumps), so no curvature bound exists."""
+
+
+class SmoothSoftplus(nn.Module):
+    """``log(1 + exp(beta x)) / beta`` for every ``x``, with no switch to the identity.
+
+    ``nn.Softplus`` returns ``x`` itself above ``threshold / beta``, which makes both the
+    function and its derivative jump there (see :func:`activation_curvature`). This module
+    evaluates the same exact formula everywhere as ``logaddexp(beta x, 0) / beta``, which
+    does not overflow. Curvature constants: ``g = 1``, ``h = beta / 4``.
+    """
+
+    def __init__(self, beta: float = 1.0) -> None:
+        super().__init__()
+        if not (math.isfinite(beta) and beta > 0):
+            raise ValueError(f"SmoothSoftplus needs a finite beta > 0, got {beta}")
+        self.beta = float(beta)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.logaddexp(self.beta * x, torch.zeros_like(x)) / self.beta
+
+    def extra_repr(self) -> str:
+        return f"beta={self.beta}"
+
+
+_REPLACEMENTS = (
+    "a smooth activation, e.g. lightning_spectral.functional.SmoothSoftplus, nn.Tanh, "
+    "nn.SiLU, nn.GELU or nn.CELU"
+)
+
+
+def _refuse(name: str, why: str, fix: str = _REPLACEMENTS) -> NonSmoothActivationError:
+    return NonSmoothActivationError(
+        f"{name}: {why}, so its derivative is not Lipschitz and no curvature bound exists. "
+        f"Replace it by {fix}"
+    )
+
+
+def _softplus(beta: float = 1.0, threshold: float = 20.0) -> tuple[float, float]:
+    if not (math.isfinite(beta) and beta > 0):
+        raise ValueError(f"Softplus: curvature constants need a finite beta > 0, got {beta}")
+    if math.isfinite(threshold):
+        jump = 1.0 / (1.0 + math.exp(threshold))  # 1 - sigmoid(threshold)
+        raise _refuse(
+            f"Softplus(beta={beta}, threshold={threshold})",
+            f"it returns x itself for x > threshold / beta = {threshold / beta:g}, where its "
+            f"derivative jumps from sigmoid(threshold) to 1 (by {jump:.3g}) and its value by "
+            "log1p(exp(-threshold)) / beta",
+            f"lightning_spectral.functional.SmoothSoftplus(beta={beta}) (the same formula with "
+            "no switch to the identity)",
+        )
+    return 1.0, beta / 4.0  # division by 4 is exact in binary floating point
+
+
+def _elu(alpha: float = 1.0) -> tuple[float, float]:
+    if alpha != 1.0:
+        raise _refuse(
+            f"ELU(alpha={alpha})",
+            f"its derivative jumps from alpha = {alpha} to 1 at 0",
+            f"nn.CELU(alpha={alpha}) (continuously differentiable) or {_REPLACEMENTS}",
+        )
+    return 1.0, 1.0
+
+
+def _celu(alpha: float = 1.0) -> tuple[float, float]:
+    if not (math.isfinite(alpha) and alpha > 0):
+        raise ValueError(f"CELU: curvature constants need a finite alpha > 0, got {alpha}")
+    return 1.0, math.nextafter(1.0 / alpha, math.inf)  # round 1/alpha up
+
+
+def _gelu(approximate: str = "none") -> tuple[float, float]:
+    if approximate == "none":
+        return _GELU_ERF_G, _GELU_H
+    if approximate == "tanh":
+        return _GELU_TANH_G, _GELU_H
+    raise ValueError(f"GELU: unknown approximate={approximate!r} (expected 'none' or 'tanh')")
+
+
+def _constant(g: float, h: float) -> Callable[[], tuple[float, float]]:
+    return lambda: (g, h)
+
+
+_SMOOTH: dict[str, Callable[..., tuple[float, float]]] = {
+    "tanh": _constant(1.0, _TANH_H),
+    "sigmoid": _constant(0.25, _SIGMOID_H),
+    "softplus": _softplus,
+    "smooth_softplus": lambda beta=1.0: _softplus(beta, math.inf),
+    "elu": _elu,
+    "celu": _celu,
+    "gelu": _gelu,
+    "silu": _constant(_SILU_G, _SILU_H),
+    "mish": _constant(_MISH_G, _MISH_H),
+    "tanhshrink": _constant(1.0, _TANH_H),
+    "softsign": _constant(1.0, _SOFTSIGN_H),
+    "logsigmoid": _constant(1.0, 0.25),
+}
+
+_NONSMOOTH: dict[str, str] = {
+    "relu": "its derivative jumps from 0 to 1 at 0",
+    "relu6": "its derivative jumps at 0 and at 6",
+    "leaky_relu": "its derivative jumps from the negative slope to 1 at 0",
+    "prelu": "its derivative jumps from the learned slope to 1 at 0",
+    "rrelu": "its derivative jumps at 0 (and its slope is random in training)",
+    "hardtanh": "its derivative jumps at the clipping points",
+    "hardswish": "its derivative jumps at -3 and at 3",
+    "hardsigmoid": "its derivative jumps at -3 and at 3",
+    "selu": "its derivative jumps from scale * alpha = 1.7581 to scale = 1.0507 at 0",
+    "hardshrink": "it jumps at +-lambda",
+    "softshrink": "its derivative jumps at +-lambda",
+    "threshold": "it jumps at the threshold",
+    "abs": "its derivative jumps from -1 to 1 at 0",
+    "clamp": "its derivative jumps at the clipping points",
+    "max_pool": "max pooling switches between window entries, so its Jacobian jumps",
+}
+
+# Module types -> (table name, how to read its parameters).
+_MODULES: dict[type[nn.Module], tuple[str, Callable[[Any], dict[str, Any]]]] = {
+    nn.Tanh: ("tanh", lambda m: {}),
+    nn.Sigmoid: ("sigmoid", lambda m: {}),
+    nn.Softplus: ("softplus", lambda m: {"beta": m.beta, "threshold": m.threshold}),
+    SmoothSoftplus: ("smooth_softplus", lambda m: {"beta": m.beta}),
+    nn.ELU: ("elu", lambda m: {"alpha": m.alpha}),
+    nn.CELU: ("celu", lambda m: {"alpha": m.alpha}),
+    nn.GELU: ("gelu", lambda m: {"approximate": m.approximate}),
+    nn.SiLU: ("silu", lambda m: {}),
+    nn.Mish: ("mish", lambda m: {}),
+    nn.Tanhshrink: ("tanhshrink", lambda m: {}),
+    nn.Softsign: ("softsign", lambda m: {}),
+    nn.LogSigmoid: ("logsigmoid", lambda m: {}),
+    nn.ReLU: ("relu", lambda m: {}),
+    nn.ReLU6: ("relu6", lambda m: {}),
+    nn.LeakyReLU: ("leaky_relu", lambda m: {}),
+    nn.PReLU: ("prelu", lambda m: {}),
+    nn.RReLU: ("rrelu", lambda m: {}),
+    nn.Hardtanh: ("hardtanh", lambda m: {}),
+    nn.Hardswish: ("hardswish", lambda m: {}),
+    nn.Hardsigmoid: ("hardsigmoid", lambda m: {}),
+    nn.SELU: ("selu", lambda m: {}),
+    nn.Hardshrink: ("hardshrink", lambda m: {}),
+    nn.Softshrink: ("softshrink", lambda m: {}),
+    nn.Threshold: ("threshold", lambda m: {}),
+    nn.MaxPool1d: ("max_pool", lambda m: {}),
+    nn.MaxPool2d: ("max_pool", lambda m: {}),
+    nn.MaxPool3d: ("max_pool", lambda m: {}),
+    nn.AdaptiveMaxPool1d: ("max_pool", lambda m: {}),
+    nn.AdaptiveMaxPool2d: ("max_pool", lambda m: {}),
+    nn.AdaptiveMaxPool3d: ("max_pool", lambda m: {}),
+}
+
+_FUNCTIONS: dict[Any, str] = {
+    torch.tanh: "tanh", F.tanh: "tanh", torch.sigmoid: "sigmoid", F.sigmoid: "sigmoid",
+    torch.special.expit: "sigmoid", F.softplus: "softplus", F.elu: "elu", F.celu: "celu",
+    torch.celu: "celu", F.gelu: "gelu", F.silu: "silu", F.mish: "mish",
+    F.tanhshrink: "tanhshrink", F.softsign: "softsign", F.logsigmoid: "logsigmoid",
+    torch.relu: "relu", F.relu: "relu", F.relu6: "relu6", F.leaky_relu: "leaky_relu",
+    F.prelu: "prelu", torch.prelu: "prelu", F.rrelu: "rrelu", F.hardtanh: "hardtanh",
+    F.hardswish: "hardswish", F.hardsigmoid: "hardsigmoid", torch.selu: "selu",
+    F.selu: "selu", F.hardshrink: "hardshrink", F.softshrink: "softshrink",
+    F.threshold: "threshold", torch.abs: "abs", torch.clamp: "clamp", torch.clip: "clamp",
+    F.max_pool1d: "max_pool", F.max_pool2d: "max_pool", F.max_pool3d: "max_pool",
+    F.adaptive_max_pool1d: "max_pool", F.adaptive_max_pool2d: "max_pool",
+    F.adaptive_max_pool3d: "max_pool", torch.max_pool1d: "max_pool",
+    torch.max_pool2d: "max_pool", torch.max_pool3d: "max_pool",
+}
+
+
+def _module_entry(module: nn.Module) -> tuple[str, dict[str, Any]] | None:
+    """Table name and parameters of a module, or None if its type is not in the table.
+
+    A subclass only inherits its parent's constants when it keeps the parent's ``forward``:
+    one that overrides ``forward`` computes something else, which the table knows nothing of.
+    Likewise a ``forward`` replaced on the instance, or forward hooks (which may replace the
+    input or the output), make it unknown.
+    """
+    if "forward" in vars(module) or module._forward_hooks or module._forward_pre_hooks:
+        return None
+    for cls in type(module).__mro__:
+        if cls in _MODULES:
+            if type(module).forward is not cls.forward:
+                return None
+            name, read = _MODULES[cls]
+            return name, read(module)
+    return None
+
+
+def activation_curvature(
+    activation: nn.Module | Callable[..., Tensor] | str, **kwargs: Any
+) -> tuple[float, float] | None:
+    """Curvature constants ``(g, h)`` of an elementwise activation ``s``.
+
+    ``g = sup |s'|`` (its Lipschitz constant) and ``h`` = the Lipschitz constant of ``s'``
+    (``= sup |s''|`` where ``s''`` exists and ``s'`` is continuous). Each value is the exact
+    supremum rounded up (a smaller constant would void the certificate).
+
+    Args:
+        activation: a module instance (its parameters are read from it), a function such as
+            ``torch.tanh`` or ``F.softplus`` (pass its parameters as keyword arguments), or a
+            name from the table below (as ``call_method`` nodes of a ``torch.fx`` graph carry).
+        **kwargs: parameters of a function or name: ``beta``, ``threshold`` (softplus),
+            ``alpha`` (elu, celu), ``approximate`` (gelu). Not allowed with a module.
+
+    Returns:
+        ``(g, h)`` as Python floats, or ``None`` when the activation is not in the table
+        (including a subclass that overrides ``forward``): the caller must then find another
+        rule or refuse; ``None`` is never a license to assume anything.
+
+    Raises:
+        NonSmoothActivationError: (a ``ValueError``) for activations whose derivative jumps
+            (ReLU, ReLU6, LeakyReLU, PReLU, RReLU, Hardtanh, Hardswish, Hardsigmoid, SELU,
+            Hardshrink, Softshrink, Threshold, abs, clamp, ELU with ``alpha != 1``, max
+            pooling, and ``nn.Softplus`` with a finite ``threshold``, i.e. the default one).
+        ValueError: for invalid parameters.
+
+    Derivations (``s^{(k)}`` the k-th derivative; extremes of ``s''`` are roots of ``s'''``):
+
+    * tanh: ``s' = 1 - t^2 <= 1``, ``s'' = -2t(1 - t^2)``, ``s''' = -2(1 - t^2)(1 - 3t^2)``
+      with ``t = tanh x``: ``|s''|`` peaks at ``t = 1/sqrt 3`` (``x = 0.658479``):
+      ``h = 4 / (3 sqrt 3) = 0.7698004``. Tanhshrink ``x - tanh x`` has ``s' = t^2 < 1`` and
+      the same ``|s''|``.
+    * sigmoid ``p``: ``s' = p(1 - p) <= 1/4`` (at 0), ``s'' = p(1 - p)(1 - 2p)``,
+      ``s''' = p(1 - p)(1 - 6p + 6p^2)``, zero at ``p = (3 +- sqrt 3)/6``
+      (``x = ln(2 +- sqrt 3) = +-1.316958``): ``h = 1 / (6 sqrt 3) = 0.0962250``.
+    * softplus ``log(1 + exp(beta x)) / beta``: ``s' = p(beta x) in (0, 1)``,
+      ``s'' = beta p(1 - p) <= beta / 4`` (at 0): ``(1, beta / 4)``. ``nn.Softplus`` and
+      ``F.softplus`` however return ``x`` itself for ``beta x > threshold``. At
+      ``x0 = threshold / beta`` the derivative jumps from ``p(threshold)`` to 1, by
+      ``1 - p(threshold) = 2.06e-9`` for the default 20, and the value drops by
+      ``log1p(exp(-threshold)) / beta`` (visible in float64). A jump in ``s'`` admits no
+      finite Lipschitz constant at all, however small the jump: ``|s'(x0 + e) - s'(x0 - e)|
+      / 2e -> inf``. Neglecting it would make the (L, C) composition and the radius formula
+      claim something false; carrying it would need an extra additive slack term through the
+      whole composition (and the value jump breaks even the integral form of Taylor's theorem
+      the certificate rests on). So a finite threshold is refused; ``threshold=math.inf``
+      (the exact formula) or :class:`SmoothSoftplus` (the same, computed without overflow)
+      get ``(1, beta / 4)``; note that ``threshold=math.inf`` overflows to ``inf`` for
+      ``beta x > 88`` in float32 (709 in float64), which the certificates then refuse as
+      non-finite logits, while :class:`SmoothSoftplus` does not. LogSigmoid
+      ``-softplus(-x)`` (computed by torch without a switch) has ``s' = p(-x) in (0, 1)`` and
+      ``|s''| = p(1 - p) <= 1/4``: ``(1, 1/4)``.
+    * ELU: ``s' = 1`` for ``x > 0`` and ``alpha e^x`` for ``x < 0``: continuous only if
+      ``alpha = 1`` (otherwise refused); then ``s''`` is 0 or ``e^x < 1`` on each side, and a
+      continuous piecewise-``C^1`` ``s'`` is Lipschitz with the sup of ``|s''|`` over the
+      pieces: ``(1, 1)``.
+    * CELU: ``s' = exp(x / alpha)`` for ``x < 0``, 1 for ``x > 0``: continuous for every
+      ``alpha > 0``, ``s'' = exp(x / alpha) / alpha``, sup approached at ``0^-``:
+      ``(1, 1 / alpha)``.
+    * GELU ``x Phi(x)``: ``s' = Phi + x phi``, ``s'' = phi (2 - x^2)``,
+      ``s''' = x phi (x^2 - 4)``: ``|s''|`` is ``2 phi(0) = sqrt(2/pi) = 0.7978846`` at 0 and
+      ``2 phi(2) = 0.108`` at ``+-2``; ``s'`` peaks where ``s'' = 0``, at ``x = sqrt 2``:
+      ``g = 1.1289041``. The tanh form ``x/2 (1 + tanh(sqrt(2/pi)(x + 0.044715 x^3)))``:
+      ``s''`` is even with roots of ``s'''`` at 0 (``s''(0) = sqrt(2/pi)``) and ``+-2.013481``
+      (``s'' = -0.1079``); ``s'`` peaks at ``x = 1.418504`` with 1.1289931.
+    * SiLU ``x p(x)``: ``s' = p (1 + x(1 - p))``, ``s'' = p(1 - p)(2 + x(1 - 2p))``; roots of
+      ``s'''`` at 0 (``s'' = 1/2``) and ``+-3.435841`` (``s'' = -0.0369``); ``s'`` peaks at
+      ``x = 2.399357`` (``2 + x(1 - 2p) = 0``) with 1.0998393.
+    * Mish ``x tanh(softplus x)``: roots of ``s'''`` at -3.267338 (``s'' = -0.0417``),
+      -0.0879344 (``s'' = 0.6442046``) and 2.114843 (``s'' = -0.0590``), computed at 40
+      digits; ``s'`` peaks at ``x = 1.490571`` with 1.0884982.
+    * Softsign ``x / (1 + |x|)``: ``s' = (1 + |x|)^-2 <= 1`` is continuous,
+      ``|s''| = 2 (1 + |x|)^-3 <= 2`` on each side: ``(1, 2)``.
+
+    In-place variants (``inplace=True``) compute the same function; what an in-place op does
+    to *other* consumers of its input is the graph walk's concern, not this table's.
+    """
+    if isinstance(activation, nn.Module):
+        if kwargs:
+            raise ValueError("pass the parameters of a module through the module itself, "
+                             f"not as keyword arguments {sorted(kwargs)}")
+        entry = _module_entry(activation)
+        if entry is None:
+            return None
+        name, kwargs = entry
+        label = type(activation).__name__
+    elif isinstance(activation, str):
+        name = label = activation
+    else:
+        try:
+            name = _FUNCTIONS.get(activation)
+        except TypeError:  # unhashable callable
+            name = None
+        label = getattr(activation, "__name__", repr(activation))
+    if name is None:
+        return None
+    if name in _NONSMOOTH:
+        raise _refuse(label, _NONSMOOTH[name])
+    if name not in _SMOOTH:
+        return None
+    kwargs = {k: v for k, v in kwargs.items() if k != "inplace"}  # same function either way
+    try:
+        return _SMOOTH[name](**kwargs)
+    except TypeError as err:
+        raise ValueError(f"{label}: unexpected parameters {sorted(kwargs)} ({err})") from None
+
+
+# ----------------------------------------------------------------------------------------
+# The certificate.
+# ----------------------------------------------------------------------------------------
+def linear_head_pairwise_curvature(weight: Tensor, feature_curvature: Tensor | float) -> Tensor:
+    """Pairwise curvature bounds ``K_yt`` for a linear head ``z = W phi(x) + b``.
+
+    The margin ``z_y - z_t = (W_y - W_t)^T phi(x) + const`` has gradient
+    ``Dphi(x)^T (W_y - W_t)``, so ``||grad(x) - grad(x')|| <= ||Dphi(x) - Dphi(x')|| ||W_y - W_t||
+    <= C_phi ||W_y - W_t|| ||x - x'||``: ``K_yt = ||W_y - W_t||_2 C_phi`` (exact Euclidean norms
+    of the row differences; never worse than ``sqrt(2) ||W|| C_phi``).
+
+    Args:
+        weight: ``(C, D)`` weight ``W`` of the final linear layer.
+        feature_curvature: ``C_phi``, a bound on the Lipschitz constant of the Jacobian of the
+            features ``phi`` feeding that layer.
+
+    Returns:
+        float64 ``(C, C)`` symmetric matrix with zero diagonal.
+    """
+    w = weight.detach().to(torch.float64)
+    if w.ndim != 2 or w.shape[0] < 2:
+        raise ValueError(f"weight must have shape (C, D) with C >= 2, got {tuple(w.shape)}")
+    if not bool(torch.isfinite(w).all()):
+        raise ValueError("weight has non-finite entries")
+    c_phi = _nonnegative_scalar(feature_curvature, "feature_curvature", w.device)
+    # The mm-based cdist loses accuracy to cancellation; the direct one does not.
+    return torch.cdist(w, w, compute_mode="donot_use_mm_for_euclid_dist") * c_phi
+
+
+def _nonnegative_scalar(value: Tensor | float, name: str, device: torch.device) -> Tensor:
+    c = torch.as_tensor(value, dtype=torch.float64, device=device).detach()
+    if c.ndim != 0:
+        raise ValueError(f"{name} must be a scalar, got shape {tuple(c.shape)}")
+    if not bool(torch.isfinite(c)) or bool(c < 0):
+        raise ValueError(f"{name} must be finite and >= 0, got {c.item()}")
+    return c
+
+
+def _curvature_tensor(curvature: Tensor | float) -> Tensor:
+    """The curvature argument as float64: a finite scalar >= 0, or a square matrix of pairwise
+    bounds, finite and >= 0 off the diagonal (the diagonal is never used and set to 0)."""
+    k = torch.as_tensor(curvature, dtype=torch.float64).detach()
+    if k.ndim == 0:
+        return _nonnegative_scalar(k, "curvature", k.device)
+    if k.ndim != 2 or k.shape[0] != k.shape[1]:
+        raise ValueError("curvature must be a scalar or a (C, C) matrix of pairwise bounds, "
+                         f"got shape {tuple(k.shape)}")
+    off_diagonal = ~torch.eye(k.shape[0], dtype=torch.bool, device=k.device)
+    k = torch.where(off_diagonal, k, torch.zeros_like(k))
+    if not bool(torch.isfinite(k).all()) or bool((k < 0).any()):
+        raise ValueError("curvature entries must be finite and >= 0 off the diagonal")
+    return k
+
+
+def _pairwise_curvature(k: Tensor, num_classes: int, device: torch.device) -> Tensor:
+    """``(C, C)`` bounds ``K_yt`` on the Lipschitz constant of ``grad(z_y - z_t)``.
+
+    A scalar ``C`` bounds ``||Dz(x) - Dz(x')||``; then
+    ``||(Dz(x) - Dz(x'))^T (e_y - e_t)|| <= sqrt(2) C ||x - x'||``.
+    """
+    if k.ndim == 0:
+        return (math.sqrt(2.0) * k).to(device).expand(num_classes, num_classes)
+    if k.shape != (num_classes, num_classes):
+        raise ValueError(
+            f"curvature must be a scalar or a ({num_classes}, {num_classes}) matrix of pairwise "
+            f"bounds for this {num_classes}-class model, got shape {tuple(k.shape)}"
+        )
+    return k.to(device)
+
+
+def _prepare_model(
+    model: Callable[[Tensor], Tensor], dtype: torch.dtype | None
+) -> Callable[[Tensor], Tensor]:
+    """The model in the requested precision, never modifying the caller's module."""
+    if not isinstance(model, nn.Module):
+        return model
+    if any(m.training for m in model.modules()):
+        raise ValueError(
+            "the model (or a submodule) is in training mode; certificates hold for the "
+            "deterministic eval-mode map (dropout and batch statistics change the function): "
+            "call model.eval() first"
+        )
+    if dtype is None:
+        return model
+    tensors = [*model.parameters(), *model.buffers()]
+    if all(t.dtype == dtype for t in tensors if t.is_floating_point()):
+        return model
+    return copy.deepcopy(model).to(dtype)
+
+
+def _logits_and_jacobian(
+    model: Callable[[Tensor], Tensor], x: Tensor, chunk_size: int | None
+) -> tuple[Tensor, Tensor]:
+    """Logits ``(N, C)`` and input Jacobians ``(N, C, D)``, each sample run on its own.
+
+    ``vmap`` over one-sample calls makes cross-sample interaction impossible, so the Jacobian
+    is that of the per-sample map even for callables that mix a batch.
+    """
+
+    def one(xi: Tensor) -> tuple[Tensor, Tensor]:
+        z = model(xi.unsqueeze(0))
+        if z.ndim != 2 or z.shape[0] != 1:
+            raise ValueError(f"the model must map (N, ...) to logits (N, C), got {tuple(z.shape)}"
+                             " for one sample")
+        return z[0], z[0]
+
+    jac, logits = torch.func.vmap(
+        torch.func.jacrev(one, has_aux=True), chunk_size=chunk_size
+    )(x)
+    return logits.detach(), jac.detach().flatten(2)
+
+
+def _check_target(target: Tensor, n: int) -> None:
+    if target.ndim != 1 or target.shape[0] != n:
+        raise ValueError(f"target must have shape ({n},), got {tuple(target.shape)}")
+    if target.dtype.is_floating_point or target.dtype == torch.bool:
+        raise ValueError(f"target must hold integer class indices, got dtype {target.dtype}")
+
+
+def _check_classes(target: Tensor, n: int, num_classes: int) -> None:
+    if num_classes < 2:
+        raise ValueError(f"the model must output at least 2 logits, got {num_classes}")
+    if n and (int(target.min()) < 0 or int(target.max()) >= num_classes):
+        raise ValueError(f"target values must lie in [0, {num_classes}), got range "
+                         f"[{int(target.min())}, {int(target.max())}]")
+
+
+def _radius(margin: Tensor, grad_norm: Tensor, k: Tensor) -> Tensor:
+    """``2 mu / (||G|| + sqrt(||G||^2 + 2 K mu))`` for ``mu > 0`` (no cancellation), else 0.
+
+    Equals ``(sqrt(||G||^2 + 2 K mu) - ||G||) / K``, the root of
+    ``mu - ||G|| r - K r^2 / 2``, and ``mu / ||G||`` at ``K = 0``; ``+inf`` if ``G = 0 = K``.
+    """
+    positive = margin > 0
+    mu = torch.where(positive, margin, torch.zeros_like(margin))
+    den = grad_norm + torch.sqrt(grad_norm.square() + 2.0 * k * mu)
+    r = torch.where(den > 0, 2.0 * mu / torch.where(den > 0, den, torch.ones_like(den)),
+                    torch.full_like(mu, math.inf))
+    return torch.where(positive, r, torch.zeros_like(r))
+
+
+def curvature_certified_radius(
+    model: Callable[[Tensor], Tensor],
+    x: Tensor,
+    target: Tensor,
+    curvature: Tensor | float,
+    *,
+    dtype: torch.dtype | None = torch.float64,
+    chunk_size: int | None = None,
+) -> Tensor:
+    """Per-sample l2 radius within which the prediction provably stays ``target``.
+
+    For every class ``t != y`` (``y = target``) with margin ``mu_t = z_y(x) - z_t(x)``, gradient
+    ``G_t = grad_x mu_t`` and a bound ``K_yt`` on the Lipschitz constant of ``grad mu_t``,
+    Taylor's formula with integral remainder gives, for every ``d``,
+    ``mu_t(x + d) >= mu_t - ||G_t|| ||d|| - (K_yt / 2) ||d||^2``, which is positive for
+    ``||d|| < r_t = 2 mu_t / (||G_t|| + sqrt(||G_t||^2 + 2 K_yt mu_t))``. The radius is
+    ``min_{t != y} r_t`` over *all* other classes (certifying only against the runner-up class
+    would be a targeted certificate: a lower logit with a steeper gradient can cross first).
+    ``K = 0`` gives the hyperplane distance ``mu / ||G||``.
+
+    Args:
+        model: maps a batch ``(N, ...)`` to logits ``(N, C)``, each sample independently; an
+            ``nn.Module`` must be in eval mode. The bounds must hold for this very map.
+        x: ``(N, ...)`` inputs.
+        target: ``(N,)`` integer labels.
+        curvature: either a scalar ``C`` bounding the Lipschitz constant of the Jacobian of
+            the whole logit map (then ``K_yt = sqrt(2) C``, as ``||e_y - e_t|| = sqrt 2``), or a
+            ``(C, C)`` tensor of pairwise bounds ``K_yt`` (row = true class; diagonal ignored),
+            e.g. from :func:`linear_head_pairwise_curvature`.
+        dtype: precision of the computation (default float64): a module is copied and cast
+            (the caller's module is left alone), ``x`` is cast; ``None`` keeps both as given.
+        chunk_size: samples per vectorized Jacobian call (memory ``~ chunk * C * D``).
+
+    Returns:
+        float64 ``(N,)`` radii; 0 for misclassified samples (ties count as misclassified),
+        ``+inf`` where every margin is positive with zero gradient and zero curvature.
+    """
+    if x.ndim < 1:
+        raise ValueError(f"x must have a batch axis, got shape {tuple(x.shape)}")
+    if x.shape[0] == 0:
+        _check_target(target, 0)
+        _curvature_tensor(curvature)
+        return torch.zeros(0, dtype=torch.float64, device=x.device)
+    p = _pairs(model, x, target, curvature, dtype, chunk_size)
+    radii = _radius(p.margin, p.grad_norm, p.k)
+    radii = radii.scatter(1, p.y[:, None], math.inf)  # t = y is no competitor
+    return radii.min(dim=1).values
+
+
+class _Pairs(NamedTuple):
+    fn: Callable[[Tensor], Tensor]  # the model in the working precision
+    x: Tensor  # inputs in the working precision
+    y: Tensor  # (N,) labels, long
+    margin: Tensor  # (N, C) float64 z_y - z_t
+    grad_norm: Tensor  # (N, C) float64 ||grad (z_y - z_t)||
+    k: Tensor  # (N, C) float64 K_{y t}
+
+
+def _pairs(
+    model: Callable[[Tensor], Tensor],
+    x: Tensor,
+    target: Tensor,
+    curvature: Tensor | float,
+    dtype: torch.dtype | None,
+    chunk_size: int | None,
+) -> _Pairs:
+    """Validated margins, margin-gradient norms and curvature bounds for every (sample, t).
+
+    Everything that can be checked without the model is checked before it runs.
+    """
+    _check_target(target, x.shape[0])
+    k = _curvature_tensor(curvature)
+    fn = _prepare_model(model, dtype)
+    xs = x.detach() if dtype is None else x.detach().to(dtype)
+    logits, jac = _logits_and_jacobian(fn, xs, chunk_size)
+    n, num_classes = logits.shape
+    _check_classes(target, n, num_classes)
+    if not bool(torch.isfinite(logits).all()) or not bool(torch.isfinite(jac).all()):
+        raise ValueError("the model produced non-finite logits or input gradients")
+    k = _pairwise_curvature(k, num_classes, logits.device)
+    y = target.to(logits.device).long()
+    z = logits.to(torch.float64)
+    jac = jac.to(torch.float64)
+    grad = jac[torch.arange(n, device=jac.device), y][:, None, :] - jac  # (N, C, D)
+    return _Pairs(fn, xs, y, z.gather(1, y[:, None]) - z,
+                  torch.linalg.vector_norm(grad, dim=2), k[y])
+
+
+# ----------------------------------------------------------------------------------------
+# CRC: the Lagrangian dual of the distance to the decision boundary (tighter, iterative).
+# ----------------------------------------------------------------------------------------
+def crc_certified_radius(
+    model: Callable[[Tensor], Tensor],
+    x: Tensor,
+    target: Tensor,
+    curvature: Tensor | float,
+    *,
+    outer_steps: int = 30,
+    inner_steps: int = 50,
+    dtype: torch.dtype | None = torch.float64,
+    chunk_size: int | None = None,
+) -> Tensor:
+    """Curvature-based robustness certificate (CRC, Singla & Feizi 2020): the dual bound.
+
+    For a pair ``(y, t)`` with margin ``f = z_y - z_t``, ``f(x0) > 0`` and ``grad f``
+    ``K``-Lipschitz, the squared distance from ``x0`` to ``{f <= 0}`` is at least
+    ``2 d(eta)`` for every ``eta >= 0``, where ``d(eta) = min_x 1/2 ||x - x0||^2 + eta f(x)``
+    (weak duality: at any ``x'`` with ``f(x') <= 0`` the objective is ``<= 1/2||x' - x0||^2``).
+    For ``eta < 1/K`` the objective ``F`` is ``m = (1 - eta K)``-strongly convex, so for *any*
+    ``x``, ``d(eta) >= F(x) - ||grad F(x)||^2 / (2 m)``: the inexact inner solve is paid for
+    with its residual, never assumed converged. ``eta`` is chosen by bisection on
+    ``[0, (1 - 1e-3)/K]`` (``d'(eta) = f(x*(eta))``: raise ``eta`` while ``f(x*) > 0``), the
+    inner problem by Nesterov's method started from the previous solution; the best lower
+    bound over all ``eta`` tried counts. Each pair's radius is the larger of this and the
+    closed-form radius of :func:`curvature_certified_radius` (both are valid), so
+    ``CRC >= r_K``; the result is the minimum over all ``t != y``. When the minimizer
+    ``x*(eta)`` lands on the boundary the bound equals the exact distance.
+
+    Args:
+        model, x, target, curvature, dtype, chunk_size: as for
+            :func:`curvature_certified_radius`.
+        outer_steps: bisection steps on ``eta``.
+        inner_steps: Nesterov steps per ``eta`` (one model gradient each). The cost is
+            ``outer_steps * (inner_steps + 1)`` batched gradient evaluations over the
+            ``N (C - 1)`` (sample, class) pairs, against one Jacobian for the closed form.
+
+    Returns:
+        float64 ``(N,)`` radii, 0 for misclassified samples (ties included).
+    """
+    if outer_steps < 1 or inner_steps < 1:
+        raise ValueError(f"outer_steps and inner_steps must be >= 1, got {outer_steps}, "
+                         f"{inner_steps}")
+    if x.ndim < 1 or x.shape[0] == 0:
+        return curvature_certified_radius(model, x, target, curvature, dtype=dtype)
+    p = _pairs(model, x, target, curvature, dtype, chunk_size)
+    radii = _radius(p.margin, p.grad_norm, p.k)
+    # Only pairs with a positive margin and curvature gain anything (K = 0: r_K is exact).
+    refine = (p.margin > 0) & (p.k > 0)
+    refine = refine.scatter(1, p.y[:, None], False)
+    rows, cols = torch.nonzero(refine, as_tuple=True)
+    if len(rows):
+        num_classes = p.margin.shape[1]
+        direction = F.one_hot(p.y[rows], num_classes) - F.one_hot(cols, num_classes)
+        dual = _crc_pairs(p.fn, p.x[rows], direction.to(p.x.dtype), p.k[rows, cols],
+                          outer_steps, inner_steps, chunk_size)
+        radii[rows, cols] = torch.maximum(radii[rows, cols], dual)
+    radii = radii.scatter(1, p.y[:, None], math.inf)
+    return radii.min(dim=1).values
+
+
+def _margin_value_and_grad(
+    fn: Callable[[Tensor], Tensor], chunk_size: int | None
+) -> Callable[[Tensor, Tensor], tuple[Tensor, Tensor]]:
+    """``(x, v) -> (v^T z(x), grad_x v^T z(x))`` per row, each row run on its own."""
+
+    def one(xi: Tensor, vi: Tensor) -> Tensor:
+        return (fn(xi.unsqueeze(0))[0] * vi).sum()
+
+    batched = torch.func.vmap(torch.func.grad_and_value(one), chunk_size=chunk_size)
+
+    def call(x: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        grad, value = batched(x, v)
+        return value.detach().to(torch.float64), grad.detach()
+
+    return call
+
+
+def _crc_pairs(
+    fn: Callable[[Tensor], Tensor],
+    x0: Tensor,
+    direction: Tensor,
+    k: Tensor,
+    outer_steps: int,
+    inner_steps: int,
+    chunk_size: int | None,
+) -> Tensor:
+    """Certified lower bound ``sqrt(2 max_eta d(eta))`` per pair (float64 ``(P,)``)."""
+    margin = _margin_value_and_grad(fn, chunk_size)
+    lo = torch.zeros_like(k)
+    hi = (1.0 - 1e-3) / k
+    best = torch.zeros_like(k)
+    x = x0.clone()
+    for _ in range(outer_steps):
+        eta = 0.5 * (lo + hi)
+        x = _inner_solve(margin, x0, x, direction, eta, k, inner_steps)
+        f, grad = margin(x, direction)
+        step = (x - x0).flatten(1).to(torch.float64)
+        residual = step + eta[:, None] * grad.flatten(1).to(torch.float64)  # grad F(x)
+        objective = 0.5 * step.square().sum(1) + eta * f
+        # Strong convexity: d(eta) = min F >= F(x) - ||grad F(x)||^2 / (2 m), valid at any x.
+        lower = objective - residual.square().sum(1) / (2.0 * (1.0 - eta * k))
+        best = torch.maximum(best, lower)
+        lo = torch.where(f > 0, eta, lo)
+        hi = torch.where(f > 0, hi, eta)
+    return torch.sqrt(2.0 * best)
+
+
+def _inner_solve(
+    margin: Callable[[Tensor, Tensor], tuple[Tensor, Tensor]],
+    x0: Tensor,
+    start: Tensor,
+    direction: Tensor,
+    eta: Tensor,
+    k: Tensor,
+    steps: int,
+) -> Tensor:
+    """Nesterov's method on ``F(x) = 1/2||x - x0||^2 + eta f(x)``, which is
+    ``(1 - eta K)``-strongly convex and ``(1 + eta K)``-smooth."""
+    shape = (-1,) + (1,) * (x0.ndim - 1)
+    smooth = (1.0 + eta * k).to(x0.dtype).view(shape)
+    strong = (1.0 - eta * k).to(x0.dtype).view(shape)
+    momentum = (smooth.sqrt() - strong.sqrt()) / (smooth.sqrt() + strong.sqrt())
+    eta_x = eta.to(x0.dtype).view(shape)
+    x, previous = start, start
+    for _ in range(steps):
+        look = x + momentum * (x - previous)
+        _, grad = margin(look, direction)
+        previous, x = x, look - (look - x0 + eta_x * grad) / smooth
+    return x
