@@ -73,7 +73,7 @@ def plot_layer_norms(
     layer missing from one mapping has no bar there. For every layer ``exact <= bound`` holds
     for a correct bound, so an exact bar above its bound bar is a visible error.
     """
-    series = [("estimate (power iteration)", estimate), ("guaranteed bound", bound),
+    series = [("Fantastic Four estimate (training)", estimate), ("guaranteed bound", bound),
               ("exact norm", exact)]
     series = [(label, values) for label, values in series if values]
     if not series:
@@ -81,7 +81,7 @@ def plot_layer_norms(
     for label, values in series:
         _check_numbers(label, values)
     layers = list(dict.fromkeys(n for values in (bound, estimate, exact) if values for n in values))
-    fig = _new_figure(max(6.0, 0.9 * len(layers) * len(series) + 2.0), 4.0)
+    fig = _new_figure(max(6.0, 0.5 * len(layers) * len(series) + 2.0), 4.0)
     ax = fig.add_subplot()
     width = 0.8 / len(series)
     for i, (label, values) in enumerate(series):
@@ -90,6 +90,7 @@ def plot_layer_norms(
     many = len(layers) > 4  # long names overlap unless tilted
     ax.set_xticks(range(len(layers)), layers, rotation=30 if many else 0,
                   ha="right" if many else "center")
+    ax.margins(y=0.25)  # room above the tallest bar for the legend
     ax.set_ylabel("spectral norm (l2 operator norm)")
     ax.set_title(title)
     ax.legend()

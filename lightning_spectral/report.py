@@ -337,8 +337,8 @@ def _estimates_figure(log: RunLog):
     from .plotting import plot_curves
 
     data = curves(log, "estimate", by_epoch=False)
-    return plot_curves(data, "step", "estimate (power iteration)",
-                       "Training-time estimates (not bounds)") if data else None
+    title = "Fantastic Four estimates during training (not guaranteed)"
+    return plot_curves(data, "step", "power-iteration estimate", title) if data else None
 
 
 def _bounds_figure(log: RunLog):

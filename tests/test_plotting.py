@@ -39,7 +39,7 @@ def test_layer_norms_draws_one_bar_per_given_value(tmp_path):
     assert heights == sorted([*bound.values(), *estimate.values(), *exact.values()])
     assert [t.get_text() for t in ax.get_xticklabels()] == ["conv1", "conv2", "fc"]
     assert [t.get_text() for t in ax.get_legend().get_texts()] == [
-        "estimate (power iteration)", "guaranteed bound", "exact norm"]
+        "Fantastic Four estimate (training)", "guaranteed bound", "exact norm"]
     _assert_valid_png(fig, tmp_path / "layers.png")
 
 
