@@ -25,6 +25,10 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from decimal import ROUND_CEILING, ROUND_FLOOR, ROUND_HALF_EVEN, Context
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 __all__ = ["KEYS", "Point", "RunLog", "load_log", "make_report", "main"]
 
@@ -85,6 +89,8 @@ def read_metrics_csv(path: Path) -> RunLog:
         for line, row in enumerate(csv.DictReader(handle), start=2):
             step, epoch = _int_or_none(row.get("step")), _int_or_none(row.get("epoch"))
             for key, text in row.items():
+                if key is None:
+                    raise ValueError(f"{path}:{line}: more values than the header has columns")
                 if key in ("step", "epoch") or text in (None, ""):
                     continue
                 try:
@@ -321,10 +327,10 @@ def _layer_section(log: RunLog) -> list[str]:
 
 # ----------------------------------------------------------------------------- report
 
-FigureMaker = Callable[[RunLog], "object | None"]
+FigureMaker = Callable[[RunLog], "Figure | None"]
 
 
-def _layers_figure(log: RunLog):
+def _layers_figure(log: RunLog) -> Figure | None:
     from .plotting import plot_layer_norms
 
     values = {kind: final_layer_values(log, kind) for kind in ("bound", "estimate", "exact")}
@@ -333,7 +339,7 @@ def _layers_figure(log: RunLog):
     return plot_layer_norms(title="Per-layer spectral norms (last logged values)", **values)
 
 
-def _estimates_figure(log: RunLog):
+def _estimates_figure(log: RunLog) -> Figure | None:
     from .plotting import plot_curves
 
     data = curves(log, "estimate", by_epoch=False)
@@ -341,7 +347,7 @@ def _estimates_figure(log: RunLog):
     return plot_curves(data, "step", "power-iteration estimate", title) if data else None
 
 
-def _bounds_figure(log: RunLog):
+def _bounds_figure(log: RunLog) -> Figure | None:
     from .plotting import plot_curves
 
     # Several validations per epoch (val_check_interval) share an epoch: use steps then.
@@ -352,7 +358,7 @@ def _bounds_figure(log: RunLog):
                        "Guaranteed bounds at validation") if data else None
 
 
-def _certified_figure(log: RunLog):
+def _certified_figure(log: RunLog) -> Figure | None:
     from .plotting import plot_certified_accuracy
 
     families = certified_families(log)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import math
+import re
 import shutil
 import subprocess
 import sys
@@ -223,14 +224,21 @@ def test_new_estimate_names_and_other_certificate_families(run_root, tmp_path):
     ],
 )
 def test_missing_log_is_named(tmp_path, make_path, error, message):
-    with pytest.raises(error, match=_escaped(message)):
+    with pytest.raises(error, match=re.escape(message)):
         load_log(make_path(tmp_path))
 
 
-def _escaped(text: str) -> str:
-    import re
-
-    return re.escape(text)
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        ("epoch,step,spectral_bound/max\n0,1,big\n", "metrics.csv:2: spectral_bound/max='big'"),
+        ("epoch,step,spectral_bound/max\n0,1,2.0,3.0\n", "metrics.csv:2: more values than"),
+    ],
+)
+def test_malformed_csv_is_named_with_its_line(tmp_path, content, message):
+    (tmp_path / "metrics.csv").write_text(content)
+    with pytest.raises(ValueError, match=re.escape(message)):
+        load_log(tmp_path)
 
 
 def test_log_without_spectral_keys_lists_the_keys_found(tmp_path):
@@ -262,7 +270,6 @@ def test_command_line_errors_exit_2_with_the_message(tmp_path, capsys):
 
 
 def test_tensorboard_events_without_tensorboard_say_what_to_install(tmp_path):
-    pytest.importorskip("matplotlib")
     try:
         import tensorboard  # noqa: F401
     except ImportError:
