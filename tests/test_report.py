@@ -281,18 +281,24 @@ def test_tensorboard_events_without_tensorboard_say_what_to_install(tmp_path):
         load_log(tmp_path)
 
 
-def test_tensorboard_log_of_a_real_run(tmp_path):
+def test_tensorboard_log_gives_the_same_report_as_the_csv(tmp_path):
     pytest.importorskip("tensorboard")
     from lightning.pytorch.loggers import TensorBoardLogger
 
-    reg = SpectralBoundRegularizer(certify_epsilons=EPSILONS)
+    reg = SpectralBoundRegularizer(certify_epsilons=EPSILONS, exact_every_n_epochs=1)
+    loggers = [CSVLogger(tmp_path / "csv"), TensorBoardLogger(tmp_path / "tb")]
     trainer = quiet_trainer(max_epochs=2, callbacks=[reg], log_every_n_steps=2,
-                            logger=TensorBoardLogger(tmp_path), limit_val_batches=None)
+                            logger=loggers, limit_val_batches=None)
     trainer.fit(Module(tiny_net()), loader(8), loader(16))
-    log = load_log(tmp_path)
+    log = load_log(tmp_path / "tb")
+    assert log.source.parent.name == "lightning_logs" and log.source.name == "version_0"
     assert log.last("spectral_bound/max").epoch == 1
-    assert set(certified_families(log)["certified"]) == set(EPSILONS)
-    assert [p.name for p in make_report(tmp_path, tmp_path / "out")] == ["report.md", *FIGURES]
+    from_tb = make_report(tmp_path / "tb", tmp_path / "out_tb")
+    from_csv = make_report(tmp_path / "csv", tmp_path / "out_csv")
+    assert [p.name for p in from_tb] == [p.name for p in from_csv] == ["report.md", *FIGURES]
+    # Same values, steps and epochs; only the "Run:" line names another source.
+    tb_text, csv_text = (p[0].read_text().split("\n", 3)[3] for p in (from_tb, from_csv))
+    assert tb_text == csv_text
 
 
 finite = st.floats(allow_nan=False, allow_infinity=False, width=64)
