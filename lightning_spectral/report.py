@@ -1,0 +1,436 @@
+"""Figures and a markdown summary of a run's spectral and certification logs.
+
+Run as ``python -m lightning_spectral.report <log dir> [--out DIR]``. ``<log dir>`` is a
+CSVLogger directory (``metrics.csv``; given the logger's root, the latest ``version_N`` is
+used), the path of a ``metrics.csv`` itself, or a TensorBoardLogger directory (event files,
+read when the ``tensorboard`` package is installed).
+
+Written to ``DIR`` (default: ``report/`` next to the metrics file): ``report.md`` with the
+final value of every key below, and the PNG figures of :mod:`lightning_spectral.plotting`
+(``layers.png``, ``estimates.png``, ``bounds.png``, ``certified.png``; each only when its keys
+were logged).
+
+Displayed numbers are rounded to 6 significant digits *in the safe direction*: guaranteed
+bounds and Lipschitz bounds up, certified accuracies and radii down, so that a value read off
+the report is still a valid bound.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import re
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from decimal import ROUND_CEILING, ROUND_FLOOR, ROUND_HALF_EVEN, Context
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+__all__ = ["KEYS", "Point", "RunLog", "load_log", "make_report", "main"]
+
+# ----------------------------------------------------------------------------- key names
+# Every key the report understands, in one place. Older releases logged the training-time
+# estimates as ``spectral/<layer>``; both spellings are read (the first prefix wins).
+KEYS: dict[str, tuple[str, ...]] = {
+    "estimate": ("spectral_estimate/", "spectral/"),  # power iteration, training steps
+    "bound": ("spectral_bound/",),  # guaranteed upper bound, validation end
+    "exact": ("spectral_exact/",),  # exact norm, validation end (exact_every_n_epochs)
+    "ratio": ("spectral_ratio/",),  # bound / exact
+    "penalty": ("spectral_penalty", "spectral/penalty"),
+}
+#: Suffixes under the per-layer prefixes that are aggregates, not layer names.
+AGGREGATES = frozenset({"max", "step_max", "penalty"})
+#: ``<family>/acc@<eps>`` with a family whose last component starts with ``certified``:
+#: ``certified``, ``certified_curvature``, ``test/certified``, ... (not e.g. top-k accuracy).
+CERTIFIED_ACC = re.compile(r"^(?P<family>(?:.+/)?certified[^/]*)/acc@(?P<eps>[^/]+)$")
+CERTIFIED_RADIUS = re.compile(r"^(?:.+/)?certified[^/]*/radius$")
+LIPSCHITZ = re.compile(r"^(?:test/)?lipschitz/.+$")
+
+CSV_NAME = "metrics.csv"
+TB_GLOB = "events.out.tfevents.*"
+
+
+@dataclass(frozen=True)
+class Point:
+    """One logged value: the trainer's global step, the epoch (None if unknown), the value."""
+
+    step: int
+    epoch: int | None
+    value: float
+
+
+@dataclass
+class RunLog:
+    """Every logged series of one run, ``key -> points`` in logging order."""
+
+    source: Path
+    series: dict[str, list[Point]]
+
+    def last(self, key: str) -> Point | None:
+        points = self.series.get(key)
+        return points[-1] if points else None
+
+
+# ----------------------------------------------------------------------------- reading
+
+
+def _int_or_none(text: str | None) -> int | None:
+    return int(float(text)) if text not in (None, "") else None
+
+
+def read_metrics_csv(path: Path) -> RunLog:
+    """The series of a CSVLogger ``metrics.csv`` (one row per logging call, blanks skipped)."""
+    series: dict[str, list[Point]] = {}
+    with open(path, newline="") as handle:
+        for line, row in enumerate(csv.DictReader(handle), start=2):
+            step, epoch = _int_or_none(row.get("step")), _int_or_none(row.get("epoch"))
+            for key, text in row.items():
+                if key is None:
+                    raise ValueError(f"{path}:{line}: more values than the header has columns")
+                if key in ("step", "epoch") or text in (None, ""):
+                    continue
+                try:
+                    value = float(text)
+                except ValueError:
+                    raise ValueError(f"{path}:{line}: {key}={text!r} is not a number") from None
+                series.setdefault(key, []).append(Point(step or 0, epoch, value))
+    return RunLog(path, series)
+
+
+def read_tensorboard(directory: Path) -> RunLog:
+    """Scalars of the TensorBoard event files in ``directory`` (needs ``tensorboard``)."""
+    try:
+        from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    except ImportError:
+        raise ImportError(
+            f"{directory} holds TensorBoard event files, but reading them needs the "
+            "'tensorboard' package (pip install tensorboard); or log with CSVLogger"
+        ) from None
+    acc = EventAccumulator(str(directory), size_guidance={"scalars": 0})
+    acc.Reload()
+    tags = acc.Tags()["scalars"]
+    # Lightning logs the epoch as a scalar of its own: map each step to it.
+    epochs = {e.step: int(e.value) for e in acc.Scalars("epoch")} if "epoch" in tags else {}
+    series = {
+        tag: [Point(e.step, epochs.get(e.step), float(e.value)) for e in acc.Scalars(tag)]
+        for tag in tags
+        if tag != "epoch"
+    }
+    return RunLog(directory, series)
+
+
+def _version_number(path: Path) -> int | None:
+    match = re.fullmatch(r"version_(\d+)", path.name)
+    return int(match[1]) if match and path.is_dir() else None
+
+
+def _has_log(directory: Path) -> bool:
+    return (directory / CSV_NAME).is_file() or any(directory.glob(TB_GLOB))
+
+
+def _latest_version(directory: Path) -> Path | None:
+    versions = [(n, p) for p in directory.iterdir() if (n := _version_number(p)) is not None]
+    versions = [(n, p) for n, p in versions if _has_log(p)]
+    return max(versions)[1] if versions else None
+
+
+def locate_log(path: str | Path) -> Path:
+    """The metrics file or event directory that ``path`` designates (see the module doc)."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"log path {str(path)!r} does not exist")
+    if path.is_file():
+        if path.name.startswith("events.out.tfevents."):
+            return path.parent
+        return path
+    if _has_log(path):
+        return path / CSV_NAME if (path / CSV_NAME).is_file() else path
+    if (latest := _latest_version(path)) is not None:
+        return locate_log(latest)
+    # A logger's save_dir: <save_dir>/<name>/version_N. Only one <name> can be meant.
+    roots = sorted(p for p in path.iterdir() if p.is_dir() and _latest_version(p) is not None)
+    if len(roots) == 1:
+        return locate_log(roots[0])
+    if roots:
+        names = ", ".join(str(r) for r in roots)
+        raise ValueError(f"{path} holds several loggers' runs ({names}); pass one of them")
+    raise FileNotFoundError(
+        f"no {CSV_NAME} (CSVLogger) and no TensorBoard event file in {path} "
+        "nor in its version_N subdirectories"
+    )
+
+
+def load_log(path: str | Path) -> RunLog:
+    """Read the run that ``path`` designates; raise if it logged no spectral key."""
+    found = locate_log(path)
+    log = read_tensorboard(found) if found.is_dir() else read_metrics_csv(found)
+    if not any(_is_known(key) for key in log.series):
+        keys = ", ".join(sorted(log.series)) or "none"
+        raise ValueError(
+            f"{log.source} contains no spectral or certification keys (expected e.g. "
+            f"spectral_bound/max, spectral_estimate/<layer>, certified/acc@<eps>); "
+            f"keys found: {keys}"
+        )
+    return log
+
+
+def _is_known(key: str) -> bool:
+    prefixes = tuple(p for group in KEYS.values() for p in group)
+    return key.startswith(prefixes) or bool(
+        CERTIFIED_ACC.match(key) or CERTIFIED_RADIUS.match(key) or LIPSCHITZ.match(key)
+    )
+
+
+# ----------------------------------------------------------------------------- selecting
+
+
+def _kind_keys(log: RunLog, kind: str) -> dict[str, str]:
+    """``suffix -> key`` for one kind in KEYS; an earlier prefix wins over a later one."""
+    out: dict[str, str] = {}
+    for prefix in reversed(KEYS[kind]):
+        out.update({k[len(prefix):]: k for k in log.series if k.startswith(prefix)})
+    return out
+
+
+def layer_keys(log: RunLog, kind: str) -> dict[str, str]:
+    """``layer -> key`` of one kind, aggregates (``max``, ...) left out."""
+    return {n: k for n, k in _kind_keys(log, kind).items() if n and n not in AGGREGATES}
+
+
+def final_layer_values(log: RunLog, kind: str) -> dict[str, float]:
+    """The last logged value of each layer for one kind (``"bound"``, ``"exact"``, ...)."""
+    return {n: log.series[k][-1].value for n, k in layer_keys(log, kind).items()}
+
+
+def curves(log: RunLog, kind: str, by_epoch: bool) -> dict[str, tuple[list[int], list[float]]]:
+    """``name -> (x, y)`` for the ``max`` and every layer of one kind, x = step or epoch."""
+    keys = layer_keys(log, kind)
+    if "max" in (agg := _kind_keys(log, kind)):
+        keys = {"max": agg["max"], **keys}
+    out = {}
+    for name, key in keys.items():
+        points = [p for p in log.series[key] if not by_epoch or p.epoch is not None]
+        out[name] = ([p.epoch if by_epoch else p.step for p in points], [p.value for p in points])
+    return out
+
+
+def certified_families(log: RunLog) -> dict[str, dict[float, float]]:
+    """``family -> {eps: final certified accuracy}`` for every ``<family>/acc@<eps>`` key."""
+    out: dict[str, dict[float, float]] = {}
+    for key, points in log.series.items():
+        if match := CERTIFIED_ACC.match(key):
+            try:
+                eps = float(match["eps"])
+            except ValueError:
+                continue  # acc@<something else> is not a radius
+            out.setdefault(match["family"], {})[eps] = points[-1].value
+    return out
+
+
+# ----------------------------------------------------------------------------- formatting
+
+#: Labels of the summary rows; ``test/<key>`` gets the same label prefixed with ``test:``.
+LABELS: dict[str, str] = {
+    "spectral_bound/max": "largest guaranteed layer bound",
+    "lipschitz/network": "network Lipschitz bound",
+    "certified/radius": "mean certified radius",
+    "spectral_ratio/max": "largest bound / exact",
+    "spectral_bound/step_max": "largest guaranteed bound after a step (constraint)",
+    "spectral_estimate/max": "largest estimate (training, power iteration)",
+    "spectral/max": "largest estimate (training, power iteration)",
+    "spectral_penalty": "penalty (training)",
+    "spectral/penalty": "penalty (training)",
+}
+
+
+def _rounding(key: str) -> str:
+    """The safe direction for a key: bounds up, certified (lower-bound) values down."""
+    if key.startswith(KEYS["bound"]) or LIPSCHITZ.match(key):
+        return ROUND_CEILING
+    if CERTIFIED_ACC.match(key) or CERTIFIED_RADIUS.match(key):
+        return ROUND_FLOOR
+    return ROUND_HALF_EVEN
+
+
+def format_value(value: float, rounding: str = ROUND_HALF_EVEN, digits: int = 6) -> str:
+    """``value`` to ``digits`` significant digits, rounded in the given decimal mode.
+
+    The float is converted exactly (``Decimal`` of a binary float is exact) and rounded once,
+    so a ceiling-rounded display is never below the logged value.
+    """
+    if value != value or value in (float("inf"), float("-inf")):
+        return str(value)
+    rounded = Context(prec=digits, rounding=rounding).create_decimal(value).normalize()
+    # Plain notation in the usual range ("10", not "1E+1"); exponents outside it.
+    return format(rounded, "f" if 1e-4 <= abs(rounded) < 1e6 or not rounded else "e")
+
+
+def _summary_keys(log: RunLog) -> list[str]:
+    keys = [k for k in LABELS if k in log.series]
+    keys += [f"test/{k}" for k in LABELS if f"test/{k}" in log.series]
+    extra = (k for k in sorted(log.series) if LIPSCHITZ.match(k) or CERTIFIED_RADIUS.match(k))
+    return keys + [k for k in extra if k not in keys]
+
+
+def _label(key: str) -> str:
+    if key in LABELS:
+        return LABELS[key]
+    stripped = key.removeprefix("test/")
+    return f"test: {LABELS[stripped]}" if stripped in LABELS else key
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return lines + ["| " + " | ".join(row) + " |" for row in rows]
+
+
+def _summary_section(log: RunLog) -> list[str]:
+    rows = []
+    for key in _summary_keys(log):
+        p = log.series[key][-1]
+        epoch = "" if p.epoch is None else str(p.epoch)
+        rows.append([_label(key), f"`{key}`", format_value(p.value, _rounding(key)), epoch,
+                     str(p.step)])
+    return ["## Final values", "", *_table(["value", "key", "final", "epoch", "step"], rows)]
+
+
+def _certified_section(log: RunLog) -> list[str]:
+    families = certified_families(log)
+    if not families:
+        return []
+    eps_all = sorted({e for points in families.values() for e in points})
+    rows = [[f"{e:g}"] + [format_value(f[e], ROUND_FLOOR) if e in f else "" for f in
+                                 families.values()] for e in eps_all]
+    return ["## Certified accuracy", "",
+            "Share of samples classified correctly with a certified l2 radius >= eps.", "",
+            *_table(["eps", *families], rows)]
+
+
+def _layer_section(log: RunLog) -> list[str]:
+    columns = [("estimate (training)", "estimate", ROUND_HALF_EVEN),
+               ("guaranteed bound", "bound", ROUND_CEILING),
+               ("exact", "exact", ROUND_HALF_EVEN), ("bound / exact", "ratio", ROUND_HALF_EVEN)]
+    values = {kind: final_layer_values(log, kind) for _, kind, _ in columns}
+    columns = [c for c in columns if values[c[1]]]
+    layers = list(dict.fromkeys(n for _, kind, _ in columns for n in values[kind]))
+    if not layers:
+        return []
+    rows = [[f"`{n}`"] + [format_value(values[k][n], r) if n in values[k] else ""
+                          for _, k, r in columns] for n in layers]
+    return ["## Per layer (last logged values)", "",
+            *_table(["layer", *(label for label, _, _ in columns)], rows)]
+
+
+# ----------------------------------------------------------------------------- report
+
+FigureMaker = Callable[[RunLog], "Figure | None"]
+
+
+def _layers_figure(log: RunLog) -> Figure | None:
+    from .plotting import plot_layer_norms
+
+    values = {kind: final_layer_values(log, kind) for kind in ("bound", "estimate", "exact")}
+    if not any(values.values()):
+        return None
+    return plot_layer_norms(title="Per-layer spectral norms (last logged values)", **values)
+
+
+def _estimates_figure(log: RunLog) -> Figure | None:
+    from .plotting import plot_curves
+
+    data = curves(log, "estimate", by_epoch=False)
+    title = "Fantastic Four estimates during training (not guaranteed)"
+    return plot_curves(data, "step", "power-iteration estimate", title) if data else None
+
+
+def _bounds_figure(log: RunLog) -> Figure | None:
+    from .plotting import plot_curves
+
+    # Several validations per epoch (val_check_interval) share an epoch: use steps then.
+    epochs = [p.epoch for p in log.series.get(_kind_keys(log, "bound").get("max", ""), [])]
+    by_epoch = bool(epochs) and None not in epochs and len(set(epochs)) == len(epochs)
+    data = curves(log, "bound", by_epoch=by_epoch)
+    return plot_curves(data, "epoch" if by_epoch else "step", "guaranteed upper bound",
+                       "Guaranteed bounds at validation") if data else None
+
+
+def _certified_figure(log: RunLog) -> Figure | None:
+    from .plotting import plot_certified_accuracy
+
+    families = certified_families(log)
+    return plot_certified_accuracy(families) if families else None
+
+
+FIGURES: dict[str, FigureMaker] = {
+    "layers.png": _layers_figure,
+    "estimates.png": _estimates_figure,
+    "bounds.png": _bounds_figure,
+    "certified.png": _certified_figure,
+}
+
+
+def render_markdown(log: RunLog, figures: Sequence[str] = ()) -> str:
+    """The text of ``report.md``: final values, certified accuracy, per-layer table, figures."""
+    lines = [
+        "# Spectral report", "",
+        f"Run: `{log.source}`.", "",
+        "Last logged value of each key. `spectral_estimate` values are power-iteration "
+        "estimates (from below, not bounds); `spectral_bound` values are guaranteed upper "
+        "bounds; `spectral_exact` values are exact norms. Bounds are rounded up, certified "
+        "accuracies and radii down.", "",
+        *_summary_section(log),
+    ]
+    for section in (_certified_section(log), _layer_section(log)):
+        lines += ["", *section] if section else []
+    if figures:
+        lines += ["", "## Figures", ""] + [f"![{Path(f).stem}]({f})" for f in figures]
+    return "\n".join(lines) + "\n"
+
+
+def make_report(log_path: str | Path, out_dir: str | Path | None = None) -> list[Path]:
+    """Write ``report.md`` and the figures of the run at ``log_path``; return their paths.
+
+    ``out_dir`` defaults to ``report/`` next to the metrics file (or in the event directory).
+    Everything is read and drawn before the first file is written.
+    """
+    if out_dir is not None and Path(out_dir).exists() and not Path(out_dir).is_dir():
+        raise NotADirectoryError(f"--out {str(out_dir)!r} exists and is not a directory")
+    log = load_log(log_path)
+    base = log.source if log.source.is_dir() else log.source.parent
+    out = Path(out_dir) if out_dir is not None else base / "report"
+    figures = {name: fig for name, make in FIGURES.items() if (fig := make(log)) is not None}
+    out.mkdir(parents=True, exist_ok=True)
+    written = [out / "report.md"]
+    written[0].write_text(render_markdown(log, list(figures)))
+    for name, fig in figures.items():
+        fig.savefig(out / name, dpi=100)
+        written.append(out / name)
+    return written
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Command line: ``python -m lightning_spectral.report <log dir> [--out DIR]``."""
+    parser = argparse.ArgumentParser(
+        prog="python -m lightning_spectral.report",
+        description="Figures and a markdown summary of a run's spectral and certification logs.",
+    )
+    parser.add_argument("log", help="CSVLogger/TensorBoardLogger directory or a metrics.csv")
+    parser.add_argument("--out", default=None, help="output directory (default: <log>/report)")
+    args = parser.parse_args(argv)
+    try:
+        written = make_report(args.log, args.out)
+    except (OSError, ValueError, ImportError) as err:
+        print(f"{parser.prog}: error: {err}", file=sys.stderr)
+        return 2
+    print(f"wrote report to {written[0].parent}:")
+    for path in written:
+        print(f"  {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
