@@ -1,7 +1,7 @@
 """Speed and tightness of spectral-norm bounds on real convolution layers.
 
 Layers: every convolution of torchvision's ResNet-18 (random init, seeded) and the three
-convolutions of :class:`lightning_spectral.models.SmallCNN` trained here on scikit-learn's digits.
+convolutions of :class:`lightning_spectral.demos.SmallCNN` trained here on scikit-learn's digits.
 For each layer and method: the value and the median wall time over several repeats
 (``time.perf_counter``, one process, a fixed number of threads).
 
@@ -341,8 +341,8 @@ def representatives(layers: list[Layer], key: Callable[[Layer], tuple]) -> list[
 
 def trained_digits_cnn(cfg: Config) -> tuple[nn.Module, float]:
     """SmallCNN trained on the digits with plain SGD (seeded); returns it and its test accuracy."""
-    from lightning_spectral.data import DigitsDataModule
-    from lightning_spectral.models import SmallCNN
+    from lightning_spectral.demos.data import DigitsDataModule
+    from lightning_spectral.demos.models import SmallCNN
 
     torch.manual_seed(cfg.seed)
     data = DigitsDataModule(batch_size=32, seed=cfg.seed)

@@ -18,6 +18,7 @@ network's Lipschitz constant in pixel units is its constant on normalized inputs
 
 from __future__ import annotations
 
+import importlib
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -41,6 +42,18 @@ MNIST_MEAN: tuple[float, ...] = (0.1307,)
 MNIST_STD: tuple[float, ...] = (0.3081,)
 CIFAR10_MEAN: tuple[float, ...] = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD: tuple[float, ...] = (0.2470, 0.2435, 0.2616)
+
+
+def _require(module: str, package: str, user: str) -> None:
+    """Import ``module`` now, so that a missing optional dependency stops the constructor instead
+    of ``trainer.fit`` (where ``setup`` would first import it, after the model was built)."""
+    try:
+        importlib.import_module(module)
+    except ImportError as err:
+        raise ImportError(
+            f"{user} needs {package}, which could not be imported ({err}). It is part of the "
+            'examples extra: pip install "lightning-spectral[examples]"'
+        ) from err
 
 
 def _check_positive_int(name: str, value: int) -> None:
@@ -116,6 +129,7 @@ class DigitsDataModule(_LoaderMixin, pl.LightningDataModule):
         num_workers: int = 0,
     ) -> None:
         super().__init__()
+        _require("sklearn.datasets", "scikit-learn", type(self).__name__)
         _check_positive_int("batch_size", batch_size)
         _check_non_negative_int("num_workers", num_workers)
         for name, frac in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
@@ -185,6 +199,7 @@ class _TorchvisionDataModule(_LoaderMixin, pl.LightningDataModule):
         normalize: bool,
     ) -> None:
         super().__init__()
+        _require("torchvision.datasets", "torchvision", type(self).__name__)
         _check_positive_int("batch_size", batch_size)
         _check_non_negative_int("num_workers", num_workers)
         _check_non_negative_int("val_size", val_size)
