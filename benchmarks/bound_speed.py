@@ -15,7 +15,7 @@ Methods (``P`` = provable upper bound, ``E`` = exact, ``L`` = estimate from belo
 * ``tightest`` (P): ``layer_spectral_bound``, the minimum of every provable bound of the library.
 * ``FFT`` (E): Sedghi et al.'s exact norm of the *circular, stride-1* convolution with the same
   filter, at the table's input size. This is the stand-in the paper's notebook used for every
-  layer (section 6 of ``paper.md``); for strided or zero-padded layers it is the norm of a
+  layer (Singla & Feizi, ICLR 2021); for strided or zero-padded layers it is the norm of a
   different operator.
 * ``op-PI`` (L): power iteration on the real layer (zero padding, its stride) through the
   convolution and its adjoint (``conv_spectral_norm(..., method="power")``).
@@ -92,7 +92,7 @@ METHODS: dict[str, str] = {
 }
 PROVABLE = [m for m, kind in METHODS.items() if kind == "P"]
 FILTER_METHODS = ("FF-PI(1)", "FF-PI(50)", "FF", "Gram-FF")  # depend on the filter alone
-PAPER_SIZES = {64: 224, 128: 112, 256: 56, 512: 28}  # input size by output channels (paper.md 6)
+PAPER_SIZES = {64: 224, 128: 112, 256: 56, 512: 28}  # the paper's input size by output channels
 
 
 @dataclass

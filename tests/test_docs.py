@@ -111,6 +111,40 @@ def test_snippet_runs(snippet: Snippet, isolated: None) -> None:
     run_snippet(snippet)
 
 
+# --------------------------------------------------------------------------- citations
+
+# Notes and issue numbers that live outside the repository mean nothing to a user: the
+# documents and docstrings cite the published papers and carry the math they need.
+INTERNAL = re.compile(r"paper\.md|curvature\.md|shared/notes|\.\./shared|\bissue \d", re.I)
+CODE_DIRS = ("lightning_spectral", "benchmarks", "examples")
+CITED_FILES = sorted({*DOC_FILES, *(p for d in CODE_DIRS for p in (ROOT / d).rglob("*.py"))})
+# Owned by other branches when this test was written (XPASS once they are clean: remove them).
+PENDING_CITATIONS = {
+    "docs/certification.md",
+    "lightning_spectral/callback.py",
+    "lightning_spectral/lipschitz.py",
+    "examples/certify_digits.py",
+    "benchmarks/training_overhead.py",
+}
+
+
+def _cited_param(path: Path) -> object:
+    rel = path.relative_to(ROOT).as_posix()
+    pending = rel in PENDING_CITATIONS
+    marks = [pytest.mark.xfail(reason=f"{rel}: pending on another branch")] if pending else []
+    return pytest.param(path, id=rel, marks=marks)
+
+
+@pytest.mark.parametrize("path", [_cited_param(p) for p in CITED_FILES])
+def test_no_reference_to_notes_outside_the_repository(path: Path) -> None:
+    hits = [
+        f"{path.relative_to(ROOT).as_posix()}:{n}: {line.strip()}"
+        for n, line in enumerate(path.read_text().splitlines(), 1)
+        if INTERNAL.search(line)
+    ]
+    assert not hits, "cite the published paper instead:\n" + "\n".join(hits)
+
+
 # --------------------------------------------------------------------------- the harness itself
 
 DOC = """# Title

@@ -3,9 +3,13 @@
 * :class:`DigitsDataModule` - scikit-learn's handwritten digits (1797 images of 8x8 pixels,
   bundled with scikit-learn, so nothing is downloaded): small enough to train a CNN on CPU in
   seconds, which is what the demo, the tests and the benchmarks need.
-* :class:`MNISTDataModule`, :class:`CIFAR10DataModule` - the datasets of the paper (Singla &
-  Feizi 2021, section 7 of ``paper.md``), read through ``torchvision.datasets``. Nothing is
-  downloaded unless the user passes ``download=True``.
+* :class:`MNISTDataModule`, :class:`CIFAR10DataModule` - the datasets on which Singla & Feizi
+  (ICLR 2021) train with their bound as a penalty, read through ``torchvision.datasets``.
+  Nothing is downloaded unless the user passes ``download=True``.
+
+scikit-learn and torchvision come with the ``examples`` extra; every module checks at
+construction that its library imports and raises ``ImportError`` with the install command
+(``pip install "lightning-spectral[examples]"``) otherwise.
 
 Every module exposes ``input_scale``: the factor that turns a certified l2 radius measured on the
 model's (normalized) input into a radius in pixel units with values in ``[0, 1]``. Normalization
