@@ -9,6 +9,11 @@ busy core, to show which operations the time goes to.
 
     python benchmarks/bound_threads.py                 # about 2-5 minutes on 2 busy cores
     python benchmarks/bound_threads.py --quick         # the three smallest layers only
+    python benchmarks/bound_threads.py --no-limit      # torch's own threading everywhere
+
+By default the library's thread limit applies (``lightning_spectral.functional.threads``: at
+most ``BOUND_THREADS`` threads for layers of at most ``SMALL_SIDE`` channels per group);
+``--no-limit`` sets ``BOUND_THREADS = None`` to measure what the limit avoids.
 
 The table goes to stdout and to ``--output`` (default
 ``benchmarks/results/bound_threads_cpu.md``). The header names the CPU, its core count and the
@@ -32,7 +37,7 @@ import torch
 from torch import nn
 from torch.profiler import ProfilerActivity, profile
 
-from lightning_spectral.functional import layer_spectral_bound
+from lightning_spectral.functional import layer_spectral_bound, threads
 
 RESULTS = Path(__file__).resolve().parent / "results" / "bound_threads_cpu.md"
 
@@ -149,8 +154,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--output", type=Path, default=RESULTS)
+    parser.add_argument("--no-limit", action="store_true", help="BOUND_THREADS = None")
     args = parser.parse_args(argv)
-    lines = ["# Threads and bound speed (CPU)", "", *header(), ""]
+    if args.no_limit:
+        threads.BOUND_THREADS = None
+    limit = f"BOUND_THREADS = {threads.BOUND_THREADS}, SMALL_SIDE = {threads.SMALL_SIDE}"
+    lines = ["# Threads and bound speed (CPU)", "", *header(), f"Library setting: {limit}.", ""]
     lines += ["`layer_spectral_bound(conv)`, median of the rounds:", ""]
     lines += speed_table(args.quick, args.threads, args.repeats)
     lines += ["", "Where the time goes, 32x32x3x3 stride 2 with one busy core:", ""]

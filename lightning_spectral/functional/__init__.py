@@ -14,6 +14,7 @@ from .exact import conv_spectral_norm, operator_matrix
 from .matricize import grouped_weight, matricize, row_subsets, spatial_dims
 from .norms import gram_iteration_bound, spectral_norm_exact
 from .power import fantastic_four_estimate, init_singular_vectors, power_iteration_
+from .threads import limit_threads
 
 __all__ = [
     "SUPPORTED_LAYERS",
@@ -33,4 +34,5 @@ __all__ = [
     "spectral_norm_exact",
     "conv_spectral_norm",
     "operator_matrix",
+    "limit_threads",
 ]
