@@ -17,7 +17,7 @@ Each step is timed from ``on_train_batch_start`` to ``on_train_batch_end`` (forw
 optimizer step and every hook; data loading excluded), the first steps of every run are
 discarded, and the variants are interleaved round by round (A/B/C, then B/C/A, ...) in one
 process so that machine noise hits them alike. Reported: median step time and its ratio to the
-baseline. Targets (issue 3): ratio <= 1.10 at batch 8 and <= 1.02 at batch 128 on CPU,
+baseline. Targets: ratio <= 1.10 at batch 8 and <= 1.02 at batch 128 on CPU,
 <= 1.05 at batch 128 on a GPU.
 """
 

@@ -124,7 +124,6 @@ PENDING_CITATIONS = {
     "lightning_spectral/callback.py",
     "lightning_spectral/lipschitz.py",
     "examples/certify_digits.py",
-    "benchmarks/training_overhead.py",
 }
 
 
