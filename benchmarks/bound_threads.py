@@ -143,7 +143,7 @@ def header() -> list[str]:
     load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
     return [
         f"Machine: {cpu}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
-        f"parallel backend: {torch.__config__.parallel_info().splitlines()[-1].strip()}.",
+        f"{torch.__config__.parallel_info().splitlines()[-1].strip()}.",
         f"Load average at start: {load}.",
     ]
 
