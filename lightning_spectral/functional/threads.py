@@ -41,7 +41,10 @@ def limit_threads(n: int | None) -> Iterator[None]:
     ``torch.set_num_threads``: other Python threads computing at the same time are limited too.
     """
     if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
-        raise ValueError(f"the thread limit must be a positive integer or None, got {n!r}")
+        raise ValueError(
+            f"the thread limit (limit_threads, threads.BOUND_THREADS) must be a positive integer "
+            f"or None, got {n!r}"
+        )
     previous = torch.get_num_threads()
     if n is None or n >= previous:
         yield
