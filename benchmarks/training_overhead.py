@@ -41,7 +41,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_spectral.callback import SpectralBoundRegularizer
-from lightning_spectral.models import ImageClassifier, resnet32
+from lightning_spectral.demos.models import ImageClassifier, resnet32
 
 BETA = 1e-3
 VARIANTS = ("baseline", "callback", "per-layer loop")

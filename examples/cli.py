@@ -11,8 +11,8 @@ from __future__ import annotations
 
 from lightning.pytorch.cli import LightningCLI
 
-from lightning_spectral.data import DigitsDataModule
-from lightning_spectral.models import ImageClassifier
+from lightning_spectral.demos.data import DigitsDataModule
+from lightning_spectral.demos.models import ImageClassifier
 
 
 def main(args: list[str] | None = None, run: bool = True) -> LightningCLI:

@@ -2,6 +2,8 @@
 
 ``lightning_spectral.functional`` is pure tensor math (no Lightning import); the names
 below are imported on first use so that ``import lightning_spectral.functional`` stays light.
+The small models and data modules of the examples, tests and benchmarks are in
+``lightning_spectral.demos``, which the library itself never imports.
 """
 
 from __future__ import annotations

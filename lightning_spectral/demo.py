@@ -1,105 +1,10 @@
-"""``python -m lightning_spectral.demo``: the spectral-bound regularizer in under a minute on CPU.
+"""``python -m lightning_spectral.demo``: the documented command for the digits demo.
 
-Trains the same small CNN (same initial weights, same data order) on scikit-learn's handwritten
-digits twice: once with ``SpectralBoundRegularizer(beta=0)`` (it only monitors) and once with
-the paper's penalty ``beta * sum of layer bounds`` (Singla & Feizi, ICLR 2021). Prints the
-guaranteed per-layer bounds (``layer_spectral_bound``) at the start and the end of both runs, the
-guaranteed Lipschitz bound of the whole network, and test accuracy.
+The code lives in :mod:`lightning_spectral.demos.digits`; this module only runs it, so the
+command in the README keeps working.
 """
 
-from __future__ import annotations
-
-import argparse
-import copy
-import time
-import warnings
-
-import lightning.pytorch as pl
-import torch
-
-from .callback import SpectralBoundRegularizer
-from .data import DigitsDataModule
-from .functional.bounds import layer_spectral_bound
-from .lipschitz import network_lipschitz_bound
-from .models import ImageClassifier, SmallCNN
-
-
-def _bounds(model: torch.nn.Module, names: list[str]) -> dict[str, float]:
-    modules = dict(model.named_modules())
-    with torch.no_grad():
-        return {n: float(layer_spectral_bound(modules[n])) for n in names}
-
-
-def _train(
-    net: torch.nn.Module, beta: float, epochs: int, seed: int
-) -> tuple[ImageClassifier, SpectralBoundRegularizer, float]:
-    pl.seed_everything(seed, verbose=False)
-    module = ImageClassifier(net, lr=0.05, momentum=0.9)
-    reg = SpectralBoundRegularizer(beta=beta)
-    trainer = pl.Trainer(
-        accelerator="cpu",
-        devices=1,
-        max_epochs=epochs,
-        callbacks=[reg],
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        limit_val_batches=0,
-    )
-    data = DigitsDataModule(batch_size=64, seed=seed)
-    trainer.fit(module, data)
-    (result,) = trainer.test(module, data, verbose=False)
-    return module, reg, result["test/acc"]
-
-
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--beta", type=float, default=0.01, help="penalty weight of run 2")
-    parser.add_argument("--epochs", type=int, default=15)
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
-    # A model this small gains nothing from intra-op threads, and loses a lot to their
-    # wake-up latency when the machine is shared.
-    torch.set_num_threads(1)
-    warnings.filterwarnings("ignore", ".*does not have many workers.*")
-    warnings.filterwarnings("ignore", ".*LeafSpec.*")
-    for name in ("lightning.pytorch", "lightning.fabric"):
-        import logging
-
-        logging.getLogger(name).setLevel(logging.WARNING)
-
-    start = time.perf_counter()
-    pl.seed_everything(args.seed, verbose=False)
-    init = SmallCNN()
-    names = [f"model.{n}" for n, m in init.named_modules() if hasattr(m, "weight")]
-    wrapped_init = ImageClassifier(copy.deepcopy(init))
-    before = _bounds(wrapped_init, names)
-    lip_before = float(network_lipschitz_bound(copy.deepcopy(init).eval(), (1, 8, 8)))
-
-    runs = {}
-    for beta in (0.0, args.beta):
-        module, reg, acc = _train(copy.deepcopy(init), beta, args.epochs, args.seed)
-        lip = float(network_lipschitz_bound(copy.deepcopy(module.model).eval(), (1, 8, 8)))
-        runs[beta] = (_bounds(module, names), lip, acc)
-
-    b0, b1 = 0.0, args.beta
-    print(f"\nSmallCNN on scikit-learn digits, {args.epochs} epochs, SGD lr 0.05; "
-          "guaranteed spectral-norm bounds per layer (layer_spectral_bound):\n")
-    header = f"| {'layer':<12} | {'start':>8} | {'end, beta=0':>12} | {f'end, beta={b1:g}':>15} |"
-    print(header)
-    print("|" + "|".join("-" * (len(c)) for c in header.split("|")[1:-1]) + "|")
-    def row(label: str, start: str, end0: str, end1: str) -> None:
-        print(f"| {label:<12} | {start:>8} | {end0:>12} | {end1:>15} |")
-
-    for n in names:
-        row(n, f"{before[n]:.3f}", f"{runs[b0][0][n]:.3f}", f"{runs[b1][0][n]:.3f}")
-    row("network L", f"{lip_before:.2f}", f"{runs[b0][1]:.2f}", f"{runs[b1][1]:.2f}")
-    row("test acc", "", f"{runs[b0][2]:.3f}", f"{runs[b1][2]:.3f}")
-    print("\n'network L': guaranteed l2 Lipschitz bound of the whole network (eval mode).")
-    print(f"Total time {time.perf_counter() - start:.1f} s.")
-
+from lightning_spectral.demos.digits import main
 
 if __name__ == "__main__":
     main()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pickle
 import struct
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -11,7 +12,7 @@ import pytest
 import torch
 from sklearn.datasets import load_digits
 
-from lightning_spectral.data import (
+from lightning_spectral.demos.data import (
     CIFAR10_MEAN,
     CIFAR10_STD,
     MNIST_MEAN,
@@ -93,6 +94,35 @@ def test_digits_rejects_bad_arguments(kwargs: dict) -> None:
     name = next(iter(kwargs))
     with pytest.raises(ValueError, match=name):
         DigitsDataModule(**kwargs)
+
+
+# --------------------------------------------------------------------------- optional deps
+
+EXTRA_HINT = r'pip install "lightning-spectral\[examples\]"'
+
+
+def _uninstall(monkeypatch: pytest.MonkeyPatch, *modules: str) -> None:
+    """Make ``import <module>`` raise ImportError: ``None`` in ``sys.modules`` is the import
+    system's own marker for a module that cannot be imported (restored after the test)."""
+    for name in [m for m in sys.modules if m.split(".")[0] in modules]:
+        monkeypatch.delitem(sys.modules, name)
+    for name in modules:
+        monkeypatch.setitem(sys.modules, name, None)
+
+
+def test_digits_without_sklearn_fails_at_construction(monkeypatch: pytest.MonkeyPatch) -> None:
+    _uninstall(monkeypatch, "sklearn")
+    with pytest.raises(ImportError, match=f"DigitsDataModule needs scikit-learn.*{EXTRA_HINT}"):
+        DigitsDataModule()
+
+
+@pytest.mark.parametrize("cls", [MNISTDataModule, CIFAR10DataModule])
+def test_torchvision_datasets_without_torchvision_fail_at_construction(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, cls: type
+) -> None:
+    _uninstall(monkeypatch, "torchvision")
+    with pytest.raises(ImportError, match=f"{cls.__name__} needs torchvision.*{EXTRA_HINT}"):
+        cls(tmp_path)
 
 
 # --------------------------------------------------------------------------- MNIST

@@ -22,6 +22,7 @@ from .exact import conv_spectral_norm, operator_matrix
 from .matricize import grouped_weight, matricize, row_subsets, spatial_dims
 from .norms import gram_iteration_bound, spectral_norm_exact
 from .power import fantastic_four_estimate, init_singular_vectors, power_iteration_
+from .threads import limit_threads
 
 __all__ = [
     "SUPPORTED_LAYERS",
@@ -47,4 +48,5 @@ __all__ = [
     "spectral_norm_exact",
     "conv_spectral_norm",
     "operator_matrix",
+    "limit_threads",
 ]

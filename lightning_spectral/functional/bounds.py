@@ -45,6 +45,7 @@ from torch import Tensor, nn
 from .matricize import grouped_weight, matricize, row_subsets
 from .norms import spectral_norm_exact
 from .padding import PADDING_MODES, padding_factor
+from .threads import filter_side, module_side, with_bound_threads
 
 __all__ = [
     "SUPPORTED_LAYERS",
@@ -118,6 +119,7 @@ def _taps_last(wg: Tensor) -> Tensor:
 # ----------------------------------------------------------------------------- symbol bounds
 
 
+@with_bound_threads(filter_side)
 def fantastic_four(weight: Tensor, *, groups: int = 1, reduction: str = "min") -> Tensor:
     """The bound of Singla & Feizi (ICLR 2021): ``sqrt(prod k) * ||M_A||_2`` per subset ``A``.
 
@@ -146,6 +148,7 @@ def fantastic_four(weight: Tensor, *, groups: int = 1, reduction: str = "min") -
     return per.amin(dim=0).amax()
 
 
+@with_bound_threads(filter_side)
 def tap_sum_bound(weight: Tensor, *, groups: int = 1) -> Tensor:
     """``max_g sum_t ||W_t||_2``.
 
@@ -184,6 +187,7 @@ def _gram_step_cost(g: int, c_small: int, c_big: int, taps: int, taps_out: int) 
     return float(g) * c_small * c_small * c_big * taps * taps_out
 
 
+@with_bound_threads(filter_side)
 def gram_kernel_bound(
     weight: Tensor, *, groups: int = 1, n_steps: int = 2, subsets: str = "all"
 ) -> Tensor:
@@ -280,6 +284,7 @@ def _grid_nodes(grid: Sequence[int]) -> int:
     return math.prod(grid[:-1]) * (grid[-1] // 2 + 1)
 
 
+@with_bound_threads(filter_side)
 def circular_grid_norm(
     weight: Tensor, grid: Sequence[int], *, groups: int = 1, dilation: Sequence[int] | None = None
 ) -> Tensor:
@@ -329,6 +334,7 @@ def _sampled_grid(kernel: Sequence[int], nodes_cap: float) -> tuple[list[int], f
     return grid, rho
 
 
+@with_bound_threads(filter_side)
 def sampled_symbol_bound(weight: Tensor, grid: Sequence[int], *, groups: int = 1) -> Tensor:
     """``S^2 <= max_nodes ||P(node)||^2 / prod_j (1 - (pi D_j / M_j)^2 / 2)``, ``D_j = k_j - 1``.
 
@@ -505,6 +511,7 @@ def _symbol_bounds(w: Tensor, g: int, budget: float) -> dict[str, Tensor]:
     return out
 
 
+@with_bound_threads(module_side)
 def layer_bounds(
     module: nn.Module,
     input_size: Sequence[int] | None = None,
@@ -565,6 +572,7 @@ def layer_bounds(
     return out
 
 
+@with_bound_threads(module_side)
 def layer_spectral_bound(
     module: nn.Module,
     input_size: Sequence[int] | None = None,

@@ -12,6 +12,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .threads import matrix_side, with_bound_threads
+
 __all__ = ["spectral_norm_exact", "gram_iteration_bound"]
 
 
@@ -34,6 +36,7 @@ def _max_abs(matrix: Tensor) -> Tensor:
     return torch.where(scale > 0, scale, torch.ones_like(scale))
 
 
+@with_bound_threads(matrix_side)
 def spectral_norm_exact(matrix: Tensor) -> Tensor:
     """Exact ``||M||_2`` (largest singular value) of a batch ``(..., m, n)`` -> ``(...)``, float64.
 
@@ -59,6 +62,7 @@ def spectral_norm_exact(matrix: Tensor) -> Tensor:
     return torch.where(pos, root, torch.zeros_like(root)) * scale[..., 0, 0]
 
 
+@with_bound_threads(matrix_side)
 def gram_iteration_bound(matrix: Tensor, n_iter: int = 6) -> Tensor:
     """Gram-iteration upper bound on ``||M||_2`` (Delattre et al., ICML 2023), batched, float64.
 

@@ -3,9 +3,13 @@
 * :class:`DigitsDataModule` - scikit-learn's handwritten digits (1797 images of 8x8 pixels,
   bundled with scikit-learn, so nothing is downloaded): small enough to train a CNN on CPU in
   seconds, which is what the demo, the tests and the benchmarks need.
-* :class:`MNISTDataModule`, :class:`CIFAR10DataModule` - the datasets of the paper (Singla &
-  Feizi 2021, section 7 of ``paper.md``), read through ``torchvision.datasets``. Nothing is
-  downloaded unless the user passes ``download=True``.
+* :class:`MNISTDataModule`, :class:`CIFAR10DataModule` - the datasets on which Singla & Feizi
+  (ICLR 2021) train with their bound as a penalty, read through ``torchvision.datasets``.
+  Nothing is downloaded unless the user passes ``download=True``.
+
+scikit-learn and torchvision come with the ``examples`` extra; every module checks at
+construction that its library imports and raises ``ImportError`` with the install command
+(``pip install "lightning-spectral[examples]"``) otherwise.
 
 Every module exposes ``input_scale``: the factor that turns a certified l2 radius measured on the
 model's (normalized) input into a radius in pixel units with values in ``[0, 1]``. Normalization
@@ -18,6 +22,7 @@ network's Lipschitz constant in pixel units is its constant on normalized inputs
 
 from __future__ import annotations
 
+import importlib
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -41,6 +46,18 @@ MNIST_MEAN: tuple[float, ...] = (0.1307,)
 MNIST_STD: tuple[float, ...] = (0.3081,)
 CIFAR10_MEAN: tuple[float, ...] = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD: tuple[float, ...] = (0.2470, 0.2435, 0.2616)
+
+
+def _require(module: str, package: str, user: str) -> None:
+    """Import ``module`` now, so that a missing optional dependency stops the constructor instead
+    of ``trainer.fit`` (where ``setup`` would first import it, after the model was built)."""
+    try:
+        importlib.import_module(module)
+    except ImportError as err:
+        raise ImportError(
+            f"{user} needs {package}, which could not be imported ({err}). It is part of the "
+            'examples extra: pip install "lightning-spectral[examples]"'
+        ) from err
 
 
 def _check_positive_int(name: str, value: int) -> None:
@@ -116,6 +133,7 @@ class DigitsDataModule(_LoaderMixin, pl.LightningDataModule):
         num_workers: int = 0,
     ) -> None:
         super().__init__()
+        _require("sklearn.datasets", "scikit-learn", type(self).__name__)
         _check_positive_int("batch_size", batch_size)
         _check_non_negative_int("num_workers", num_workers)
         for name, frac in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
@@ -185,6 +203,7 @@ class _TorchvisionDataModule(_LoaderMixin, pl.LightningDataModule):
         normalize: bool,
     ) -> None:
         super().__init__()
+        _require("torchvision.datasets", "torchvision", type(self).__name__)
         _check_positive_int("batch_size", batch_size)
         _check_non_negative_int("num_workers", num_workers)
         _check_non_negative_int("val_size", val_size)

@@ -1,8 +1,8 @@
 """Models of the examples and benchmarks, and a plain classification LightningModule.
 
 * :class:`SmallCNN` - three convolutions and a linear head for 8x8 digits (seconds to train on CPU).
-* :func:`resnet32` - the CIFAR-10 ResNet-32 of He et al. (2016), the paper's CIFAR model
-  (Singla & Feizi 2021, section 7 of ``paper.md``).
+* :func:`resnet32` - the CIFAR-10 ResNet-32 of He et al. (2016), the model Singla & Feizi
+  (ICLR 2021) regularize on CIFAR-10.
 * :class:`ImageClassifier` - cross-entropy training with SGD, logging ``train/loss``,
   ``val/loss``, ``val/acc``, ``test/loss``, ``test/acc``; the regularizer callback adds its own
   terms on top of it, so the module knows nothing about spectral norms.

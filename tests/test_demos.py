@@ -1,0 +1,62 @@
+"""The demos package: the README's demo command, and its separation from the library proper."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+ENV = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+
+
+def _python(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, *args],
+        capture_output=True,
+        text=True,
+        env=ENV,
+        cwd=ROOT,
+        timeout=300,
+        check=False,
+    )
+
+
+def test_readme_demo_command_runs() -> None:
+    proc = _python("-m", "lightning_spectral.demo", "--epochs", "1")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = {
+        cells[0]: cells[1:]
+        for line in proc.stdout.splitlines()
+        if line.startswith("|")
+        for cells in [[c.strip() for c in line.strip("|").split("|")]]
+    }
+    for layer in ("model.conv1", "model.conv2", "model.conv3", "model.fc", "network L"):
+        assert layer in rows, proc.stdout
+        assert all(float(v) > 0 for v in rows[layer]), rows[layer]
+    assert all(0.0 <= float(v) <= 1.0 for v in rows["test acc"][1:]), rows["test acc"]
+
+
+def test_library_does_not_import_the_demos() -> None:
+    code = (
+        "import sys, lightning_spectral as ls\n"
+        "import lightning_spectral.callback, lightning_spectral.lipschitz\n"
+        "import lightning_spectral.metrics, lightning_spectral.certification\n"
+        "import lightning_spectral.functional\n"
+        "[getattr(ls, name) for name in ls.__all__]\n"
+        "print(sorted(m for m in sys.modules if m.startswith('lightning_spectral.demo')))\n"
+    )
+    proc = _python("-c", code)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip() == "[]"
+
+
+def test_demos_package_exports_the_data_and_models() -> None:
+    import lightning_spectral.demos as demos
+    from lightning_spectral.demos import data, models
+
+    assert set(demos.__all__) == set(data.__all__) | set(models.__all__)
+    for name in demos.__all__:
+        source = data if name in data.__all__ else models
+        assert getattr(demos, name) is getattr(source, name)
