@@ -10,7 +10,7 @@ fresh network bound:
 
 * globally, radius ``margin / (sqrt(2) L)`` with ``L = network_lipschitz_bound(model)``;
 * refined, ``min_j (f_y - f_j) / (||W_y - W_j|| L_features)`` with ``W`` the linear head and
-  ``L_features`` the bound of everything before it (Tsuzuku et al. 2018; paper.md section 8).
+  ``L_features`` the bound of everything before it (Tsuzuku, Sato & Sugiyama, NeurIPS 2018).
 
 Units: pixels are in [0, 1] (digits' 0..16 divided by 16) and nothing normalizes them outside
 the model, so epsilons are l2 norms of perturbations of the 8x8 image in those units
