@@ -115,7 +115,9 @@ def test_snippet_runs(snippet: Snippet, isolated: None) -> None:
 
 # Notes and issue numbers that live outside the repository mean nothing to a user: the
 # documents and docstrings cite the published papers and carry the math they need.
-INTERNAL = re.compile(r"(?<!docs/)paper\.md|(?<!docs/)curvature\.md|shared/notes|\.\./shared|\bissue \d", re.I)
+INTERNAL = re.compile(
+    r"(?<!docs/)paper\.md|(?<!docs/)curvature\.md|shared/notes|\.\./shared|\bissue \d", re.I
+)
 CODE_DIRS = ("lightning_spectral", "benchmarks", "examples")
 CITED_FILES = sorted({*DOC_FILES, *(p for d in CODE_DIRS for p in (ROOT / d).rglob("*.py"))})
 # Owned by other branches when this test was written (XPASS once they are clean: remove them).
