@@ -8,38 +8,28 @@ The training objective of Singla & Feizi (ICLR 2021) is
 linear layer (``M_A`` the ``2^d`` matricizations of its filter, ``k`` its kernel size),
 estimated during training by one power iteration per step on persistent vectors.
 
-This module is the one object users add to the Trainer; it composes the parts in
-:mod:`lightning_spectral.regularizer`, one job each, and its hooks delegate to them:
-
-* :mod:`~lightning_spectral.regularizer.config`: the validated constructor arguments;
-* :mod:`~lightning_spectral.regularizer.selection`: which layers (:meth:`select_layers`);
-* :mod:`~lightning_spectral.regularizer.state`: the power-iteration vectors, input sizes and
-  the checkpointed state;
-* :mod:`~lightning_spectral.regularizer.penalty`: the estimate, the reduction and how the
-  penalty enters the loss;
-* :mod:`~lightning_spectral.regularizer.constraint`: the projection and the post-step check;
-* :mod:`~lightning_spectral.regularizer.monitor`: what is logged;
-* :class:`~lightning_spectral.certification.CertificationTracker`: certification.
+The callback composes the parts in :mod:`lightning_spectral.regularizer` (``config``,
+``selection``, ``state``, ``penalty``, ``constraint``, ``monitor``; one job each) and the
+:class:`~lightning_spectral.certification.CertificationTracker`; its hooks delegate to them.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 from collections.abc import Callable
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 from typing_extensions import override
 
 from .certification import CertificationTracker
 from .regularizer import monitor, selection
-from .regularizer.config import Reduction, RegularizerConfig
+from .regularizer.config import ConfigAttributes, Reduction, RegularizerConfig
 from .regularizer.constraint import AfterStep
+from .regularizer.evaluation import EvaluationHooks
 from .regularizer.penalty import Penalty, unwrap_training_step, wrap_training_step
 from .regularizer.state import LayerState
 
@@ -52,7 +42,7 @@ _MANUAL_OPTIMIZATION_HINT = (
 )
 
 
-class SpectralBoundRegularizer(Callback):
+class SpectralBoundRegularizer(ConfigAttributes, EvaluationHooks):
     r"""Regularize, constrain and monitor the spectral norms of convolution and linear layers.
 
     Adds ``beta * reduction(bounds)`` to the training loss, ``bounds`` the power-iteration
@@ -103,24 +93,6 @@ class SpectralBoundRegularizer(Callback):
             (default: ``batch[0], batch[1]``).
     """
 
-
-    # The constructor arguments, read from (and, when set, re-validated into) ``config``.
-    beta: float
-    n_power_iterations: int
-    warmup_power_iterations: int
-    include: list[str] | None
-    exclude: list[str] | None
-    include_frozen: bool
-    reduction: Reduction
-    target: float | None
-    constraint: float | None
-    log_every_n_steps: int | None
-    log_per_layer: bool
-    exact_every_n_epochs: int | None
-    check_finite: bool
-    certify_epsilons: list[float] | None
-    input_scale: float
-    batch_to_input_target: Callable[[Any], tuple[Tensor, Tensor]] | None
 
     def __init__(
         self,
@@ -291,54 +263,6 @@ class SpectralBoundRegularizer(Callback):
         if monitor.should_log(trainer, self.config.log_every_n_steps):
             self._log_training_values(pl_module)
 
-    @override
-    def on_validation_epoch_start(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule
-    ) -> None:
-        if self._tracker is not None and not trainer.sanity_checking:
-            self._tracker.start("validate")
-
-    @override
-    def on_validation_batch_end(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
-        batch_idx: int, dataloader_idx: int = 0,
-    ) -> None:
-        self._state.remove_size_hooks()
-        if self._state.layers:  # lazy layers: the first validation batch materialized them
-            # In fit, a layer that validation does not call may be called by training_step.
-            self._materialized(after_batch=trainer.state.fn != "fit")
-        if self._tracker is not None and not trainer.sanity_checking:
-            self._tracker.update("validate", pl_module, batch)
-
-    @override
-    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if trainer.sanity_checking:
-            return
-        if self._state.layers and not self._state.lazy_pending:
-            self._log_validation_values(trainer, pl_module)
-        if self._tracker is not None:
-            self._tracker.log("validate", pl_module)
-
-    # trainer.test certifies too; the tracker logs under "test/", apart from validation.
-
-    @override
-    def on_test_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self._tracker is not None:
-            self._tracker.start("test")
-
-    @override
-    def on_test_batch_end(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
-        batch_idx: int, dataloader_idx: int = 0,
-    ) -> None:
-        if self._tracker is not None:
-            self._tracker.update("test", pl_module, batch)
-
-    @override
-    def on_test_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self._tracker is not None:
-            self._tracker.log("test", pl_module)
-
     # ------------------------------------------------------------------ the penalty
 
     def penalty(self, pl_module: nn.Module) -> Tensor:
@@ -401,20 +325,10 @@ class SpectralBoundRegularizer(Callback):
     def project(self, pl_module: nn.Module) -> None:
         """Rescale every selected layer whose guaranteed bound exceeds ``constraint``.
 
-        A layer with guaranteed bound ``b > c`` is multiplied by ``c / b`` (times
-        ``1 - 8 eps`` of the weight dtype, so rounding the product cannot push the bound
-        back above ``c``). Every bound the library has is a norm of the weight, homogeneous of
-        degree 1, so afterwards the guaranteed bound is ``<= c`` exactly, and
-        ``min(b, c)`` is a guaranteed bound of the layer as rescaled.
-
-        The bound used is ``layer_spectral_bound(module, max_cost=0)``: the minimum of the
-        exact Fantastic Four bound and the tap-sum bound (and, for strided layers, the same two
-        bounds of the polyphase filter), valid for every input size. The
-        tighter optional bounds (Gram kernel, sampled frequencies) cost up to ~1e8
-        multiply-adds per layer, too much for every step; since the full bound is never
-        larger, it is ``<= c`` too. Cost per step: float64 norms of the ``2^d`` matricizations
-        of every layer, and one host sync per layer (the bound checks its input is finite).
-        Lazy layers not materialized yet are skipped.
+        A layer with guaranteed bound ``b > c`` is multiplied by ``c / b`` (slightly less, so
+        that rounding cannot push it back above ``c``): afterwards its guaranteed bound is
+        ``<= c``. See :func:`lightning_spectral.regularizer.constraint.project` for the bound
+        used and its cost. Lazy layers not materialized yet are skipped.
         """
         c = self.config.constraint
         if c is None:
@@ -435,37 +349,3 @@ class SpectralBoundRegularizer(Callback):
             pl_module, self.layer_names, p.last_penalty, p.last_estimates, guaranteed,
             self.config.log_per_layer,
         )
-
-    def guaranteed_bounds(self) -> dict[str, float]:
-        """Guaranteed upper bounds of every selected layer (``layer_spectral_bound``), by name.
-
-        Uses the input size each layer saw in the first batch, when recorded (tighter for
-        some layers); a layer never called gets the bound valid for every input size.
-        """
-        return monitor.guaranteed_bounds(self._state.layers, self._state.input_sizes)
-
-    def exact_norms(self) -> dict[str, float]:
-        """Exact spectral norms at the recorded input sizes (layers never called are skipped)."""
-        return monitor.exact_norms(self._state.layers, self._state.input_sizes)
-
-    def _log_validation_values(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        every = self.config.exact_every_n_epochs
-        exact = None if every is None or trainer.current_epoch % every else self.exact_norms()
-        monitor.log_validation_values(
-            pl_module, self.guaranteed_bounds(), exact, self.config.log_per_layer
-        )
-
-
-def _config_property(name: str) -> property:
-    def get(self: SpectralBoundRegularizer) -> Any:
-        return getattr(self.config, name)
-
-    def set_(self: SpectralBoundRegularizer, value: Any) -> None:
-        # Re-validated: a bad value raises here, not steps later inside training.
-        self.config = dataclasses.replace(self.config, **{name: value})
-
-    return property(get, set_, doc=f"The ``{name}`` argument (see the class docstring).")
-
-
-for _field in dataclasses.fields(RegularizerConfig):
-    setattr(SpectralBoundRegularizer, _field.name, _config_property(_field.name))

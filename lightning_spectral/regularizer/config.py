@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -84,3 +85,43 @@ class RegularizerConfig:
             "certify_epsilons": _check_epsilons(self.certify_epsilons),
             "input_scale": check_real("input_scale", self.input_scale, low=0.0, strict=True),
         }
+
+
+class ConfigAttributes:
+    """The options as attributes (``callback.beta``, ...), read from ``config``.
+
+    Setting one replaces ``config`` by a re-validated copy: a bad value raises there, not
+    steps later inside training.
+    """
+
+    config: RegularizerConfig
+    beta: float
+    n_power_iterations: int
+    warmup_power_iterations: int
+    include: list[str] | None
+    exclude: list[str] | None
+    include_frozen: bool
+    reduction: Reduction
+    target: float | None
+    constraint: float | None
+    log_every_n_steps: int | None
+    log_per_layer: bool
+    exact_every_n_epochs: int | None
+    check_finite: bool
+    certify_epsilons: list[float] | None
+    input_scale: float
+    batch_to_input_target: Callable[[Any], tuple[Tensor, Tensor]] | None
+
+
+def _config_property(name: str) -> property:
+    def get(self: ConfigAttributes) -> Any:
+        return getattr(self.config, name)
+
+    def set_(self: ConfigAttributes, value: Any) -> None:
+        self.config = dataclasses.replace(self.config, **{name: value})
+
+    return property(get, set_, doc=f"The ``{name}`` option (see :class:`RegularizerConfig`).")
+
+
+for _field in dataclasses.fields(RegularizerConfig):
+    setattr(ConfigAttributes, _field.name, _config_property(_field.name))
