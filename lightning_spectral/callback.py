@@ -9,8 +9,9 @@ linear layer (``M_A`` the ``2^d`` matricizations of its filter, ``k`` its kernel
 estimated during training by one power iteration per step on persistent vectors.
 
 The callback composes the parts in :mod:`lightning_spectral.regularizer` (``config``,
-``selection``, ``state``, ``penalty``, ``constraint``, ``monitor``; one job each) and the
-:class:`~lightning_spectral.certification.CertificationTracker`; its hooks delegate to them.
+``selection``, ``state``, ``penalty``, ``constraint``, ``monitor``; one job each), its
+validation and test hooks live in ``regularizer.evaluation``, and certification is the
+:class:`~lightning_spectral.certification.CertificationTracker`'s; its hooks delegate to them.
 """
 
 from __future__ import annotations
@@ -113,11 +114,10 @@ class SpectralBoundRegularizer(ConfigAttributes, EvaluationHooks):
         input_scale: float = 1.0,
         batch_to_input_target: Callable[[Any], tuple[Tensor, Tensor]] | None = None,
     ) -> None:
+        # First statement: here locals() holds exactly the arguments (and self, __class__).
+        arguments = {k: v for k, v in locals().items() if k not in ("self", "__class__")}
         super().__init__()
-        self.config = RegularizerConfig(**{
-            k: v for k, v in locals().items() if k not in ("self", "__class__")
-        })
-        cfg = self.config
+        self.config = cfg = RegularizerConfig(**arguments)
         self._tracker = None if cfg.certify_epsilons is None else CertificationTracker(
             cfg.certify_epsilons, cfg.input_scale, cfg.batch_to_input_target
         )
