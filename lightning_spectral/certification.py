@@ -38,7 +38,6 @@ min(std)``, valid, slightly loose).
 from __future__ import annotations
 
 import contextlib
-import math
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -50,6 +49,7 @@ from ._checks import check_reals
 from .functional.certify import certified_radius
 from .lipschitz import network_lipschitz_bound
 from .metrics import CertifiedRadius, CertifiedRobustAccuracy
+from .regularizer.monitor import float32_rounded_up
 
 __all__ = ["CertificationTracker", "default_batch_to_input_target"]
 
@@ -82,14 +82,6 @@ def _check_input_scale(input_scale: Any) -> float:
     """The smallest std of a scalar or per-channel ``input_scale``, checked."""
     return min(check_reals("input_scale (one std, or one per channel)", input_scale, low=0.0,
                            strict=True))
-
-
-def _float32_rounded_up(value: Tensor) -> Tensor:
-    """The smallest float32 ``>= value``: a logged upper bound must stay one."""
-    rounded = value.float()
-    if rounded.double() < value:
-        rounded = torch.nextafter(rounded, torch.full_like(rounded, math.inf))
-    return rounded
 
 
 @contextlib.contextmanager
@@ -245,7 +237,7 @@ class CertificationTracker:
             return
         values = self.compute(stage)
         lip_name = f"{self._run(stage).prefix}lipschitz/network"
-        lip = _float32_rounded_up(values.pop(lip_name)).to(pl_module.device)
+        lip = float32_rounded_up(values.pop(lip_name)).to(pl_module.device)
         for name, value in values.items():
             # Already reduced over processes by torchmetrics: no further sync needed.
             pl_module.log(name, value.float().to(pl_module.device), on_epoch=True, on_step=False,
