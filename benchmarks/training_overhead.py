@@ -165,7 +165,7 @@ def penalty_cost(variant: str, device: torch.device, repeats: int = 30) -> float
     else:
         module = ImageClassifier(net).to(device)
         reg = SpectralBoundRegularizer(beta=BETA, n_power_iterations=1)
-        reg._discover(module)
+        reg.discover(module)
         penalty = functools.partial(reg.penalty, module)
     times = []
     for i in range(repeats + 3):

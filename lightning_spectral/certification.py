@@ -38,8 +38,6 @@ min(std)``, valid, slightly loose).
 from __future__ import annotations
 
 import contextlib
-import math
-import numbers
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -47,9 +45,11 @@ import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 
+from ._checks import check_reals
 from .functional.certify import certified_radius
 from .lipschitz import network_lipschitz_bound
-from .metrics import CertifiedRadius, CertifiedRobustAccuracy, _check_epsilons
+from .metrics import CertifiedRadius, CertifiedRobustAccuracy
+from .regularizer.monitor import float32_rounded_up
 
 __all__ = ["CertificationTracker", "default_batch_to_input_target"]
 
@@ -80,30 +80,8 @@ def _eps_name(eps: float) -> str:
 
 def _check_input_scale(input_scale: Any) -> float:
     """The smallest std of a scalar or per-channel ``input_scale``, checked."""
-    values = input_scale
-    if isinstance(input_scale, Tensor) and input_scale.ndim <= 1:
-        values = input_scale.detach().reshape(-1).tolist()
-    elif isinstance(input_scale, numbers.Real):
-        values = [input_scale]
-    ok = isinstance(values, Sequence) and not isinstance(values, (str, bytes)) and values
-    ok = ok and all(
-        isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v) and v > 0
-        for v in values
-    )
-    if not ok:
-        raise ValueError(
-            "input_scale must be a finite number > 0 or a non-empty sequence of them (one std "
-            f"per channel), got {input_scale!r}"
-        )
-    return float(min(values))
-
-
-def _float32_rounded_up(value: Tensor) -> Tensor:
-    """The smallest float32 ``>= value``: a logged upper bound must stay one."""
-    rounded = value.float()
-    if rounded.double() < value:
-        rounded = torch.nextafter(rounded, torch.full_like(rounded, math.inf))
-    return rounded
+    return min(check_reals("input_scale (one std, or one per channel)", input_scale, low=0.0,
+                           strict=True))
 
 
 @contextlib.contextmanager
@@ -165,7 +143,7 @@ class CertificationTracker:
         batch_to_input_target: BatchToInputTarget | None = None,
         lipschitz_fn: Callable[[Any, tuple[int, ...]], Tensor] | None = None,
     ) -> None:
-        self.epsilons = _check_epsilons(epsilons)
+        self.epsilons = check_reals("epsilons", epsilons, low=0.0)
         self.input_scale = _check_input_scale(input_scale)
         self.batch_to_input_target = batch_to_input_target or default_batch_to_input_target
         self.lipschitz_fn = lipschitz_fn or network_lipschitz_bound
@@ -259,7 +237,7 @@ class CertificationTracker:
             return
         values = self.compute(stage)
         lip_name = f"{self._run(stage).prefix}lipschitz/network"
-        lip = _float32_rounded_up(values.pop(lip_name)).to(pl_module.device)
+        lip = float32_rounded_up(values.pop(lip_name)).to(pl_module.device)
         for name, value in values.items():
             # Already reduced over processes by torchmetrics: no further sync needed.
             pl_module.log(name, value.float().to(pl_module.device), on_epoch=True, on_step=False,

@@ -12,8 +12,6 @@ is normalized outside the model, divide the model's constant by the normalizatio
 from __future__ import annotations
 
 import functools
-import math
-import numbers
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -22,6 +20,7 @@ from torch import Tensor
 from torchmetrics import Metric
 from torchmetrics.utilities.data import dim_zero_cat
 
+from ._checks import check_reals
 from .functional.certify import _check_logits_target, certified_radius
 
 __all__ = ["CertifiedRobustAccuracy", "CertifiedRadius"]
@@ -48,24 +47,6 @@ def _radius_of(
     if bool(torch.isnan(radius).any()):
         raise ValueError("radius has NaN entries; compute it with certified_radius")
     return radius.detach().to(torch.float64)
-
-
-def _check_epsilons(epsilons: Sequence[float] | float) -> list[float]:
-    values: Any = epsilons
-    if isinstance(epsilons, Tensor) and epsilons.ndim <= 1:
-        values = epsilons.detach().reshape(-1).tolist()
-    elif isinstance(epsilons, numbers.Real):
-        values = [epsilons]
-    ok = isinstance(values, Sequence) and not isinstance(values, (str, bytes)) and values
-    ok = ok and all(
-        isinstance(e, numbers.Real) and not isinstance(e, bool) and 0 <= e < math.inf
-        for e in values
-    )
-    if not ok:
-        raise ValueError(
-            f"epsilons must be a non-empty list of finite numbers >= 0, got {epsilons!r}"
-        )
-    return [float(e) for e in values]
 
 
 class CertifiedRobustAccuracy(Metric):
@@ -96,7 +77,7 @@ class CertifiedRobustAccuracy(Metric):
 
     def __init__(self, epsilons: Sequence[float] | float, **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        self.epsilons = _check_epsilons(epsilons)
+        self.epsilons = check_reals("epsilons", epsilons, low=0.0)
         self.add_state(
             "certified", torch.zeros(len(self.epsilons), dtype=torch.long), dist_reduce_fx="sum"
         )

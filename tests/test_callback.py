@@ -65,14 +65,14 @@ def test_include_exclude_and_discovery():
     module = Module(net)
 
     reg = SpectralBoundRegularizer()
-    reg._discover(module)
+    reg.discover(module)
     assert reg.layer_names == ["net.stem", "net.up", "net.line", "net.vol", "net.head"]
     reg = SpectralBoundRegularizer(include=["net.s*", "*.head", "*up"], exclude=["*head"])
-    reg._discover(module)
+    reg.discover(module)
     assert reg.layer_names == ["net.stem", "net.up"]
     # Every kind of layer gets an estimate; grouped transposed conv is batched by its shape.
     reg = SpectralBoundRegularizer(warmup_power_iterations=200)
-    reg._discover(module)
+    reg.discover(module)
     with torch.no_grad():
         est = reg.penalty(module)
     assert est == 0  # beta = 0
@@ -83,14 +83,14 @@ def test_include_exclude_and_discovery():
         for m in layers
     ])
     # Power iteration approaches the exact FF bound from below.
-    assert (reg._last_estimates.double() <= ff * (1 + 1e-5)).all()
-    torch.testing.assert_close(reg._last_estimates.double(), ff, rtol=1e-3, atol=0)
+    assert (reg.last_estimates.double() <= ff * (1 + 1e-5)).all()
+    torch.testing.assert_close(reg.last_estimates.double(), ff, rtol=1e-3, atol=0)
 
 
 def test_no_match_warns_with_patterns():
     reg = SpectralBoundRegularizer(include=["nothing*"], exclude=["x"])
     with pytest.warns(UserWarning, match=r"nothing\*"):
-        reg._discover(Module(tiny_net()))
+        reg.discover(Module(tiny_net()))
     assert reg.layer_names == []
 
 
@@ -98,7 +98,7 @@ def test_unsupported_included_layer_warns():
     net = nn.Sequential(nn.Conv2d(1, 2, 3), nn.Embedding(3, 4))
     reg = SpectralBoundRegularizer(include=["*"])
     with pytest.warns(UserWarning, match="Embedding"):
-        reg._discover(Module(net))
+        reg.discover(Module(net))
     assert reg.layer_names == ["net.0"]
 
 
@@ -201,17 +201,17 @@ def test_csv_logger_receives_the_keys(tmp_path):
         assert bound >= exact * (1 - 1e-6)
         assert float(final[f"spectral_ratio/{n}"]) == pytest.approx(bound / exact, rel=1e-5)
     # The input sizes recorded in the first batch: 8x8 for the first two convs.
-    assert reg._input_sizes["net.0"] == (8, 8) and reg._input_sizes["net.4"] == (8, 8)
+    assert reg.input_sizes["net.0"] == (8, 8) and reg.input_sizes["net.4"] == (8, 8)
 
 
 def test_state_dict_round_trip_and_mismatch():
     module = Module(tiny_net())
     reg = SpectralBoundRegularizer(warmup_power_iterations=3)
-    reg._discover(module)
+    reg.discover(module)
     state = reg.state_dict()
     assert set(state["layers"]) == {"net.0", "net.2", "net.4", "net.7"}
     other = SpectralBoundRegularizer(warmup_power_iterations=0)
-    other._discover(module)
+    other.discover(module)
     other.load_state_dict(state)
     for name, entry in other.state_dict()["layers"].items():
         for a, b in zip(entry["u"], state["layers"][name]["u"], strict=True):
@@ -226,9 +226,9 @@ def test_vectors_are_seeded_by_layer_name():
         warmup_power_iterations=0
     )
     torch.manual_seed(1)
-    a._discover(Module(tiny_net()))
+    a.discover(Module(tiny_net()))
     torch.manual_seed(2)
-    b._discover(Module(tiny_net()))
+    b.discover(Module(tiny_net()))
     for name in a.state_dict()["layers"]:
         assert torch.equal(a.state_dict()["layers"][name]["u"][0],
                            b.state_dict()["layers"][name]["u"][0])
@@ -244,7 +244,7 @@ def test_penalty_reduction_and_target(reduction, target):
     module = Module(tiny_net())
     reg = SpectralBoundRegularizer(beta=0.3, reduction=reduction, target=target,
                                    n_power_iterations=50, warmup_power_iterations=300)
-    reg._discover(module)
+    reg.discover(module)
     penalty = reg.penalty(module)
     with torch.no_grad():
         ref = torch.stack([ff_bound(m) for m in layers(module)])

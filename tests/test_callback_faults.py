@@ -360,22 +360,24 @@ def test_without_constraint_the_progress_bar_shows_the_named_estimate():
 def test_no_match_warning_lists_existing_layers():
     reg = SpectralBoundRegularizer(include=["model.*"])
     with pytest.warns(UserWarning, match=r"net\.0 \(Conv2d\).*net\.7 \(Linear\)"):
-        reg._discover(Module(tiny_net()))
+        reg.discover(Module(tiny_net()))
     assert reg.layer_names == []
 
 
 def test_finite_check_tells_overflowing_sums_from_non_finite_weights():
+    from lightning_spectral.regularizer.constraint import check_finite
+
     module = Module(nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2)))
     reg = SpectralBoundRegularizer(warmup_power_iterations=0)
-    reg._discover(module)
-    reg._last_estimates = torch.ones(2)
+    reg.discover(module)
+    layers = dict(module.named_modules())
+    layers = {n: layers[n] for n in reg.layer_names}
     with torch.no_grad():
         module.net[1].weight.fill_(3e38)  # finite, but their float32 sum is not
-    reg._check_finite_after_step()
-    reg._last_estimates = torch.tensor([1.0, float("inf")])
+    check_finite(layers, torch.ones(2), "here")
     with pytest.raises(RuntimeError, match=r"estimate of layer\(s\) net\.1 .*too large"):
-        reg._check_finite_after_step()
+        check_finite(layers, torch.tensor([1.0, float("inf")]), "here")
     with torch.no_grad():
         module.net[1].weight[0, 0] = float("nan")
-    with pytest.raises(RuntimeError, match=r"non-finite weights .* net\.1 "):
-        reg._check_finite_after_step()
+    with pytest.raises(RuntimeError, match=r"non-finite weights .* net\.1 .*here"):
+        check_finite(layers, torch.tensor([1.0, float("inf")]), "here")

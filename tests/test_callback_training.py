@@ -80,7 +80,7 @@ class _CheckFloat32(Callback):
     def on_before_optimizer_step(self, trainer, pl_module, optimizer):
         from callback_helpers import ff_bound
 
-        est = self.reg._last_estimates
+        est = self.reg.last_estimates
         assert est.dtype == torch.float32
         with torch.no_grad():
             ref = torch.stack([ff_bound(m) for m in layers(pl_module)])

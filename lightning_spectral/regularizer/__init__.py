@@ -1,0 +1,8 @@
+"""The parts :class:`lightning_spectral.SpectralBoundRegularizer` is composed of, one job each.
+
+``config`` (the validated arguments), ``selection`` (which layers), ``state`` (vectors, input
+sizes, checkpoints), ``penalty`` (estimate, reduction, the loss), ``constraint`` (projection,
+post-step check) and ``monitor`` (what is logged). The callback in
+:mod:`lightning_spectral.callback` is the object to use; these modules are its building blocks
+and the place to look when extending it.
+"""

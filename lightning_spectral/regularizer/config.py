@@ -1,0 +1,127 @@
+"""The constructor arguments of ``SpectralBoundRegularizer``, checked once."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from torch import Tensor
+
+from .._checks import check_bool, check_int, check_patterns, check_real, check_reals
+
+Reduction = Literal["sum", "max", "mean"]
+
+REDUCTIONS = ("sum", "max", "mean")
+
+
+def _optional(check: Callable[..., Any], name: str, value: Any, **kwargs: Any) -> Any:
+    return None if value is None else check(name, value, **kwargs)
+
+
+def _check_epsilons(value: Any) -> list[float] | None:
+    # A list, as the callback's YAML spells it; a scalar is refused so that a forgotten
+    # bracket is not silently read as one radius.
+    if value is not None and not isinstance(value, Sequence):
+        raise ValueError(f"certify_epsilons must be a list of numbers >= 0, got {value!r}")
+    return _optional(check_reals, "certify_epsilons", value, low=0.0, scalar=False)
+
+
+@dataclass(frozen=True)
+class RegularizerConfig:
+    """Every option of the callback (see its docstring), validated on construction.
+
+    ``__post_init__`` raises ``ValueError`` naming the argument and the value received, and
+    normalizes the values (floats for reals, lists for patterns and epsilons).
+    """
+
+    beta: float = 0.0
+    n_power_iterations: int = 1
+    warmup_power_iterations: int = 50
+    include: list[str] | None = None
+    exclude: list[str] | None = None
+    include_frozen: bool = False
+    reduction: Reduction = "sum"
+    target: float | None = None
+    constraint: float | None = None
+    log_every_n_steps: int | None = None
+    log_per_layer: bool = True
+    exact_every_n_epochs: int | None = None
+    check_finite: bool = True
+    certify_epsilons: list[float] | None = None
+    input_scale: float = 1.0
+    batch_to_input_target: Callable[[Any], tuple[Tensor, Tensor]] | None = None
+
+    def __post_init__(self) -> None:
+        for name, value in self._checked().items():
+            object.__setattr__(self, name, value)  # frozen: only __post_init__ may normalize
+
+    def _checked(self) -> dict[str, Any]:
+        if self.reduction not in REDUCTIONS:
+            raise ValueError(f"reduction must be 'sum', 'max' or 'mean', got {self.reduction!r}")
+        if self.batch_to_input_target is not None and not callable(self.batch_to_input_target):
+            raise ValueError(
+                f"batch_to_input_target must be callable, got {self.batch_to_input_target!r}"
+            )
+        return {
+            "beta": check_real("beta", self.beta, low=0.0),
+            "n_power_iterations": check_int("n_power_iterations", self.n_power_iterations, low=1),
+            "warmup_power_iterations": check_int(
+                "warmup_power_iterations", self.warmup_power_iterations, low=0
+            ),
+            "include": check_patterns("include", self.include),
+            "exclude": check_patterns("exclude", self.exclude),
+            "include_frozen": check_bool("include_frozen", self.include_frozen),
+            "target": _optional(check_real, "target", self.target, low=0.0),
+            "constraint": _optional(check_real, "constraint", self.constraint, low=0.0,
+                                    strict=True),
+            "log_every_n_steps": _optional(check_int, "log_every_n_steps",
+                                           self.log_every_n_steps, low=1),
+            "log_per_layer": check_bool("log_per_layer", self.log_per_layer),
+            "exact_every_n_epochs": _optional(check_int, "exact_every_n_epochs",
+                                              self.exact_every_n_epochs, low=1),
+            "check_finite": check_bool("check_finite", self.check_finite),
+            "certify_epsilons": _check_epsilons(self.certify_epsilons),
+            "input_scale": check_real("input_scale", self.input_scale, low=0.0, strict=True),
+        }
+
+
+class ConfigAttributes:
+    """The options as attributes (``callback.beta``, ...), read from ``config``.
+
+    Setting one replaces ``config`` by a re-validated copy: a bad value raises there, not
+    steps later inside training.
+    """
+
+    config: RegularizerConfig
+    beta: float
+    n_power_iterations: int
+    warmup_power_iterations: int
+    include: list[str] | None
+    exclude: list[str] | None
+    include_frozen: bool
+    reduction: Reduction
+    target: float | None
+    constraint: float | None
+    log_every_n_steps: int | None
+    log_per_layer: bool
+    exact_every_n_epochs: int | None
+    check_finite: bool
+    certify_epsilons: list[float] | None
+    input_scale: float
+    batch_to_input_target: Callable[[Any], tuple[Tensor, Tensor]] | None
+
+
+def _config_property(name: str) -> property:
+    def get(self: ConfigAttributes) -> Any:
+        return getattr(self.config, name)
+
+    def set_(self: ConfigAttributes, value: Any) -> None:
+        self.config = dataclasses.replace(self.config, **{name: value})
+
+    return property(get, set_, doc=f"The ``{name}`` option (see :class:`RegularizerConfig`).")
+
+
+for _field in dataclasses.fields(RegularizerConfig):
+    setattr(ConfigAttributes, _field.name, _config_property(_field.name))

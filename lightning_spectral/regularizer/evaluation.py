@@ -1,0 +1,102 @@
+"""The validation and test hooks of ``SpectralBoundRegularizer``: bounds and certificates.
+
+At the end of each validation run (not the sanity check) the guaranteed bounds of the
+selected layers are logged, with exact norms and ratios every ``exact_every_n_epochs``; with
+``certify_epsilons`` the :class:`~lightning_spectral.certification.CertificationTracker`
+certifies every validation and test batch and logs at the run's end (test values under
+``test/``). A mixin of the callback, apart from its training hooks; it reads the callback's
+``config``, layer state and tracker.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning.pytorch as pl
+from lightning.pytorch.callbacks import Callback
+from typing_extensions import override
+
+from ..certification import CertificationTracker
+from . import monitor
+from .config import RegularizerConfig
+from .state import LayerState
+
+__all__ = ["EvaluationHooks"]
+
+
+class EvaluationHooks(Callback):
+    """Validation and test hooks; the callback provides the attributes declared here."""
+
+    config: RegularizerConfig
+    _state: LayerState
+    _tracker: CertificationTracker | None
+
+    @override
+    def on_validation_epoch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule
+    ) -> None:
+        if self._tracker is not None and not trainer.sanity_checking:
+            self._tracker.start("validate")
+
+    @override
+    def on_validation_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+        batch_idx: int, dataloader_idx: int = 0,
+    ) -> None:
+        self._state.remove_size_hooks()
+        if self._state.layers:  # lazy layers: the first validation batch materialized them
+            # In fit, a layer that validation does not call may be called by training_step.
+            self._state.build_if_materialized(
+                self.config.warmup_power_iterations, after_batch=trainer.state.fn != "fit"
+            )
+        if self._tracker is not None and not trainer.sanity_checking:
+            self._tracker.update("validate", pl_module, batch)
+
+    @override
+    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.sanity_checking:
+            return
+        if self._state.layers and not self._state.lazy_pending:
+            self._log_validation_values(trainer, pl_module)
+        if self._tracker is not None:
+            self._tracker.log("validate", pl_module)
+
+    # trainer.test certifies too; the tracker logs under "test/", apart from validation.
+
+    @override
+    def on_test_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._tracker is not None:
+            self._tracker.start("test")
+
+    @override
+    def on_test_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+        batch_idx: int, dataloader_idx: int = 0,
+    ) -> None:
+        if self._tracker is not None:
+            self._tracker.update("test", pl_module, batch)
+
+    @override
+    def on_test_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._tracker is not None:
+            self._tracker.log("test", pl_module)
+
+    def guaranteed_bounds(self) -> dict[str, float]:
+        """Guaranteed upper bounds of every selected layer (``layer_spectral_bound``), by name.
+
+        Uses the input size each layer saw in the first batch, when recorded (tighter for
+        some layers); a layer never called gets the bound valid for every input size.
+        """
+        return monitor.guaranteed_bounds(self._state.layers, self._state.input_sizes)
+
+    def exact_norms(self) -> dict[str, float]:
+        """Exact spectral norms at the recorded input sizes (layers never called are skipped)."""
+        return monitor.exact_norms(self._state.layers, self._state.input_sizes)
+
+    def _log_validation_values(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        every = self.config.exact_every_n_epochs
+        exact = None if every is None or trainer.current_epoch % every else self.exact_norms()
+        monitor.log_validation_values(
+            pl_module, self.guaranteed_bounds(), exact, self.config.log_per_layer
+        )
+

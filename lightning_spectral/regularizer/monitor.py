@@ -1,0 +1,130 @@
+"""What the regularizer logs: estimates during training, guaranteed values at validation.
+
+Key prefixes say what a value is: ``spectral_estimate/`` a power-iteration estimate (from
+below, not a bound), ``spectral_bound/`` a guaranteed upper bound (rounded *up* to the float32
+that Lightning stores, so that it stays one), ``spectral_exact/`` an exact norm,
+``spectral_ratio/`` bound / exact.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Mapping
+
+import lightning.pytorch as pl
+import torch
+from torch import Tensor, nn
+from torch.nn.parameter import is_lazy
+
+from ..functional.bounds import layer_spectral_bound
+from ..functional.exact import conv_spectral_norm
+
+__all__ = [
+    "exact_norms", "float32_rounded_up", "guaranteed_bounds", "log_training_values",
+    "log_validation_values", "round_up_to_float32", "should_log",
+]
+
+Sizes = Mapping[str, "tuple[int, ...] | None"]
+
+
+def float32_rounded_up(value: Tensor) -> Tensor:
+    """The smallest float32 ``>= value`` elementwise: a logged upper bound must stay one.
+
+    Lightning stores logged values as float32, rounding to nearest, which may round down.
+    """
+    rounded = value.float()
+    return torch.where(
+        rounded.double() < value, torch.nextafter(rounded, torch.full_like(rounded, math.inf)),
+        rounded,
+    )
+
+
+def round_up_to_float32(value: float) -> float:
+    """:func:`float32_rounded_up` of a Python float."""
+    return float(float32_rounded_up(torch.tensor(value, dtype=torch.float64)))
+
+
+def should_log(trainer: pl.Trainer, every_n_steps: int | None) -> bool:
+    """Whether this optimizer step is a logging step (``None``: the trainer's cadence)."""
+    every = every_n_steps or trainer.log_every_n_steps
+    if every == 0:
+        return False
+    epoch_loop = trainer.fit_loop.epoch_loop
+    step = getattr(epoch_loop, "_batches_that_stepped", trainer.global_step) + 1
+    return step % every == 0 or trainer.should_stop
+
+
+def log_training_values(
+    pl_module: pl.LightningModule,
+    names: list[str],
+    penalty: Tensor,
+    estimates: Tensor,
+    guaranteed: Tensor | None,
+    per_layer: bool,
+) -> None:
+    """Log the penalty, the estimates and the constraint's guaranteed maximum (if any).
+
+    The progress bar shows the guaranteed value when there is one. One host transfer for
+    every value, in float64: a guaranteed bound must not be rounded down on the way.
+    """
+    parts = [penalty.reshape(1), estimates]
+    if guaranteed is not None:
+        parts.append(guaranteed.reshape(1).to(estimates.device))
+    values = torch.cat([p.double() for p in parts]).tolist()
+    layer_values = values[1:1 + len(names)]
+    log = functools.partial(pl_module.log, on_step=True, on_epoch=False)
+    log("spectral_penalty", values[0])
+    log("spectral_estimate/max", max(layer_values), prog_bar=guaranteed is None)
+    if guaranteed is not None:
+        log("spectral_bound/step_max", round_up_to_float32(values[-1]), prog_bar=True)
+    if per_layer:
+        for name, value in zip(names, layer_values, strict=True):
+            log(f"spectral_estimate/{name}", value)
+
+
+@torch.no_grad()
+def guaranteed_bounds(layers: Mapping[str, nn.Module], sizes: Sizes) -> dict[str, float]:
+    """``layer_spectral_bound`` of every materialized layer at its recorded input size.
+
+    A layer without a recorded size gets the bound valid for every input size.
+    """
+    return {
+        name: float(layer_spectral_bound(m, sizes.get(name)))
+        for name, m in layers.items() if not is_lazy(m.weight)
+    }
+
+
+@torch.no_grad()
+def exact_norms(layers: Mapping[str, nn.Module], sizes: Sizes) -> dict[str, float]:
+    """Exact spectral norms at the recorded input sizes (layers never called are skipped)."""
+    return {
+        name: float(conv_spectral_norm(m, sizes.get(name)))
+        for name, m in layers.items()
+        if sizes.get(name) is not None or isinstance(m, nn.Linear)
+    }
+
+
+def log_validation_values(
+    pl_module: pl.LightningModule,
+    bounds: dict[str, float],
+    exact: dict[str, float] | None,
+    per_layer: bool,
+) -> None:
+    """Log the guaranteed bounds and, when given, exact norms and ratios bound / exact."""
+    log = functools.partial(pl_module.log, on_step=False, on_epoch=True, sync_dist=True)
+    up = round_up_to_float32  # logged as float32: rounded up, still an upper bound
+    log("spectral_bound/max", up(max(bounds.values())), prog_bar=True)
+    if per_layer:
+        for name, value in bounds.items():
+            log(f"spectral_bound/{name}", up(value))
+    if exact is None:
+        return
+    ratios = {n: bounds[n] / e for n, e in exact.items() if e > 0}
+    if ratios:
+        log("spectral_ratio/max", max(ratios.values()))
+    if per_layer:
+        for name, value in exact.items():
+            log(f"spectral_exact/{name}", value)
+        for name, value in ratios.items():
+            log(f"spectral_ratio/{name}", value)

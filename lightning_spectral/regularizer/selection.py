@@ -1,0 +1,140 @@
+"""Which layers the regularizer acts on.
+
+A layer is selected when its name (as ``named_modules`` spells it) matches an ``include``
+glob and no ``exclude`` glob, it is one of
+:data:`~lightning_spectral.functional.bounds.SUPPORTED_LAYERS`, its weight is trainable
+(unless ``include_frozen``), and its class runs the torch class's own ``forward``. The last
+condition is a correctness one: the bounds are bounds of ``W x`` with the stored weight, and a
+subclass overriding ``forward`` (weight standardization, a gain) need not compute that map, so
+no bound of its weight bounds it.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import dataclass, field
+
+from lightning.pytorch.utilities import rank_zero_warn
+from torch import Tensor, nn
+
+from ..functional.bounds import SUPPORTED_LAYERS
+
+__all__ = ["DEFAULT_INCLUDE", "computes_w_x", "select_layers"]
+
+DEFAULT_INCLUDE = ("*",)
+
+
+def _torch_base(module: nn.Module) -> type:
+    return next(c for c in type(module).__mro__ if c in SUPPORTED_LAYERS)
+
+
+def computes_w_x(module: nn.Module) -> bool:
+    """Whether the layer runs its torch class's own ``forward`` (and ``_conv_forward``).
+
+    Only then is its output the convolution (or matrix product) with ``module.weight`` that
+    the bounds are bounds of; a subclass that rescales or standardizes its weight is not.
+    """
+    base = _torch_base(module)
+    methods = [m for m in ("forward", "_conv_forward") if hasattr(base, m)]
+    return all(getattr(type(module), m) is getattr(base, m) for m in methods)
+
+
+def _matches(name: str, patterns: list[str] | tuple[str, ...]) -> bool:
+    return any(fnmatch.fnmatchcase(name, p) for p in patterns)
+
+
+@dataclass
+class _Selection:
+    """The chosen layers, and what was left out (for the warnings)."""
+
+    chosen: dict[str, nn.Module] = field(default_factory=dict)
+    unsupported: list[str] = field(default_factory=list)
+    overriding: list[str] = field(default_factory=list)
+    frozen: int = 0
+
+    def add(self, name: str, module: nn.Module, include_frozen: bool) -> None:
+        if not (include_frozen or module.weight.requires_grad):
+            self.frozen += 1
+        elif not computes_w_x(module):
+            self.overriding.append(f"{name} ({type(module).__name__})")
+        else:
+            self.chosen[name] = module
+
+
+def _has_matrix_weight(module: nn.Module) -> bool:
+    # A leaf with a weight of two or more dimensions: a layer the user may have meant to
+    # include, which gets a warning when an explicit pattern matches it.
+    w = getattr(module, "weight", None)
+    leaf = not any(True for _ in module.children())
+    return leaf and isinstance(w, Tensor) and w.ndim >= 2
+
+
+def select_layers(
+    root: nn.Module,
+    include: list[str] | None,
+    exclude: list[str] | None,
+    include_frozen: bool,
+) -> dict[str, nn.Module]:
+    """The selected layers of ``root`` by name, in model order; warns about what is left out.
+
+    ``include=None`` means every layer (and no warning about unsupported types).
+    """
+    patterns = include if include is not None else DEFAULT_INCLUDE
+    found = _Selection()
+    for name, module in root.named_modules():
+        if not name or not _matches(name, patterns) or _matches(name, exclude or []):
+            continue
+        if isinstance(module, SUPPORTED_LAYERS):
+            found.add(name, module, include_frozen)
+        elif include is not None and _has_matrix_weight(module):
+            found.unsupported.append(f"{name} ({type(module).__name__})")
+    _warn_left_out(found)
+    if not found.chosen:
+        _warn_no_match(root, patterns, exclude or [], found.frozen)
+    return found.chosen
+
+
+def _supported_names() -> str:
+    return ", ".join(t.__name__ for t in SUPPORTED_LAYERS)
+
+
+def _warn_left_out(found: _Selection) -> None:
+    if found.unsupported:
+        rank_zero_warn(
+            "SpectralBoundRegularizer: include patterns match layers of unsupported types, "
+            f"which are left out: {', '.join(found.unsupported)}. Supported: "
+            + _supported_names()
+        )
+    if found.overriding:
+        rank_zero_warn(
+            "SpectralBoundRegularizer: left out layer(s) whose class overrides forward (or "
+            f"_conv_forward) of its torch class: {', '.join(found.overriding)}. Such a layer "
+            "need not compute W x with its stored weight (e.g. it standardizes or rescales it), "
+            "so no bound of that weight is a bound on the layer: it is neither penalized, "
+            "constrained nor reported."
+        )
+
+
+def _warn_no_match(
+    root: nn.Module, include: list[str] | tuple[str, ...], exclude: list[str], frozen: int
+) -> None:
+    # Lists the layers that do exist, so that the patterns can be fixed.
+    existing = [
+        f"{n} ({type(m).__name__})"
+        for n, m in root.named_modules() if n and isinstance(m, SUPPORTED_LAYERS)
+    ]
+    found = (
+        "the model has none of these types"
+        if not existing
+        else f"{len(existing)} exist: {', '.join(existing[:5])}"
+        + (", ..." if len(existing) > 5 else "")
+    )
+    frozen_note = (
+        f"; {frozen} frozen layer(s) matched but are left out (include_frozen=True selects "
+        "them)" if frozen else ""
+    )
+    rank_zero_warn(
+        f"SpectralBoundRegularizer: no layer matches include={list(include)!r} "
+        f"exclude={list(exclude)!r} among {_supported_names()} layers ({found}){frozen_note}; "
+        "the callback does nothing."
+    )
