@@ -36,8 +36,9 @@ venv: $(STAMP)
 # pyvenv.cfg is a plain file written once per venv (bin/python is a symlink whose target's
 # age means nothing), so a venv recreated by hand also triggers a reinstall.
 $(VENV)/pyvenv.cfg:
-	@$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 10), "Python >= 3.10 needed"' \
-		|| { echo "error: $(PYTHON) is older than 3.10; run: make PYTHON=python3.x ..." >&2; exit 1; }
+	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 10))' 2>/dev/null \
+		|| { echo "error: '$(PYTHON)' is not a Python >= 3.10; choose one:" \
+			"make PYTHON=python3.x ..." >&2; exit 1; }
 	$(PYTHON) -m venv $(VENV) \
 		|| { rm -rf $(VENV); echo "error: '$(PYTHON) -m venv' failed;" \
 			"on Debian/Ubuntu: apt install python3-venv" >&2; exit 1; }
