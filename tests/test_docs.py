@@ -115,8 +115,11 @@ def test_snippet_runs(snippet: Snippet, isolated: None) -> None:
 
 # Notes and issue numbers that live outside the repository mean nothing to a user: the
 # documents and docstrings cite the published papers and carry the math they need.
+# A markdown link target that is a bare file name, ``](curvature.md)``, is a page of the site.
 INTERNAL = re.compile(
-    r"(?<!docs/)paper\.md|(?<!docs/)curvature\.md|shared/notes|\.\./shared|\bissue \d", re.I
+    r"(?<!docs/)(?<!\]\()paper\.md|(?<!docs/)(?<!\]\()curvature\.md|shared/notes|\.\./shared"
+    r"|\bissue \d",
+    re.I,
 )
 CODE_DIRS = ("lightning_spectral", "benchmarks", "examples")
 CITED_FILES = sorted({*DOC_FILES, *(p for d in CODE_DIRS for p in (ROOT / d).rglob("*.py"))})
@@ -192,3 +195,12 @@ def test_unclosed_fence_is_an_error() -> None:
 def test_every_document_has_been_collected() -> None:
     files = {s.file for s in _all_snippets()}
     assert {"README.md", "docs/bounds.md", "docs/estimation.md"} <= files
+
+
+def test_internal_notes_pattern_spares_links_between_pages_of_the_site() -> None:
+    """A link from one documentation page to ``curvature.md`` is a page of the site itself."""
+    assert not INTERNAL.search("[Curvature certificates](curvature.md)")
+    assert not INTERNAL.search("see [docs/curvature.md](docs/curvature.md)")
+    assert INTERNAL.search("as derived in curvature.md, section 3")
+    assert INTERNAL.search("see ../shared/notes/curvature.md")
+    assert INTERNAL.search("[the notes](../notes/curvature.md)")

@@ -609,8 +609,12 @@ def crc_certified_radius(
     ``x*(eta)`` lands on the boundary the bound equals the exact distance.
 
     Args:
-        model, x, target, curvature, dtype, chunk_size: as for
-            :func:`curvature_certified_radius`.
+        model: as for :func:`curvature_certified_radius`.
+        x: as for :func:`curvature_certified_radius`.
+        target: as for :func:`curvature_certified_radius`.
+        curvature: as for :func:`curvature_certified_radius`.
+        dtype: as for :func:`curvature_certified_radius`.
+        chunk_size: as for :func:`curvature_certified_radius`.
         outer_steps: bisection steps on ``eta``.
         inner_steps: Nesterov steps per ``eta`` (one model gradient each). The cost is
             ``outer_steps * (inner_steps + 1)`` batched gradient evaluations over the
