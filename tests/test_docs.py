@@ -32,7 +32,7 @@ SKIP = re.compile(r"^\s*<!--\s*no-test\b")
 
 # Files being rewritten on another branch when this test was written: their blocks are expected
 # to fail until then (XFAIL), and the entry must be removed once they run (XPASS in the summary).
-PENDING_FILES: set[str] = {"docs/callback.md", "docs/certification.md"}
+PENDING_FILES: set[str] = {"docs/certification.md"}
 
 
 @dataclass(frozen=True)
