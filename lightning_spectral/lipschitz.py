@@ -657,11 +657,12 @@ _RANDOM = {
 
 
 class _GraphBound:
-    def __init__(self, gm: fx.GraphModule, layer_bound: LayerBound, depends: set[fx.Node]
-                 ) -> None:
+    def __init__(self, gm: fx.GraphModule, layer_bound: LayerBound, depends: set[fx.Node],
+                 other_batch: dict[fx.Node, torch.Size]) -> None:
         self.gm = gm
         self.layer_bound = layer_bound
         self.depends = depends
+        self.other_batch = other_batch
         self.lip: dict[fx.Node, Tensor] = {}
 
     # -- helpers
@@ -730,6 +731,7 @@ class _GraphBound:
                     )
                 return self.lip[out]
             self.lip[node] = self.visit(node, fold)
+            self.check_batch(node)
         raise RuntimeError("graph without output")  # pragma: no cover
 
     def find_folds(self, nodes: list[fx.Node]) -> dict[fx.Node, fx.Node]:
@@ -792,6 +794,17 @@ class _GraphBound:
                 continue
             todo += [(a, cur) for a in cur.all_input_nodes]
 
+    def check_batch(self, node: fx.Node) -> None:
+        """An input-dependent tensor must have the batch axis first, at every batch size."""
+        shape = _shape(node)
+        if shape is None or not bool(self.lip[node] > 0):
+            return
+        other = self.other_batch.get(node)
+        if shape[0] != _BATCH or other is None or tuple(other) != (_BATCH + 1, *shape[1:]):
+            raise _refuse(node, f"its shape {tuple(shape)} at a batch of {_BATCH} becomes "
+                                f"{None if other is None else tuple(other)} at a batch of "
+                                f"{_BATCH + 1}: it mixes the samples")
+
     def check_dtypes(self, node: fx.Node) -> None:
         for dtype in _dtypes(node.meta.get("tensor_meta")):
             if not dtype.is_floating_point:
@@ -814,12 +827,15 @@ class _GraphBound:
             self.check_inplace(node)
         if not self.dependent(list(node.args) + list(node.kwargs.values())):
             return _f64(0.0)  # a function of constants only (e.g. x.size(0) * 2)
-        if node.op == "call_module":
-            lip = self.visit_module(node)
+        try:
+            if node.op == "call_module":
+                lip = self.visit_module(node)
+                self.check_dtypes(node)
+                return lip
             self.check_dtypes(node)
-            return lip
-        self.check_dtypes(node)
-        return self.visit_call(node, target)
+            return self.visit_call(node, target)
+        except KeyError as exc:  # _static of an input-dependent argument
+            raise _refuse(node, f"argument {exc} must not depend on the input") from exc
 
     def visit_fold(self, bn_node: fx.Node, layer_node: fx.Node) -> Tensor:
         layer = self.gm.get_submodule(layer_node.target)
@@ -1096,14 +1112,14 @@ def _check_input_shape(input_shape: Sequence[int]) -> tuple[int, ...]:
     return shape
 
 
-def _dummy(model: nn.Module, shape: tuple[int, ...]) -> Tensor:
+def _dummy(model: nn.Module, shape: tuple[int, ...], batch: int = _BATCH) -> Tensor:
     """A random batch (own generator: the caller's random state is left alone)."""
     tensors = [t for t in (*model.parameters(), *model.buffers()) if t.is_floating_point()]
     param = tensors[0] if tensors else None
     dtype = param.dtype if param is not None and param.dtype.is_floating_point else torch.float32
     device = param.device if param is not None else torch.device("cpu")
     gen = torch.Generator().manual_seed(0)
-    return torch.randn(_BATCH, *shape, generator=gen, dtype=dtype).to(device)
+    return torch.randn(batch, *shape, generator=gen, dtype=dtype).to(device)
 
 
 def _check_faithful(model: nn.Module, x: Tensor, traced: Any) -> None:
@@ -1125,6 +1141,33 @@ def _check_faithful(model: nn.Module, x: Tensor, traced: Any) -> None:
         )
 
 
+class _RecordShapes(fx.Interpreter):
+    def __init__(self, gm: fx.GraphModule) -> None:
+        super().__init__(gm)
+        self.shapes: dict[fx.Node, torch.Size] = {}
+
+    def run_node(self, n: fx.Node) -> Any:
+        result = super().run_node(n)
+        if isinstance(result, Tensor):
+            self.shapes[n] = result.shape
+        return result
+
+
+def _other_batch_shapes(gm: fx.GraphModule, shape: tuple[int, ...]) -> dict[fx.Node, torch.Size]:
+    """Shapes at a batch of ``_BATCH + 1``: an input-dependent tensor whose shape does not
+    follow the batch size mixes samples with other axes (``x.view(2, -1)``, a Linear applied
+    across the batch after the features were reduced away, ...)."""
+    recorder = _RecordShapes(gm)
+    try:
+        recorder.run(_dummy(gm, shape, _BATCH + 1))
+    except Exception as exc:  # the model's own error, whatever its type
+        raise UnsupportedOperationError(
+            f"the model runs on a batch of {_BATCH} but not on a batch of {_BATCH + 1} "
+            f"({exc!r}): it does not treat the samples independently"
+        ) from exc
+    return recorder.shapes
+
+
 def _graph_bound(model: nn.Module, gm: fx.GraphModule, shape: tuple[int, ...],
                  layer_bound: LayerBound) -> Tensor:
     dummy = _dummy(gm, shape)
@@ -1138,7 +1181,8 @@ def _graph_bound(model: nn.Module, gm: fx.GraphModule, shape: tuple[int, ...],
             f"running the model on a dummy input of per-sample shape {shape} (batch {_BATCH}) "
             f"failed: {exc!r}. input_shape excludes the batch axis, e.g. (C, H, W)."
         ) from exc
-    bound = _GraphBound(gm, layer_bound, depends).run()
+    walker = _GraphBound(gm, layer_bound, depends, _other_batch_shapes(gm, shape))
+    bound = walker.run()
     _check_faithful(model, dummy, traced)
     return bound
 

@@ -397,3 +397,39 @@ def test_root_layers_are_bounded_like_leaves() -> None:
         exact = linear_map_norm(layer, shape)
         assert exact <= bound <= exact * 3
         assert math.isfinite(bound)
+
+
+@pytest.mark.parametrize(
+    "fn",
+    [
+        lambda m, x: m.fc(x.sum(dim=(1, 2))),       # Linear(2, 2) applied across the batch
+        lambda m, x: x.reshape(2, -1),              # batch 2 only by coincidence
+        lambda m, x: x * torch.ones(2, 1, 1),       # a per-position constant on the batch axis
+    ],
+)
+def test_sample_mixing_is_refused(fn) -> None:
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(2, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return fn(self, x)
+
+    with pytest.raises(UnsupportedOperationError, match="batch|samples"):
+        network_lipschitz_bound(Net(), (2, 3))
+
+
+def test_parametrized_layers_stay_leaves() -> None:
+    """torch.nn.utils.parametrizations inject a subclass whose weight is a property: forward
+    is the parent's, so the layer rule (and folding) applies to the parametrized weight."""
+    torch.manual_seed(3)
+    conv = nn.utils.parametrizations.spectral_norm(nn.Conv2d(2, 3, 3, padding=1))
+    net = nn.Sequential(conv, nn.BatchNorm2d(3), nn.Flatten(),
+                        nn.utils.parametrizations.orthogonal(nn.Linear(48, 5))).double()
+    for _ in range(30):  # power iteration in train mode
+        net[0](torch.randn(1, 2, 4, 4, dtype=torch.float64))
+    net.eval()
+    bound = float(network_lipschitz_bound(net, (2, 4, 4)))
+    exact = linear_map_norm(net, (2, 4, 4))
+    assert exact <= bound <= exact * 3
