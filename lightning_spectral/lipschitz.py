@@ -820,7 +820,7 @@ class _GraphBound:
             raise _refuse(node)
         if node in fold:
             return self.visit_fold(node, fold[node])
-        if node.target in _RANDOM:
+        if node.op != "call_module" and node.target in _RANDOM:
             raise _refuse(node, "random: its value differs from call to call")
         inplace, target = self.inplace_target(node)
         if inplace:
@@ -856,7 +856,7 @@ class _GraphBound:
         method = node.op == "call_method"
         args = node.args
         x = args[0] if args else None
-        if method and t in _CONST_METHODS or (t is getattr and args[1] in ("shape", "dtype")):
+        if _metadata_only(node):
             return _f64(0.0)
         if t is operator.getitem:
             return self.visit_getitem(node)
@@ -1173,7 +1173,7 @@ def _graph_bound(model: nn.Module, gm: fx.GraphModule, shape: tuple[int, ...],
     dummy = _dummy(gm, shape)
     depends = _dependents(gm)
     try:
-        traced = _Propagate(gm, depends).propagate(dummy)
+        traced = _Propagate(gm, depends).propagate(dummy.clone())  # the model may write to it
     except UnsupportedOperationError:
         raise
     except Exception as exc:  # the model's own error, whatever its type

@@ -433,3 +433,9 @@ def test_parametrized_layers_stay_leaves() -> None:
     bound = float(network_lipschitz_bound(net, (2, 4, 4)))
     exact = linear_map_norm(net, (2, 4, 4))
     assert exact <= bound <= exact * 3
+
+
+def test_a_model_that_overwrites_its_input_is_bounded() -> None:
+    net = _Fn(lambda m, x: m.fc2(x.mul_(2))).double()
+    bound = float(network_lipschitz_bound(net, (4,)))
+    assert bound == pytest.approx(2 * linear_map_norm(nn.Sequential(net.fc2), (4,)), rel=1e-9)
