@@ -439,3 +439,13 @@ def test_a_model_that_overwrites_its_input_is_bounded() -> None:
     net = _Fn(lambda m, x: m.fc2(x.mul_(2))).double()
     bound = float(network_lipschitz_bound(net, (4,)))
     assert bound == pytest.approx(2 * linear_map_norm(nn.Sequential(net.fc2), (4,)), rel=1e-9)
+
+
+def test_a_nan_bound_is_an_error_not_a_number() -> None:
+    """A BatchNorm with a negative running variance (corrupted state) has no finite scale:
+    NaN must not travel on as if it were a bound."""
+    net = nn.Sequential(nn.Flatten(), nn.BatchNorm1d(4), nn.ReLU(), nn.BatchNorm1d(4)).eval()
+    with torch.no_grad():
+        net[3].running_var.fill_(-1.0)
+    with pytest.raises(ValueError, match="NaN|finite"):
+        network_lipschitz_bound(net, (4,))

@@ -109,6 +109,14 @@ def _graph_bound(model: nn.Module, gm: fx.GraphModule, shape: tuple[int, ...],
     walker = _Walker(gm, layer_bound, _other_batch_shapes(gm, shape))
     bound = walker.run()
     _check_faithful(model, dummy, traced)
+    return _not_nan(bound)
+
+
+def _not_nan(bound: Tensor) -> Tensor:
+    # NaN compares false with everything: passed on, it would read as "no violation".
+    if bool(torch.isnan(bound)):
+        raise ValueError("the Lipschitz bound is NaN: some parameter or statistic is not finite "
+                         "(e.g. a negative BatchNorm running_var)")
     return bound
 
 
@@ -193,7 +201,7 @@ def network_lipschitz_bound(
                 gm = _trace(model)
             except Exception as exc:  # fx raises TraceError, TypeError, NotImplementedError...
                 if isinstance(model, nn.Sequential) and _behaves_as(model, nn.Sequential):
-                    return _sequential_bound(model, shape, layer_bound)
+                    return _not_nan(_sequential_bound(model, shape, layer_bound))
                 raise UnsupportedOperationError(
                     f"torch.fx could not trace {type(model).__name__}: {exc!r}. Make forward "
                     "traceable (no data-dependent control flow), or register a rule for the "
