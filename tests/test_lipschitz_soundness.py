@@ -449,3 +449,21 @@ def test_a_nan_bound_is_an_error_not_a_number() -> None:
         net[3].running_var.fill_(-1.0)
     with pytest.raises(ValueError, match="NaN|finite"):
         network_lipschitz_bound(net, (4,))
+
+
+@pytest.mark.parametrize(
+    "net",
+    [nn.Softplus(beta=1.0, threshold=0.1), _Fn(lambda m, x: F.softplus(x, 2.0, -1.0))],
+    ids=["module", "functional"],
+)
+def test_softplus_with_a_visible_jump_is_refused(net) -> None:
+    """Softplus switches to the identity above ``threshold``; the switch jumps by
+    log1p(exp(-threshold)) / beta (0.64 for threshold 0.1): not Lipschitz."""
+    x = torch.tensor([[0.1 - 1e-7], [0.1 + 1e-7]], dtype=torch.float64)
+    if isinstance(net, nn.Softplus):
+        jump = float((net(x)[0] - net(x)[1]).abs())
+        assert jump > 0.5  # the step is real
+    with pytest.raises(UnsupportedOperationError, match="threshold"):
+        network_lipschitz_bound(net, (4,))
+    # The default threshold's jump (2e-9) is below float32 resolution: accepted, as documented.
+    assert float(network_lipschitz_bound(nn.Softplus(), (4,))) == 1.0

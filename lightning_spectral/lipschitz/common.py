@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
@@ -26,6 +27,10 @@ _MISH_LIP = 1.09
 _SELU_LIP = 1.7581
 # Hardswish: (2x + 3) / 6 on [-3, 3] reaches 1.5 at x = 3.
 _HARDSWISH_LIP = 1.5
+# Softplus is the identity where beta * x > threshold: the switch jumps by
+# log1p(exp(-threshold)) / |beta|. Up to this size (below float32 resolution of O(1) outputs;
+# 2e-9 for the defaults) the jump is accepted like rounding; larger ones are refused.
+_SOFTPLUS_MAX_JUMP = 1e-6
 
 _CONV_T_TYPES: tuple[type, ...] = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 _CONV_TYPES: tuple[type, ...] = (nn.Conv1d, nn.Conv2d, nn.Conv3d, *_CONV_T_TYPES)
@@ -79,3 +84,16 @@ def _opnorm(matrices: Tensor) -> Tensor:
     if matrices.numel() == 0:
         return _f64(0.0)
     return spectral_norm_exact(matrices).max() * (1 + _NORM_MARGIN)
+
+
+def _check_softplus(beta: float, threshold: float) -> None:
+    """Softplus' derivative sigmoid(beta x) is in (0, 1); only its switch to the identity can
+    break the Lipschitz property (a jump, see ``_SOFTPLUS_MAX_JUMP``)."""
+    gap = math.log1p(math.exp(-threshold)) if threshold > -700 else -threshold  # no overflow
+    jump = gap / abs(beta) if beta else math.inf
+    if not jump <= _SOFTPLUS_MAX_JUMP:
+        raise UnsupportedOperationError(
+            f"softplus(beta={beta}, threshold={threshold}) jumps by {jump:.3g} where it "
+            f"switches to the identity: not Lipschitz (accepted up to {_SOFTPLUS_MAX_JUMP:g}; "
+            "raise threshold)"
+        )

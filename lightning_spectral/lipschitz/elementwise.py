@@ -15,7 +15,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, fx
 
-from .common import _GELU_LIP, _HARDSWISH_LIP, _MISH_LIP, _SELU_LIP, _SILU_LIP, _f64
+from .common import (
+    _GELU_LIP,
+    _HARDSWISH_LIP,
+    _MISH_LIP,
+    _SELU_LIP,
+    _SILU_LIP,
+    _check_softplus,
+    _f64,
+)
 from .tracing import _arg, _refuse, _shape, _static
 
 if TYPE_CHECKING:
@@ -61,6 +69,9 @@ def _relu_like_lip(node: fx.Node, t: Any) -> float:
         alpha = float(_static(_arg(node, 1, "alpha", 1.0)))
         if not alpha > 0:
             raise _refuse(node, f"celu with alpha={alpha} <= 0 is not Lipschitz")
+    if t is F.softplus:
+        _check_softplus(float(_static(_arg(node, 1, "beta", 1.0))),
+                        float(_static(_arg(node, 2, "threshold", 20.0))))
     if t is F.leaky_relu:
         return max(1.0, abs(float(_static(_arg(node, 1, "negative_slope", 0.01)))))
     return 1.0

@@ -23,6 +23,7 @@ from .common import (
     _ONE_LIP,
     LayerBound,
     UnsupportedOperationError,
+    _check_softplus,
     _f64,
 )
 from .ownership import _builtin_class, _owner, _user_rule
@@ -46,6 +47,8 @@ def _activation_lip(module: nn.Module) -> float:
     if isinstance(module, nn.CELU) and not module.alpha > 0:
         # x < 0: alpha (exp(x / alpha) - 1), slope exp(x / alpha), unbounded for alpha < 0.
         raise UnsupportedOperationError(f"nn.CELU with alpha={module.alpha} <= 0 is not Lipschitz")
+    if isinstance(module, nn.Softplus):
+        _check_softplus(module.beta, module.threshold)
     if isinstance(module, _ONE_LIP):
         return 1.0
     if isinstance(module, nn.LeakyReLU):
