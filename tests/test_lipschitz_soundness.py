@@ -467,3 +467,19 @@ def test_softplus_with_a_visible_jump_is_refused(net) -> None:
         network_lipschitz_bound(net, (4,))
     # The default threshold's jump (2e-9) is below float32 resolution: accepted, as documented.
     assert float(network_lipschitz_bound(nn.Softplus(), (4,))) == 1.0
+
+
+def test_channel_shuffle_with_torch_functions_is_a_permutation() -> None:
+    """shufflenet's channel shuffle: reshape, torch.transpose, contiguous, view."""
+
+    class Shuffle(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            b, c, h, w = x.shape
+            x = torch.reshape(x, (b, 2, c // 2, h, w))
+            x = torch.transpose(x, 1, 2).contiguous()
+            x = torch.permute(torch.unsqueeze(x.view(b, -1, h, w), 2), (0, 1, 3, 4, 2))
+            return torch.squeeze(x, -1).flatten(1)
+
+    assert float(network_lipschitz_bound(Shuffle(), (4, 2, 3))) == 1.0
+    with pytest.raises(UnsupportedOperationError, match="batch"):
+        network_lipschitz_bound(_Fn(lambda m, x: torch.transpose(x, 0, 1)), (4,))

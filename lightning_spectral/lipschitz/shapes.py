@@ -97,8 +97,18 @@ def _reduce(w: _Walker, node: fx.Node, t: Any) -> Tensor:
     return k * w.L(x)
 
 
+# torch functions with the same arguments as the method of that name.
+_SHAPE_FUNCS = {torch.transpose: "transpose", torch.permute: "permute",
+                torch.reshape: "reshape", torch.squeeze: "squeeze", torch.unsqueeze: "unsqueeze"}
+
+
+def _reshape_function(w: _Walker, node: fx.Node, t: Any) -> Tensor:
+    return _reshape(w, node, _SHAPE_FUNCS[t])
+
+
 TABLE = {
     operator.getitem: _getitem, torch.flatten: _reshape, **dict.fromkeys(_SHAPE_METHODS, _reshape),
+    **dict.fromkeys(_SHAPE_FUNCS, _reshape_function),
     torch.cat: _cat, torch.concat: _cat, torch.stack: _cat,
     **dict.fromkeys((torch.mean, torch.sum, "mean", "sum"), _reduce),
 }
