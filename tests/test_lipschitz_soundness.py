@@ -483,3 +483,10 @@ def test_channel_shuffle_with_torch_functions_is_a_permutation() -> None:
     assert float(network_lipschitz_bound(Shuffle(), (4, 2, 3))) == 1.0
     with pytest.raises(UnsupportedOperationError, match="batch"):
         network_lipschitz_bound(_Fn(lambda m, x: torch.transpose(x, 0, 1)), (4,))
+
+
+def test_an_instance_level_forward_override_is_not_the_class() -> None:
+    lin = nn.Linear(3, 3).double()
+    lin.forward = lambda x: 20 * F.linear(x, lin.weight, lin.bias)
+    net = nn.Sequential(lin)
+    assert float(network_lipschitz_bound(net, (3,))) >= linear_map_norm(net, (3,))

@@ -48,17 +48,19 @@ def _is_code(value: Any) -> bool:
 
 
 def _behaves_as(module: nn.Module, klass: type) -> bool:
-    """True when no class between ``type(module)`` and ``klass`` redefines a method of
-    ``klass`` (or of its bases below ``nn.Module``) or the call machinery: the module then
-    computes what ``klass`` computes, and a rule written for ``klass`` applies to it."""
+    """True when neither a class between ``type(module)`` and ``klass`` nor the instance
+    redefines a method of ``klass`` (or of its bases below ``nn.Module``) or the call
+    machinery: the module then computes what ``klass`` computes, and a rule written for
+    ``klass`` applies to it."""
     mro = type(module).__mro__
     defined = set(_CALL_NAMES)
     for base in klass.__mro__:
         if base in (nn.Module, object):
             break
         defined.update(name for name, value in vars(base).items() if _is_code(value))
-    for sub in mro[: mro.index(klass)]:
-        for name, value in vars(sub).items():
+    # An instance attribute (``module.forward = ...``) shadows the class' method too.
+    for namespace in (*(vars(sub) for sub in mro[: mro.index(klass)]), vars(module)):
+        for name, value in namespace.items():
             if name in defined and name not in _HARMLESS and _is_code(value):
                 return False
     return True
@@ -83,3 +85,9 @@ def _builtin_class(module: nn.Module) -> type | None:
 
 def _has_rule(module: nn.Module) -> bool:
     return _user_rule(module) is not None or _builtin_class(module) is not None
+
+
+def _overrides_a_rule(module: nn.Module) -> bool:
+    """A subclass (or instance) of a class with a rule that does not behave as that class:
+    it must be traced into, even where fx would keep a ``torch.nn`` class as a leaf."""
+    return any(klass in _USER_RULES or klass in _BUILTIN for klass in type(module).__mro__)

@@ -10,18 +10,21 @@ from torch import Tensor, fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
 from .common import UnsupportedOperationError
-from .ownership import _has_rule
+from .ownership import _has_rule, _overrides_a_rule
 
 # Methods that read only sizes, never values.
 _CONST_METHODS = {"size", "dim", "numel"}
 
 
 class _Tracer(fx.Tracer):
-    """Stops at modules with a rule (built-in or registered); descends into the others."""
+    """Stops at modules with a rule (built-in or registered); descends into the others,
+    including rule classes whose method the module redefines."""
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         if _has_rule(m):
             return True
+        if _overrides_a_rule(m):
+            return False
         return super().is_leaf_module(m, module_qualified_name)
 
 
