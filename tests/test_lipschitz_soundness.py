@@ -490,3 +490,20 @@ def test_an_instance_level_forward_override_is_not_the_class() -> None:
     lin.forward = lambda x: 20 * F.linear(x, lin.weight, lin.bias)
     net = nn.Sequential(lin)
     assert float(network_lipschitz_bound(net, (3,))) >= linear_map_norm(net, (3,))
+
+
+def test_inplace_after_a_cast_like_a_buffer_is_accepted() -> None:
+    """``.to(buffer)`` aliases its input, not the buffer: the buffer is not overwritten."""
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(4, 4)
+            self.register_buffer("template", torch.zeros(1, dtype=torch.float64))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.fc(x).to(self.template).mul_(3)
+
+    net = Net().double()
+    assert float(network_lipschitz_bound(net, (4,))) == pytest.approx(
+        3 * linear_map_norm(nn.Sequential(net.fc), (4,)), rel=1e-9)

@@ -87,4 +87,7 @@ def check_inplace(gm: fx.GraphModule, node: fx.Node) -> None:
             raise _refuse(node, f"in-place update of the parameter or buffer '{cur.target}'")
         if cur.op == "placeholder" or fresh(gm, cur):
             continue
-        todo += [(a, cur) for a in cur.all_input_nodes]
+        # A view shares the storage of its first argument (the tensor method's self); what a
+        # module of unknown kind returns may alias any of its inputs.
+        sources = cur.all_input_nodes if cur.op == "call_module" else cur.args[:1]
+        todo += [(a, cur) for a in sources]
