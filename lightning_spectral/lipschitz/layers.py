@@ -80,8 +80,8 @@ def _layer(w: _Walker, node: fx.Node, t: Any) -> Tensor:
             if value is not None:
                 geometry[name] = _static(value)
         layer = _plain_layer(klass, weight, **geometry)
-    return _layer_bound_of(layer, _shape(node.args[0]), w.layer_bound) * w.L(
-        node.args[0])
+    x = node.args[0]
+    return _layer_bound_of(layer, _shape(x), w.layer_bound) * w.L(x)
 
 
 def _pad(w: _Walker, node: fx.Node, t: Any) -> Tensor:
@@ -108,11 +108,11 @@ def _batch_norm(w: _Walker, node: fx.Node, t: Any) -> Tensor:
     w.only_first_dependent(node)
     if bool(_static(_arg(node, 5, "training", False))):
         raise _refuse(node, "batch statistics (training=True) are not a per-sample map")
-    var = _static(_arg(node, 2, "running_var"))
+    var = _arg(node, 2, "running_var")
     if var is None:
         raise _refuse(node, "no running variance")
     eps = float(_static(_arg(node, 7, "eps", 1e-5)))
-    scale = 1.0 / torch.sqrt(w.constant(node, _arg(node, 2, "running_var")) + eps)
+    scale = 1.0 / torch.sqrt(w.constant(node, var) + eps)
     weight = _arg(node, 3, "weight")
     if weight is not None:
         scale = scale * w.constant(node, weight)

@@ -36,7 +36,10 @@ def _has_hooks(module: nn.Module) -> bool:
 
 def _same(a: Any, b: Any) -> bool:
     if isinstance(a, Tensor) and isinstance(b, Tensor):
-        return a.shape == b.shape and bool(torch.allclose(a, b, rtol=0, atol=0, equal_nan=True))
+        # Not bitwise: a GPU may pick another kernel for the second call.
+        atol = 1e-6 * float(b.detach().abs().max()) if b.numel() else 0.0
+        return a.shape == b.shape and bool(torch.allclose(a, b, rtol=1e-5, atol=atol,
+                                                          equal_nan=True))
     if isinstance(a, (tuple, list)) and isinstance(b, (tuple, list)):
         return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b, strict=True))
     return type(a) is type(b) and not isinstance(a, Tensor) and a == b
@@ -47,6 +50,8 @@ def _clone(value: Any) -> Any:
         return value.clone()
     if isinstance(value, (tuple, list)):
         return type(value)(_clone(v) for v in value)
+    if isinstance(value, dict):
+        return {k: _clone(v) for k, v in value.items()}
     return value
 
 
