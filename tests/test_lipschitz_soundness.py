@@ -507,3 +507,13 @@ def test_inplace_after_a_cast_like_a_buffer_is_accepted() -> None:
     net = Net().double()
     assert float(network_lipschitz_bound(net, (4,))) == pytest.approx(
         3 * linear_map_norm(nn.Sequential(net.fc), (4,)), rel=1e-9)
+
+
+def test_out_arguments_are_refused() -> None:
+    def fn(m, x):
+        h = m.fc1(x)
+        torch.mul(h, 10, out=h)
+        return m.fc2(h)
+
+    with pytest.raises(UnsupportedOperationError, match="out="):
+        network_lipschitz_bound(_Fn(fn), (4,))

@@ -140,6 +140,8 @@ class _Walker:
             return self.visit_fold(node, fold[node])
         if node.op != "call_module" and node.target in _RANDOM:
             raise _refuse(node, "random: its value differs from call to call")
+        if node.kwargs.get("out") is not None:
+            raise _refuse(node, "out= writes the result into an existing tensor")
         inplace, target = inplace_target(self.gm, node)
         if inplace:
             check_inplace(self.gm, node)
