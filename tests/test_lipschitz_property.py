@@ -237,7 +237,10 @@ def test_bound_dominates_local_jacobians(arch) -> None:
         -1, *[1] * len(shape))
     points = torch.cat([points, _ascend(net, points[3])[None]])
     worst = max(_local_norms(net, shape, points))
-    assert worst <= bound * (1 + 1e-12), (worst, bound, net)
+    # Autograd casts the gradient through .float() to float32: such Jacobians are only
+    # accurate to float32 rounding.
+    rel = 1e-6 if "float_cast" in net.kinds else 1e-12
+    assert worst <= bound * (1 + rel), (worst, bound, net)
 
 
 @pytest.mark.parametrize("head", _HEADS)
