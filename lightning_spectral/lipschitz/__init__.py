@@ -1,0 +1,59 @@
+"""A guaranteed upper bound on the l2 Lipschitz constant of a whole network.
+
+The model is traced with ``torch.fx`` and its graph walked once in topological order. Every
+node ``v`` gets a number ``L_v`` with ``||v(x) - v(x')|| <= L_v ||x - x'||`` for all inputs
+``x, x'`` of *one sample*:
+
+* the input: 1; constants (parameters, buffers, shapes): 0;
+* a map ``h`` applied to ``u``: ``L_v = Lip(h) * L_u`` (composition). Convolutions and linear
+  layers, as modules or as ``F.conv*`` / ``F.linear`` / ``@`` with a constant weight, get
+  ``Lip(h)`` from the bound engine (:func:`~lightning_spectral.functional.layer_spectral_bound`)
+  at the input size the trace reveals;
+* a sum ``u + w``: ``L_u + L_w`` (triangle inequality). Since ``L_u``, ``L_w`` bound the two
+  summands *as functions of the input*, a residual ``x + g(x)`` gets ``1 + L_g``. An operand
+  that broadcasting repeats ``r`` times enters with ``sqrt(r) L``: each of its entries appears
+  ``r`` times in the output, so squared differences are counted ``r`` times;
+* a concatenation ``[u, w]``: ``sqrt(L_u^2 + L_w^2)`` (the squared norms add);
+* any other node ``h(u_1, ..., u_k)`` of several inputs with a rule ``K`` (Lipschitz w.r.t. the
+  concatenation of its inputs): ``K * sqrt(sum_i L_{u_i}^2)``.
+
+BatchNorm in eval is the affine map ``x -> s * x + t`` with ``s = gamma / sqrt(var + eps)``;
+when it follows a convolution (or linear layer) whose output feeds nothing else it is folded
+into that layer's weight and the folded layer is bounded (tighter than ``max |s|`` times the
+layer bound); otherwise it contributes ``max |s|``.
+
+Pooling uses the input size: an average pool is the Kronecker product of 1-D averaging
+matrices, whose norm is the product of their norms (computed exactly); a max pool is
+``sqrt(c)``-Lipschitz where ``c`` is the largest number of windows one input position falls
+into (``|max_W x - max_W x'| <= ||(x - x')_W||``, and summing the squares over windows counts
+each position at most ``c`` times); it is 1 when windows do not overlap. A global average over
+``N`` positions gives ``1 / sqrt(N)``. ``F.pad`` copies entries: ``sqrt`` of the largest number
+of copies of one entry.
+
+What a rule may assume. A module gets a built-in (or registered) rule only when it computes
+what the rule's class computes: a subclass that redefines ``forward`` (or another method of
+that class) is traced into instead, and its inside bounded operation by operation. An in-place
+operation is bounded as its out-of-place counterpart only when nothing else reads the tensor
+it overwrites (nor a view of it). An input-dependent integer or boolean tensor (casts,
+comparisons, ``argmax``) is refused: a step function has no Lipschitz constant. Finally the
+traced graph must reproduce the model's output on a random input, and forward hooks must not
+change what their module returns.
+
+Anything without a rule raises :class:`UnsupportedOperationError` naming it; register rules for
+your own module types with :func:`register_lipschitz_rule`. Floating-point rounding of the
+float64 products themselves is not accounted for (relative error ~1e-15 per layer).
+"""
+
+
+from .api import _sequential_bound as _sequential_bound  # the Sequential fallback (tests)
+from .api import network_lipschitz_bound
+from .common import LipschitzRule, UnsupportedOperationError
+from .ownership import register_lipschitz_rule, unregister_lipschitz_rule
+
+__all__ = [
+    "LipschitzRule",
+    "UnsupportedOperationError",
+    "network_lipschitz_bound",
+    "register_lipschitz_rule",
+    "unregister_lipschitz_rule",
+]

@@ -1,0 +1,213 @@
+"""``network_lipschitz_bound``: trace, propagate shapes at two batch sizes, walk the graph,
+check that the trace reproduces the model; the child-by-child fallback for an untraceable
+``nn.Sequential``."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, fx, nn
+
+from .common import _BATCH, LayerBound, UnsupportedOperationError, _f64
+from .modules import _foldable, _folded_layer, _layer_bound_of, _module_lip
+from .ownership import _behaves_as, _has_rule
+from .tracing import _check_hooks, _has_hooks, _Propagate, _trace
+from .walk import _Walker
+
+
+def _dependents(gm: fx.GraphModule) -> set[fx.Node]:
+    dep: set[fx.Node] = set()
+    for node in gm.graph.nodes:
+        if node.op == "placeholder" or any(a in dep for a in node.all_input_nodes):
+            dep.add(node)
+    return dep
+
+
+def _check_input_shape(input_shape: Sequence[int]) -> tuple[int, ...]:
+    if isinstance(input_shape, int):
+        input_shape = (input_shape,)
+    try:
+        shape = tuple(int(s) for s in input_shape)
+    except (TypeError, ValueError) as exc:
+        raise TypeError(f"input_shape must be a sequence of ints, got {input_shape!r}") from exc
+    if not shape or any(s <= 0 for s in shape):
+        raise ValueError(f"input_shape must be a non-empty tuple of positive sizes, got {shape}")
+    return shape
+
+
+def _dummy(model: nn.Module, shape: tuple[int, ...], batch: int = _BATCH) -> Tensor:
+    """A random batch (own generator: the caller's random state is left alone)."""
+    tensors = [t for t in (*model.parameters(), *model.buffers()) if t.is_floating_point()]
+    param = tensors[0] if tensors else None
+    dtype = param.dtype if param is not None and param.dtype.is_floating_point else torch.float32
+    device = param.device if param is not None else torch.device("cpu")
+    gen = torch.Generator().manual_seed(0)
+    return torch.randn(batch, *shape, generator=gen, dtype=dtype).to(device)
+
+
+def _check_faithful(model: nn.Module, x: Tensor, traced: Any) -> None:
+    """The bound is of the traced graph; it must compute what the model computes. Tracing
+    loses in-place updates written as ``a += b`` (traced as ``a + b``, so an alias of ``a``
+    would miss the update) and forward hooks of modules it traces through."""
+    expected = model(x)
+    if not (isinstance(expected, Tensor) and isinstance(traced, Tensor)):
+        return  # the walk has already refused any other output
+    scale = float(expected.detach().abs().max()) if expected.numel() else 0.0
+    if expected.shape != traced.shape or not torch.allclose(
+        traced, expected, rtol=1e-4, atol=1e-6 * max(1.0, scale), equal_nan=True
+    ):
+        raise UnsupportedOperationError(
+            f"the torch.fx trace of {type(model).__name__} does not reproduce its output on a "
+            "random input: an in-place update of a tensor that is read elsewhere (e.g. "
+            "`h += ...` on an alias of h), a forward hook on a module the trace goes through, "
+            "or randomness. Write the update out of place / remove the hook."
+        )
+
+
+class _RecordShapes(fx.Interpreter):
+    def __init__(self, gm: fx.GraphModule) -> None:
+        super().__init__(gm)
+        self.shapes: dict[fx.Node, torch.Size] = {}
+
+    def run_node(self, n: fx.Node) -> Any:
+        result = super().run_node(n)
+        if isinstance(result, Tensor):
+            self.shapes[n] = result.shape
+        return result
+
+
+def _other_batch_shapes(gm: fx.GraphModule, shape: tuple[int, ...]) -> dict[fx.Node, torch.Size]:
+    """Shapes at a batch of ``_BATCH + 1``: an input-dependent tensor whose shape does not
+    follow the batch size mixes samples with other axes (``x.view(2, -1)``, a Linear applied
+    across the batch after the features were reduced away, ...)."""
+    recorder = _RecordShapes(gm)
+    try:
+        recorder.run(_dummy(gm, shape, _BATCH + 1))
+    except Exception as exc:  # the model's own error, whatever its type
+        raise UnsupportedOperationError(
+            f"the model runs on a batch of {_BATCH} but not on a batch of {_BATCH + 1} "
+            f"({exc!r}): it does not treat the samples independently"
+        ) from exc
+    return recorder.shapes
+
+
+def _graph_bound(model: nn.Module, gm: fx.GraphModule, shape: tuple[int, ...],
+                 layer_bound: LayerBound) -> Tensor:
+    dummy = _dummy(gm, shape)
+    depends = _dependents(gm)
+    try:
+        traced = _Propagate(gm, depends).propagate(dummy.clone())  # the model may write to it
+    except UnsupportedOperationError:
+        raise
+    except Exception as exc:  # the model's own error, whatever its type
+        raise ValueError(
+            f"running the model on a dummy input of per-sample shape {shape} (batch {_BATCH}) "
+            f"failed: {exc!r}. input_shape excludes the batch axis, e.g. (C, H, W)."
+        ) from exc
+    walker = _Walker(gm, layer_bound, _other_batch_shapes(gm, shape))
+    bound = walker.run()
+    _check_faithful(model, dummy, traced)
+    return _not_nan(bound)
+
+
+def _not_nan(bound: Tensor) -> Tensor:
+    # NaN compares false with everything: passed on, it would read as "no violation".
+    if bool(torch.isnan(bound)):
+        raise ValueError("the Lipschitz bound is NaN: some parameter or statistic is not finite "
+                         "(e.g. a negative BatchNorm running_var)")
+    return bound
+
+
+def _sequential_bound(model: nn.Sequential, shape: tuple[int, ...], layer_bound: LayerBound
+                      ) -> Tensor:
+    """Fallback for an untraceable nn.Sequential: product over children, each child bounded
+    by its rule or, if it has none, by its own network bound (traced on its own)."""
+    x = _dummy(model, shape)
+    children = list(model)
+    total = _f64(1.0)
+    i = 0
+    while i < len(children):
+        child = children[i]
+        y = _call_checked(child, str(i), x)
+        nxt = children[i + 1] if i + 1 < len(children) else None
+        if nxt is not None and isinstance(y, Tensor) and _foldable(child, nxt, y.ndim):
+            k = _layer_bound_of(_folded_layer(child, nxt), x.shape, layer_bound)
+            y = _call_checked(nxt, str(i + 1), y)
+            i += 1
+        elif _has_rule(child):
+            k = _module_lip(child, [x.shape], getattr(y, "shape", None), layer_bound)
+        else:
+            k = network_lipschitz_bound(child, tuple(x.shape[1:]), layer_bound=layer_bound)
+        if not isinstance(y, Tensor) or y.shape[0] != _BATCH:
+            raise UnsupportedOperationError(f"{type(child).__name__} changes the batch axis")
+        if not y.dtype.is_floating_point:
+            raise UnsupportedOperationError(
+                f"{type(child).__name__} returns {y.dtype}: a step function has no Lipschitz "
+                "constant"
+            )
+        total = total * k
+        x = y
+        i += 1
+    return total
+
+
+def _call_checked(module: nn.Module, name: str, x: Tensor) -> Any:
+    if not _has_hooks(module):
+        return module(x)
+    clone = x.clone()
+    y = module(x)
+    _check_hooks(module, name, (clone,), {}, y)
+    return y
+
+
+def network_lipschitz_bound(
+    model: nn.Module,
+    input_shape: Sequence[int],
+    *,
+    layer_bound: LayerBound | None = None,
+) -> Tensor:
+    """A guaranteed upper bound on the l2 Lipschitz constant of ``model`` in eval mode.
+
+    Args:
+        model: any module ``torch.fx`` can trace whose forward takes one tensor and returns
+            one tensor (e.g. torchvision's ResNets, a LightningModule whose forward calls its
+            network); an untraceable plain ``nn.Sequential`` is handled child by child.
+        input_shape: the shape of ONE sample, without the batch axis, e.g. ``(1, 8, 8)`` for
+            ``(C, H, W)`` images. The bound is for the per-sample map and depends on the input
+            size (pooling, and the layer bounds when they use it).
+        layer_bound: ``fn(module, input_size) -> Tensor``, a guaranteed bound on a
+            convolution's / linear layer's operator norm for the spatial ``input_size`` (None
+            for linear layers). Defaults to
+            :func:`lightning_spectral.functional.layer_spectral_bound`.
+
+    Returns:
+        0-dim float64 tensor (CPU, no grad) ``L`` with ``||f(x) - f(x')|| <= L ||x - x'||``
+        for all inputs of that shape. The model's train/eval flags are restored afterwards.
+
+    Raises:
+        UnsupportedOperationError: a module or function without a rule (named in the message).
+        ValueError: ``input_shape`` invalid or the model fails on it.
+    """
+    shape = _check_input_shape(input_shape)
+    if layer_bound is None:
+        from ..functional.bounds import layer_spectral_bound as layer_bound
+    modes = {m: m.training for m in model.modules()}
+    model.eval()
+    try:
+        with torch.no_grad():
+            try:
+                gm = _trace(model)
+            except Exception as exc:  # fx raises TraceError, TypeError, NotImplementedError...
+                if isinstance(model, nn.Sequential) and _behaves_as(model, nn.Sequential):
+                    return _not_nan(_sequential_bound(model, shape, layer_bound))
+                raise UnsupportedOperationError(
+                    f"torch.fx could not trace {type(model).__name__}: {exc!r}. Make forward "
+                    "traceable (no data-dependent control flow), or register a rule for the "
+                    "offending module type with register_lipschitz_rule."
+                ) from exc
+            return _graph_bound(model, gm, shape, layer_bound)
+    finally:
+        for m, mode in modes.items():
+            m.train(mode)

@@ -1,0 +1,158 @@
+"""Tracing: the fx tracer (leaves = modules with a rule), shape propagation that records
+constant values and checks forward hooks, and helpers to read nodes."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, fx, nn
+from torch.fx.passes.shape_prop import ShapeProp
+
+from .common import UnsupportedOperationError
+from .ownership import _has_rule, _overrides_a_rule
+
+# Methods that read only sizes, never values.
+_CONST_METHODS = {"size", "dim", "numel"}
+
+
+class _Tracer(fx.Tracer):
+    """Stops at modules with a rule (built-in or registered); descends into the others,
+    including rule classes whose method the module redefines."""
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        if _has_rule(m):
+            return True
+        if _overrides_a_rule(m):
+            return False
+        return super().is_leaf_module(m, module_qualified_name)
+
+
+def _has_hooks(module: nn.Module) -> bool:
+    glob = nn.modules.module
+    return bool(module._forward_hooks or module._forward_pre_hooks
+                or glob._global_forward_hooks or glob._global_forward_pre_hooks)
+
+
+def _same(a: Any, b: Any) -> bool:
+    if isinstance(a, Tensor) and isinstance(b, Tensor):
+        # Not bitwise: a GPU may pick another kernel for the second call.
+        atol = 1e-6 * float(b.detach().abs().max()) if b.numel() else 0.0
+        return a.shape == b.shape and bool(torch.allclose(a, b, rtol=1e-5, atol=atol,
+                                                          equal_nan=True))
+    if isinstance(a, (tuple, list)) and isinstance(b, (tuple, list)):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b, strict=True))
+    return type(a) is type(b) and not isinstance(a, Tensor) and a == b
+
+
+def _clone(value: Any) -> Any:
+    if isinstance(value, Tensor):
+        return value.clone()
+    if isinstance(value, (tuple, list)):
+        return type(value)(_clone(v) for v in value)
+    if isinstance(value, dict):
+        return {k: _clone(v) for k, v in value.items()}
+    return value
+
+
+def _check_hooks(module: nn.Module, name: str, args: tuple, kwargs: dict, result: Any) -> None:
+    """A forward (pre-)hook may observe or recompute state (spectral norm, weight norm), but
+    the rule knows only ``forward``: the hooked call must return what ``forward`` returns."""
+    if not _same(result, module.forward(*args, **kwargs)):
+        raise UnsupportedOperationError(
+            f"a forward hook or pre-hook of module '{name}' ({type(module).__name__}) changes "
+            "its input or output; the bound only knows the module's own forward"
+        )
+
+
+class _Propagate(ShapeProp):
+    """ShapeProp that also keeps small non-tensor results (sizes) and the values of
+    constant tensors, which products with constants need; checks hooks of leaf modules."""
+
+    def __init__(self, gm: fx.GraphModule, depends: set[fx.Node]) -> None:
+        super().__init__(gm)
+        self.depends = depends
+
+    def run_node(self, n: fx.Node) -> Any:
+        hooked = n.op == "call_module" and _has_hooks(self.fetch_attr(n.target))
+        if hooked:  # cloned first: an in-place module overwrites its input
+            args, kwargs = _clone(self.fetch_args_kwargs_from_env(n))
+        result = super().run_node(n)
+        if hooked:
+            _check_hooks(self.fetch_attr(n.target), n.target, args, kwargs, result)
+        if not isinstance(result, Tensor):
+            if isinstance(result, (int, float, bool, torch.Size)) or (
+                isinstance(result, (tuple, list)) and all(isinstance(r, int) for r in result)
+            ):
+                n.meta["ls_value"] = result
+        elif n not in self.depends:
+            n.meta["ls_value"] = result.detach()
+        return result
+
+
+def _trace(model: nn.Module) -> fx.GraphModule:
+    tracer = _Tracer()
+    graph = tracer.trace(model)
+    return fx.GraphModule(tracer.root, graph)
+
+
+def _shape(node: Any) -> torch.Size | None:
+    if not isinstance(node, fx.Node):
+        return None
+    meta = node.meta.get("tensor_meta")
+    shape = getattr(meta, "shape", None)
+    return torch.Size(shape) if shape is not None else None
+
+
+def _dtypes(meta: Any) -> list[torch.dtype]:
+    """Dtypes of every tensor in a (nested) ShapeProp ``tensor_meta``."""
+    if hasattr(meta, "dtype") and hasattr(meta, "shape"):
+        return [meta.dtype]
+    if isinstance(meta, (tuple, list)):
+        return [d for m in meta for d in _dtypes(m)]
+    if isinstance(meta, dict):
+        return [d for m in meta.values() for d in _dtypes(m)]
+    return []
+
+
+def _metadata_only(node: fx.Node) -> bool:
+    """Reads only sizes (``x.size(0)``, ``x.shape``), never the values."""
+    return node.op == "call_method" and node.target in _CONST_METHODS or (
+        node.target is getattr and node.args[1] in ("shape", "dtype", "ndim", "device"))
+
+
+def _describe(node: fx.Node) -> str:
+    target = node.target
+    if node.op == "call_method":
+        return f"tensor method .{target}()"
+    if node.op == "call_module":
+        return f"module '{target}'"
+    name = getattr(target, "__qualname__", None) or getattr(target, "__name__", None) or target
+    mod = getattr(target, "__module__", None)
+    return f"function {mod + '.' if mod else ''}{name}"
+
+
+def _refuse(node: fx.Node, why: str = "") -> UnsupportedOperationError:
+    extra = f" ({why})" if why else ""
+    return UnsupportedOperationError(
+        f"no Lipschitz rule for {_describe(node)} at node '{node.name}'{extra}"
+    )
+
+
+def _arg(node: fx.Node, index: int, name: str, default: Any = None) -> Any:
+    if name in node.kwargs:
+        return node.kwargs[name]
+    return node.args[index] if len(node.args) > index else default
+
+
+def _static(value: Any) -> Any:
+    """The value of a non-input-dependent argument (literal or recorded node value)."""
+    if isinstance(value, fx.Node):
+        if "ls_value" not in value.meta:
+            raise KeyError(value.name)
+        return value.meta["ls_value"]
+    if isinstance(value, (tuple, list)):
+        return type(value)(_static(v) for v in value)
+    return value
+
+

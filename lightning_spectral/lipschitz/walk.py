@@ -1,0 +1,181 @@
+"""The graph walk: one pass in topological order, each node's bound from its arguments'
+bounds and the node's rule (:mod:`.rules` for functions and methods, :mod:`.modules` for
+leaf modules), after the checks that make the rule applicable (in-place ops, dtypes, batch
+axis)."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import Tensor, fx
+
+from .common import _BATCH, LayerBound, UnsupportedOperationError, _f64
+from .inplace import _RANDOM, check_inplace, inplace_target
+from .modules import _foldable, _folded_layer, _layer_bound_of, _module_lip
+from .rules import RULES
+from .tracing import _dtypes, _metadata_only, _refuse, _shape, _static
+
+
+class _Walker:
+    """Bounds ``L_v`` for every node ``v`` of a shape-propagated graph."""
+
+    def __init__(self, gm: fx.GraphModule, layer_bound: LayerBound,
+                 other_batch: dict[fx.Node, torch.Size]) -> None:
+        self.gm = gm
+        self.layer_bound = layer_bound
+        self.other_batch = other_batch
+        self.lip: dict[fx.Node, Tensor] = {}
+
+    def L(self, value: Any) -> Tensor:
+        """Lipschitz bound of an argument (nested args allowed: root-sum-square)."""
+        if isinstance(value, fx.Node):
+            return self.lip[value]
+        if isinstance(value, (tuple, list)):
+            parts = [self.L(v) for v in value]
+            return torch.stack(parts).square().sum().sqrt() if parts else _f64(0.0)
+        if isinstance(value, dict):
+            return self.L(list(value.values()))
+        return _f64(0.0)
+
+    def dependent(self, value: Any) -> bool:
+        if isinstance(value, dict):
+            return self.dependent(list(value.values()))
+        return isinstance(value, fx.Node) and bool(self.lip[value] > 0) or (
+            isinstance(value, (tuple, list)) and any(self.dependent(v) for v in value)
+        )
+
+    def only_first_dependent(self, node: fx.Node) -> None:
+        others = list(node.args[1:]) + list(node.kwargs.values())
+        if any(self.dependent(a) for a in others):
+            raise _refuse(node, "only its first argument may depend on the input")
+
+    def keeps_batch(self, node: fx.Node) -> bool:
+        shapes = [_shape(node), _shape(node.args[0])]
+        return all(s is not None and len(s) >= 1 and s[0] == _BATCH for s in shapes)
+
+    def spread(self, arg: Any, node: fx.Node) -> float:
+        """``sqrt(r)``, ``r`` the number of output entries broadcasting makes from each entry
+        of the input-dependent ``arg`` (1 without broadcasting)."""
+        if not self.dependent(arg):
+            return 1.0
+        a, out = _shape(arg), _shape(node)
+        if a is None or out is None or len(a) != len(out):
+            raise _refuse(node, "broadcasting an input-dependent operand against more "
+                                "dimensions moves its batch axis")
+        return math.sqrt(math.prod(out) / max(1, math.prod(a)))
+
+    def constant(self, node: fx.Node, value: Any) -> Tensor:
+        try:
+            return torch.as_tensor(_static(value)).detach().to("cpu", torch.float64)
+        except KeyError as exc:
+            raise _refuse(node, f"cannot evaluate the constant {exc}") from exc
+
+    def run(self) -> Tensor:
+        nodes = list(self.gm.graph.nodes)
+        placeholders = [n for n in nodes if n.op == "placeholder"]
+        if len(placeholders) != 1:
+            raise UnsupportedOperationError(
+                f"the model's forward must take exactly one tensor input, got "
+                f"{[n.target for n in placeholders]}"
+            )
+        fold = self.find_folds(nodes)
+        for node in nodes:
+            if node in fold.values():
+                continue  # its only user, the BatchNorm, accounts for it
+            if node.op == "output":
+                out = node.args[0]
+                if not isinstance(out, fx.Node) or _shape(out) is None:
+                    raise UnsupportedOperationError(
+                        "the model must return a single tensor (the logits)"
+                    )
+                return self.lip[out]
+            self.lip[node] = self.visit(node, fold)
+            self.check_batch(node)
+        raise RuntimeError("graph without output")  # pragma: no cover
+
+    def find_folds(self, nodes: list[fx.Node]) -> dict[fx.Node, fx.Node]:
+        """BatchNorm node -> the conv/linear node folded into it."""
+        fold = {}
+        for node in nodes:
+            if node.op != "call_module" or len(node.args) != 1 or node.kwargs:
+                continue
+            prev = node.args[0]
+            if not (isinstance(prev, fx.Node) and prev.op == "call_module"
+                    and len(prev.users) == 1 and len(prev.args) == 1 and not prev.kwargs):
+                continue
+            layer = self.gm.get_submodule(prev.target)
+            bn = self.gm.get_submodule(node.target)
+            out = _shape(prev)
+            if out is not None and _foldable(layer, bn, len(out)) and self.keeps_batch(prev):
+                fold[node] = prev
+        return fold
+
+    def check_batch(self, node: fx.Node) -> None:
+        """An input-dependent tensor must have the batch axis first, at every batch size."""
+        shape = _shape(node)
+        if shape is None or not bool(self.lip[node] > 0):
+            return
+        other = self.other_batch.get(node)
+        if shape[0] != _BATCH or other is None or tuple(other) != (_BATCH + 1, *shape[1:]):
+            raise _refuse(node, f"its shape {tuple(shape)} at a batch of {_BATCH} becomes "
+                                f"{None if other is None else tuple(other)} at a batch of "
+                                f"{_BATCH + 1}: it mixes the samples")
+
+    def check_dtypes(self, node: fx.Node) -> None:
+        for dtype in _dtypes(node.meta.get("tensor_meta")):
+            if not dtype.is_floating_point:
+                raise _refuse(node, f"its output dtype {dtype} is not floating point: a step "
+                                    "function of the input has no Lipschitz constant")
+
+    def visit(self, node: fx.Node, fold: dict[fx.Node, fx.Node]) -> Tensor:
+        if node.op == "placeholder":
+            return _f64(1.0)
+        if node.op == "get_attr":
+            return _f64(0.0)
+        if node.op not in ("call_module", "call_function", "call_method"):
+            raise _refuse(node)
+        if node in fold:
+            return self.visit_fold(node, fold[node])
+        if node.op != "call_module" and node.target in _RANDOM:
+            raise _refuse(node, "random: its value differs from call to call")
+        if node.kwargs.get("out") is not None:
+            raise _refuse(node, "out= writes the result into an existing tensor")
+        inplace, target = inplace_target(self.gm, node)
+        if inplace:
+            check_inplace(self.gm, node)
+        if not self.dependent(list(node.args) + list(node.kwargs.values())):
+            return _f64(0.0)  # a function of constants only (e.g. x.size(0) * 2)
+        try:
+            if node.op == "call_module":
+                lip = self.visit_module(node)
+                self.check_dtypes(node)
+                return lip
+            self.check_dtypes(node)
+            return self.visit_call(node, target)
+        except KeyError as exc:  # _static of an input-dependent argument
+            raise _refuse(node, f"argument {exc} must not depend on the input") from exc
+
+    def visit_fold(self, bn_node: fx.Node, layer_node: fx.Node) -> Tensor:
+        layer = self.gm.get_submodule(layer_node.target)
+        folded = _folded_layer(layer, self.gm.get_submodule(bn_node.target))
+        inner = _layer_bound_of(folded, _shape(layer_node.args[0]), self.layer_bound)
+        return inner * self.L(layer_node.args[0])
+
+    def visit_module(self, node: fx.Node) -> Tensor:
+        module = self.gm.get_submodule(node.target)
+        tensor_args = [a for a in node.args if _shape(a) is not None]
+        tensor_args += [a for a in node.kwargs.values() if _shape(a) is not None]
+        k = _module_lip(module, [_shape(a) for a in tensor_args], _shape(node), self.layer_bound)
+        if _shape(node) is not None and not self.keeps_batch(node):
+            raise _refuse(node, "changes the batch axis")
+        return k * self.L(tensor_args)
+
+    def visit_call(self, node: fx.Node, target: Any) -> Tensor:
+        if _metadata_only(node):
+            return _f64(0.0)
+        rule = RULES.get(target)
+        if rule is None:
+            raise _refuse(node)
+        return rule.lipschitz(self, node, target)
