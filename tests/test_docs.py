@@ -30,10 +30,6 @@ FENCE = re.compile(r"^(?P<indent>\s*)```+\s*(?P<lang>[\w+-]*)")
 PYTHON = {"python", "py", "python3"}
 SKIP = re.compile(r"^\s*<!--\s*no-test\b")
 
-# Files being rewritten on another branch when this test was written: their blocks are expected
-# to fail until then (XFAIL), and the entry must be removed once they run (XPASS in the summary).
-PENDING_FILES: set[str] = {"docs/certification.md"}
-
 
 @dataclass(frozen=True)
 class Snippet:
@@ -92,8 +88,6 @@ def _param(snippet: Snippet) -> object:
     marks = []
     if snippet.skipped:
         marks.append(pytest.mark.skip(reason="marked <!-- no-test --> in the document"))
-    elif snippet.file in PENDING_FILES:
-        marks.append(pytest.mark.xfail(reason=f"{snippet.file}: pending rewrite on another branch"))
     return pytest.param(snippet, id=f"{snippet.file}:{snippet.line}", marks=marks)
 
 
@@ -123,20 +117,9 @@ INTERNAL = re.compile(
 )
 CODE_DIRS = ("lightning_spectral", "benchmarks", "examples")
 CITED_FILES = sorted({*DOC_FILES, *(p for d in CODE_DIRS for p in (ROOT / d).rglob("*.py"))})
-# Owned by other branches when this test was written (XPASS once they are clean: remove them).
-PENDING_CITATIONS = {
-    "lightning_spectral/lipschitz.py",
-}
-
-
-def _cited_param(path: Path) -> object:
-    rel = path.relative_to(ROOT).as_posix()
-    pending = rel in PENDING_CITATIONS
-    marks = [pytest.mark.xfail(reason=f"{rel}: pending on another branch")] if pending else []
-    return pytest.param(path, id=rel, marks=marks)
-
-
-@pytest.mark.parametrize("path", [_cited_param(p) for p in CITED_FILES])
+@pytest.mark.parametrize(
+    "path", [pytest.param(p, id=p.relative_to(ROOT).as_posix()) for p in CITED_FILES]
+)
 def test_no_reference_to_notes_outside_the_repository(path: Path) -> None:
     hits = [
         f"{path.relative_to(ROOT).as_posix()}:{n}: {line.strip()}"
