@@ -27,7 +27,8 @@ from torch import Tensor, nn
 from typing_extensions import override
 
 from .certification import CertificationTracker
-from .regularizer import monitor, selection
+from .lipschitz import network_lipschitz_bound
+from .regularizer import monitor, selection, sharding
 from .regularizer.config import ConfigAttributes, Reduction, RegularizerConfig
 from .regularizer.constraint import AfterStep
 from .regularizer.evaluation import EvaluationHooks
@@ -41,6 +42,12 @@ _MANUAL_OPTIMIZATION_HINT = (
     "penalty to your loss. In training_step write `loss = loss + regularizer.penalty(self)` "
     "before `self.manual_backward(loss)`."
 )
+
+
+def _whole_lipschitz(pl_module: nn.Module, shape: tuple[int, ...]) -> Tensor:
+    # The certificate's bound, of the whole weights where they are sharded (collective).
+    with sharding.full_weights(pl_module):
+        return network_lipschitz_bound(pl_module, shape)
 
 
 class SpectralBoundRegularizer(ConfigAttributes, EvaluationHooks):
@@ -119,13 +126,14 @@ class SpectralBoundRegularizer(ConfigAttributes, EvaluationHooks):
         super().__init__()
         self.config = cfg = RegularizerConfig(**arguments)
         self._tracker = None if cfg.certify_epsilons is None else CertificationTracker(
-            cfg.certify_epsilons, cfg.input_scale, cfg.batch_to_input_target
+            cfg.certify_epsilons, cfg.input_scale, cfg.batch_to_input_target, _whole_lipschitz
         )
         self._state = LayerState()
         self._penalty = Penalty()
         self._after_step = AfterStep()
         self._trainer: pl.Trainer | None = None
         self._wrapped: nn.Module | None = None
+        self._fsdp: list[nn.Module] = []  # FSDP2 modules of the model (sharded weights)
 
     # ------------------------------------------------------------------ selection and state
 
@@ -160,7 +168,10 @@ class SpectralBoundRegularizer(ConfigAttributes, EvaluationHooks):
 
         Called at the start of ``fit`` (and of a ``validate`` without ``fit``); call it
         yourself only when using the callback without a Trainer. Returns :attr:`layer_names`.
+        Raises for FSDP1 modules (flat shards); FSDP2's sharded weights are gathered whole.
         """
+        sharding.refuse_flat_shards(pl_module)
+        self._fsdp = sharding.fsdp_modules(pl_module)
         self._state.attach(self.select_layers(pl_module), self.config.warmup_power_iterations)
         return self.layer_names
 
@@ -282,6 +293,8 @@ class SpectralBoundRegularizer(ConfigAttributes, EvaluationHooks):
             if not self._materialized() or not state.ready:
                 return torch.zeros(())
         cfg = self.config
+        if torch.is_grad_enabled():
+            sharding.reshard(self._fsdp)  # the gradient must reach the sharded parameters
         return self._penalty(state, cfg.beta, cfg.n_power_iterations, cfg.reduction, cfg.target)
 
     def _loss_term(self, pl_module: nn.Module) -> Tensor | None:
@@ -313,6 +326,7 @@ class SpectralBoundRegularizer(ConfigAttributes, EvaluationHooks):
         # ModelCheckpoint writes: a raise here keeps non-finite weights out of every checkpoint.
         if not self._state.layers or not self._materialized():
             return
+        sharding.reshard(self._fsdp)  # the projection rescales the sharded parameters
         self._after_step.run(
             self._state.layers, self._penalty.last_estimates, check=self.config.check_finite,
             c=self.config.constraint, where=self._where(),
@@ -335,6 +349,7 @@ class SpectralBoundRegularizer(ConfigAttributes, EvaluationHooks):
             return
         if not self._state.layers:
             self._state.layers = self.select_layers(pl_module)
+        sharding.reshard(self._fsdp)
         self._after_step.project(self._state.layers, c, self._where())
 
     # ------------------------------------------------------------------ monitoring

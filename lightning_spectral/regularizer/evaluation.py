@@ -17,7 +17,7 @@ from lightning.pytorch.callbacks import Callback
 from typing_extensions import override
 
 from ..certification import CertificationTracker
-from . import monitor
+from . import monitor, sharding
 from .config import RegularizerConfig
 from .state import LayerState
 
@@ -85,13 +85,21 @@ class EvaluationHooks(Callback):
         """Guaranteed upper bounds of every selected layer (``layer_spectral_bound``), by name.
 
         Uses the input size each layer saw in the first batch, when recorded (tighter for
-        some layers); a layer never called gets the bound valid for every input size.
+        some layers); a layer never called gets the bound valid for every input size. Sharded
+        weights are gathered whole for it: then every rank must call it (collective).
         """
-        return monitor.guaranteed_bounds(self._state.layers, self._state.input_sizes)
+        layers = self._state.layers
+        with sharding.full_weights(*layers.values()):
+            return monitor.guaranteed_bounds(layers, self._state.input_sizes)
 
     def exact_norms(self) -> dict[str, float]:
-        """Exact spectral norms at the recorded input sizes (layers never called are skipped)."""
-        return monitor.exact_norms(self._state.layers, self._state.input_sizes)
+        """Exact spectral norms at the recorded input sizes (layers never called are skipped).
+
+        Collective when weights are sharded, like :meth:`guaranteed_bounds`.
+        """
+        layers = self._state.layers
+        with sharding.full_weights(*layers.values()):
+            return monitor.exact_norms(layers, self._state.input_sizes)
 
     def _log_validation_values(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         every = self.config.exact_every_n_epochs
