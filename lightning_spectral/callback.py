@@ -170,9 +170,10 @@ class SpectralBoundRegularizer(ConfigAttributes, EvaluationHooks):
         yourself only when using the callback without a Trainer. Returns :attr:`layer_names`.
         Raises for FSDP1 modules (flat shards); FSDP2's sharded weights are gathered whole.
         """
-        sharding.refuse_flat_shards(pl_module)
+        layers = self.select_layers(pl_module)
+        sharding.refuse_flat_shards(pl_module, layers)
         self._fsdp = sharding.fsdp_modules(pl_module)
-        self._state.attach(self.select_layers(pl_module), self.config.warmup_power_iterations)
+        self._state.attach(layers, self.config.warmup_power_iterations)
         return self.layer_names
 
     def _materialized(self, *, after_batch: bool = False) -> bool:
@@ -220,6 +221,7 @@ class SpectralBoundRegularizer(ConfigAttributes, EvaluationHooks):
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # Not setup(): Lightning calls configure_model after the callbacks' setup, and the
         # optimizers the constraint hooks into exist only once the strategy is set up.
+        sharding.refuse_fsdp1_strategy(trainer.strategy)
         self.discover(pl_module)
         self._trainer = trainer
         self._state.record_input_sizes()
@@ -239,6 +241,7 @@ class SpectralBoundRegularizer(ConfigAttributes, EvaluationHooks):
     @override
     def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.state.fn != "fit" and not self._state.layers:  # validate() without fit
+            sharding.refuse_fsdp1_strategy(trainer.strategy)
             self.discover(pl_module)
             self._state.record_input_sizes()
 

@@ -1,7 +1,8 @@
 """Run by tests/test_callback_fsdp.py: FSDP2 (``fully_shard``) on 2 CPU processes (gloo).
 
-Usage: python callback_fsdp_script.py OUT_DIR BETA CONSTRAINT (``none`` for no constraint);
-one validation batch per epoch certifies at radius 0.1. Lightning's
+Usage: python callback_fsdp_script.py OUT_DIR BETA CONSTRAINT [nan] (``none`` for no
+constraint); one validation batch per epoch certifies at radius 0.1. With ``nan``, rank 1 alone
+puts a NaN into its shard of the gradient of ``net.2`` at the second step. Lightning's
 ``ModelParallelStrategy`` relaunches this script for rank 1. Every convolution is sharded on its
 own, and the remaining head is held by the sharded root ``net`` (which keeps its parameters
 unsharded between forward and backward), so both cases are exercised. Each rank writes the
@@ -64,7 +65,15 @@ class SaveFull(pl.Callback):
         )
 
 
-def main(out: Path, beta: float, constraint: float | None) -> None:
+class NanInRankOneShard(pl.Callback):
+    """Makes one weight non-finite on rank 1's shard only, at the second optimizer step."""
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        if trainer.global_step == 1 and trainer.global_rank == 1:
+            pl_module.net[2].weight.grad.to_local()[0, 0, 0, 0] = float("nan")
+
+
+def main(out: Path, beta: float, constraint: float | None, nan: bool) -> None:
     torch.set_num_threads(1)
     torch.manual_seed(0)
     net = tiny_net()
@@ -72,8 +81,9 @@ def main(out: Path, beta: float, constraint: float | None) -> None:
         beta=beta, constraint=constraint, n_power_iterations=2, warmup_power_iterations=20,
         certify_epsilons=[0.1],
     )
+    callbacks = [reg, SaveFull(out, reg)] + ([NanInRankOneShard()] if nan else [])
     trainer = quiet_trainer(
-        max_steps=3, callbacks=[reg, SaveFull(out, reg)], devices=2, accelerator="cpu",
+        max_steps=3, callbacks=callbacks, devices=2, accelerator="cpu",
         strategy=ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1),
         use_distributed_sampler=False, logger=CSVLogger(out, name="fsdp", version=0),
         log_every_n_steps=1, limit_val_batches=1, val_check_interval=3,
@@ -86,4 +96,4 @@ def main(out: Path, beta: float, constraint: float | None) -> None:
 
 if __name__ == "__main__":
     c = None if sys.argv[3] == "none" else float(sys.argv[3])
-    main(Path(sys.argv[1]), float(sys.argv[2]), c)
+    main(Path(sys.argv[1]), float(sys.argv[2]), c, sys.argv[4:] == ["nan"])

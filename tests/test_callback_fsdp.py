@@ -23,16 +23,20 @@ HERE = Path(__file__).parent
 COMPARED = ("spectral_", "lipschitz/", "certified/")
 
 
-def _run_sharded(out: Path, beta: float, constraint: float | None) -> None:
+def _run_sharded(
+    out: Path, beta: float, constraint: float | None, *extra: str
+) -> subprocess.CompletedProcess:
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(HERE.parent), env.get("PYTHONPATH")]))
     env["OMP_NUM_THREADS"] = "1"
     proc = subprocess.run(
         [sys.executable, str(HERE / "callback_fsdp_script.py"), str(out), str(beta),
-         "none" if constraint is None else str(constraint)],
+         "none" if constraint is None else str(constraint), *extra],
         env=env, cwd=out, capture_output=True, text=True, timeout=300,
     )
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    if not extra:
+        assert proc.returncode == 0, proc.stderr[-4000:]
+    return proc
 
 
 def _logged(path: Path) -> dict[tuple[str, str], float]:
@@ -106,3 +110,28 @@ def test_fsdp2_two_processes_match_single_process(tmp_path, beta, constraint):
     assert any(k.startswith("certified/acc") for _, k in expected)
     for key, value in expected.items():
         assert sharded[key] == pytest.approx(value, rel=2e-5, abs=1e-6), key
+
+
+def test_fsdp2_non_finite_shard_on_one_rank_stops_every_rank(tmp_path):
+    # Only rank 1's shard of net.2 turns NaN: the per-layer sums are all-reduced, so both ranks
+    # name the layer and stop together (a rank-local check would leave rank 0 waiting).
+    proc = _run_sharded(tmp_path, 0.5, None, "nan")
+    assert proc.returncode != 0
+    for rank in (0, 1):
+        assert (
+            f"[rank{rank}]: RuntimeError: SpectralBoundRegularizer: non-finite weights (NaN or "
+            "Inf) in layer(s) net.2 (after the optimizer step"
+        ) in proc.stderr, proc.stderr[-4000:]
+    assert not (tmp_path / "rank0.pt").exists()
+
+
+@pytest.mark.skipif(
+    not torch.cuda.is_available(),
+    reason="FSDP1 needs an accelerator: torch's FullyShardedDataParallel and Lightning's "
+    "strategy='fsdp' both refuse CPU",
+)
+def test_fsdp1_strategy_is_refused():
+    reg = SpectralBoundRegularizer(beta=0.5)
+    trainer = quiet_trainer(max_steps=1, callbacks=[reg], accelerator="gpu", strategy="fsdp")
+    with pytest.raises(RuntimeError, match="does not support FSDP1"):
+        trainer.fit(Module(tiny_net()), loader(16))

@@ -30,13 +30,15 @@ from collections.abc import Iterable, Iterator
 
 import torch
 import torch.distributed as dist
+from lightning.pytorch.strategies import FSDPStrategy
 from torch import Tensor, nn
 from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
 from torch.distributed.tensor import DTensor
+from torch.nn.parameter import is_lazy
 
 __all__ = [
-    "any_sharded", "full_weight", "full_weights", "local", "refuse_flat_shards", "reshard",
-    "sum_over_ranks",
+    "any_sharded", "fsdp_modules", "full_weight", "full_weights", "local", "refuse_flat_shards",
+    "refuse_fsdp1_strategy", "reshard", "sum_over_ranks",
 ]
 
 
@@ -77,16 +79,40 @@ def fsdp_modules(root: nn.Module) -> list[nn.Module]:
     return [m for m in root.modules() if isinstance(m, FSDPModule)]
 
 
-def refuse_flat_shards(root: nn.Module) -> None:
-    """Raise if ``root`` holds FSDP1 modules: their parameters are (views of) flat shards."""
+_FSDP1_REFUSAL = (
+    "SpectralBoundRegularizer does not support FSDP1 (strategy='fsdp', "
+    "FullyShardedDataParallel): each rank holds a flat shard mixing the parameters of a wrapped "
+    "module, and a spectral bound of a shard is not a bound of the layer. Use FSDP2: "
+    "ModelParallelStrategy with torch.distributed.fsdp.fully_shard applied in configure_model."
+)
+
+
+def _expected_ndim(module: nn.Module) -> int:
+    return 2 if isinstance(module, nn.Linear) else len(module.kernel_size) + 2
+
+
+def refuse_flat_shards(root: nn.Module, layers: dict[str, nn.Module] | None = None) -> None:
+    """Raise where weights may be flat shards: FSDP1 modules, or a weight of the wrong rank.
+
+    FSDP1 (``use_orig_params=True``) leaves each layer's weight as a 1-d view of this rank's
+    part of a flat parameter (with ``False``, a view of the gathered one during forward only).
+    The rank check also catches an FSDP1 wrapper *around* ``root``, invisible from inside.
+    """
     if any(isinstance(m, FullyShardedDataParallel) for m in root.modules()):
-        raise RuntimeError(
-            "SpectralBoundRegularizer does not support FSDP1 (strategy='fsdp', "
-            "FullyShardedDataParallel): each rank holds a flat shard mixing the parameters of a "
-            "wrapped module, and a spectral bound of a shard is not a bound of the layer. Use "
-            "FSDP2: ModelParallelStrategy with torch.distributed.fsdp.fully_shard applied in "
-            "configure_model."
-        )
+        raise RuntimeError(_FSDP1_REFUSAL)
+    for name, m in (layers or {}).items():
+        w = m.weight
+        if not is_lazy(w) and not isinstance(w, DTensor) and w.ndim != _expected_ndim(m):
+            raise RuntimeError(
+                f"{_FSDP1_REFUSAL} (The weight of {name} has shape {tuple(w.shape)}, not that "
+                f"of a {type(m).__name__} weight.)"
+            )
+
+
+def refuse_fsdp1_strategy(strategy: object) -> None:
+    """Raise for Lightning's FSDP1 strategy (``strategy="fsdp"``), before any work is done."""
+    if isinstance(strategy, FSDPStrategy):
+        raise RuntimeError(_FSDP1_REFUSAL)
 
 
 @contextlib.contextmanager
