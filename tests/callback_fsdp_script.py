@@ -36,9 +36,10 @@ warnings.filterwarnings("ignore")
 class ShardedModule(Module):
     def configure_model(self) -> None:
         mesh = self.device_mesh["data_parallel"]
-        for layer in self.net:
+        for i, layer in enumerate(self.net):
             if isinstance(layer, torch.nn.Conv2d):
-                fully_shard(layer, mesh=mesh)
+                # net.2 keeps its weights gathered from forward to backward (as the root does).
+                fully_shard(layer, mesh=mesh, reshard_after_forward=i != 2)
         fully_shard(self.net, mesh=mesh)
 
 
