@@ -140,16 +140,19 @@ class SpectralBoundRegularizer(ConfigAttributes, EvaluationHooks):
     @property
     def layer_names(self) -> list[str]:
         """Names (as in ``named_modules``) of the layers the callback acts on, in model order."""
+        self._check_ran_here()
         return list(self._state.layers)
 
     @property
     def input_sizes(self) -> dict[str, tuple[int, ...] | None]:
         """The spatial input size each layer saw in its first batch (by layer name)."""
+        self._check_ran_here()
         return dict(self._state.input_sizes)
 
     @property
     def last_estimates(self) -> Tensor | None:
         """The estimates (detached, in the order of :attr:`layer_names`) of the last penalty."""
+        self._check_ran_here()
         return self._penalty.last_estimates
 
     def select_layers(self, pl_module: nn.Module) -> dict[str, nn.Module]:
@@ -170,6 +173,7 @@ class SpectralBoundRegularizer(ConfigAttributes, EvaluationHooks):
         yourself only when using the callback without a Trainer. Returns :attr:`layer_names`.
         Raises for FSDP1 modules (flat shards); FSDP2's sharded weights are gathered whole.
         """
+        self._sent_away = False  # this process runs it now
         layers = self.select_layers(pl_module)
         sharding.refuse_flat_shards(pl_module, layers)
         self._fsdp = sharding.fsdp_modules(pl_module)
@@ -208,11 +212,17 @@ class SpectralBoundRegularizer(ConfigAttributes, EvaluationHooks):
 
     @override
     def state_dict(self) -> dict[str, Any]:
-        """Per-layer singular vectors (keyed by layer name) and recorded input sizes."""
+        """Per-layer singular vectors (keyed by layer name) and recorded input sizes.
+
+        Does not raise in the launching process of ``ddp_spawn`` (see :attr:`layer_names`), so
+        that a checkpoint of the weights can still be saved there; the state it holds is empty,
+        and resuming from it warns that the layers start from fresh vectors.
+        """
         return self._state.state_dict()
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._sent_away = False
         self._state.load_state_dict(state_dict)
 
     # ------------------------------------------------------------------ Lightning hooks
