@@ -361,7 +361,9 @@ class SpectralBoundRegularizer(ConfigAttributes, EvaluationHooks):
         if c is None:
             return
         if not self._state.layers:
-            self._state.layers = self.select_layers(pl_module)
+            layers = self.select_layers(pl_module)
+            sharding.refuse_flat_shards(pl_module, layers)
+            self._state.layers, self._fsdp = layers, sharding.fsdp_modules(pl_module)
         sharding.reshard(self._fsdp)
         self._after_step.project(self._state.layers, c, self._where())
 
