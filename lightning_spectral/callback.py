@@ -27,7 +27,8 @@ from torch import Tensor, nn
 from typing_extensions import override
 
 from .certification import CertificationTracker
-from .regularizer import monitor, selection
+from .lipschitz import network_lipschitz_bound
+from .regularizer import monitor, selection, sharding
 from .regularizer.config import ConfigAttributes, Reduction, RegularizerConfig
 from .regularizer.constraint import AfterStep
 from .regularizer.evaluation import EvaluationHooks
@@ -41,6 +42,12 @@ _MANUAL_OPTIMIZATION_HINT = (
     "penalty to your loss. In training_step write `loss = loss + regularizer.penalty(self)` "
     "before `self.manual_backward(loss)`."
 )
+
+
+def _whole_lipschitz(pl_module: nn.Module, shape: tuple[int, ...]) -> Tensor:
+    # The certificate's bound, of the whole weights where they are sharded (collective).
+    with sharding.full_weights(pl_module):
+        return network_lipschitz_bound(pl_module, shape)
 
 
 class SpectralBoundRegularizer(ConfigAttributes, EvaluationHooks):
@@ -119,29 +126,33 @@ class SpectralBoundRegularizer(ConfigAttributes, EvaluationHooks):
         super().__init__()
         self.config = cfg = RegularizerConfig(**arguments)
         self._tracker = None if cfg.certify_epsilons is None else CertificationTracker(
-            cfg.certify_epsilons, cfg.input_scale, cfg.batch_to_input_target
+            cfg.certify_epsilons, cfg.input_scale, cfg.batch_to_input_target, _whole_lipschitz
         )
         self._state = LayerState()
         self._penalty = Penalty()
         self._after_step = AfterStep()
         self._trainer: pl.Trainer | None = None
         self._wrapped: nn.Module | None = None
+        self._fsdp: list[nn.Module] = []  # FSDP2 modules of the model (sharded weights)
 
     # ------------------------------------------------------------------ selection and state
 
     @property
     def layer_names(self) -> list[str]:
         """Names (as in ``named_modules``) of the layers the callback acts on, in model order."""
+        self._check_ran_here()
         return list(self._state.layers)
 
     @property
     def input_sizes(self) -> dict[str, tuple[int, ...] | None]:
         """The spatial input size each layer saw in its first batch (by layer name)."""
+        self._check_ran_here()
         return dict(self._state.input_sizes)
 
     @property
     def last_estimates(self) -> Tensor | None:
         """The estimates (detached, in the order of :attr:`layer_names`) of the last penalty."""
+        self._check_ran_here()
         return self._penalty.last_estimates
 
     def select_layers(self, pl_module: nn.Module) -> dict[str, nn.Module]:
@@ -160,8 +171,13 @@ class SpectralBoundRegularizer(ConfigAttributes, EvaluationHooks):
 
         Called at the start of ``fit`` (and of a ``validate`` without ``fit``); call it
         yourself only when using the callback without a Trainer. Returns :attr:`layer_names`.
+        Raises for FSDP1 modules (flat shards); FSDP2's sharded weights are gathered whole.
         """
-        self._state.attach(self.select_layers(pl_module), self.config.warmup_power_iterations)
+        self._sent_away = False  # this process runs it now
+        layers = self.select_layers(pl_module)
+        sharding.refuse_flat_shards(pl_module, layers)
+        self._fsdp = sharding.fsdp_modules(pl_module)
+        self._state.attach(layers, self.config.warmup_power_iterations)
         return self.layer_names
 
     def _materialized(self, *, after_batch: bool = False) -> bool:
@@ -196,11 +212,17 @@ class SpectralBoundRegularizer(ConfigAttributes, EvaluationHooks):
 
     @override
     def state_dict(self) -> dict[str, Any]:
-        """Per-layer singular vectors (keyed by layer name) and recorded input sizes."""
+        """Per-layer singular vectors (keyed by layer name) and recorded input sizes.
+
+        Does not raise in the launching process of ``ddp_spawn`` (see :attr:`layer_names`), so
+        that a checkpoint of the weights can still be saved there; the state it holds is empty,
+        and resuming from it warns that the layers start from fresh vectors.
+        """
         return self._state.state_dict()
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._sent_away = False
         self._state.load_state_dict(state_dict)
 
     # ------------------------------------------------------------------ Lightning hooks
@@ -209,6 +231,7 @@ class SpectralBoundRegularizer(ConfigAttributes, EvaluationHooks):
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # Not setup(): Lightning calls configure_model after the callbacks' setup, and the
         # optimizers the constraint hooks into exist only once the strategy is set up.
+        sharding.refuse_fsdp1_strategy(trainer.strategy)
         self.discover(pl_module)
         self._trainer = trainer
         self._state.record_input_sizes()
@@ -228,6 +251,7 @@ class SpectralBoundRegularizer(ConfigAttributes, EvaluationHooks):
     @override
     def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.state.fn != "fit" and not self._state.layers:  # validate() without fit
+            sharding.refuse_fsdp1_strategy(trainer.strategy)
             self.discover(pl_module)
             self._state.record_input_sizes()
 
@@ -282,6 +306,8 @@ class SpectralBoundRegularizer(ConfigAttributes, EvaluationHooks):
             if not self._materialized() or not state.ready:
                 return torch.zeros(())
         cfg = self.config
+        if torch.is_grad_enabled():
+            sharding.reshard(self._fsdp)  # the gradient must reach the sharded parameters
         return self._penalty(state, cfg.beta, cfg.n_power_iterations, cfg.reduction, cfg.target)
 
     def _loss_term(self, pl_module: nn.Module) -> Tensor | None:
@@ -313,6 +339,7 @@ class SpectralBoundRegularizer(ConfigAttributes, EvaluationHooks):
         # ModelCheckpoint writes: a raise here keeps non-finite weights out of every checkpoint.
         if not self._state.layers or not self._materialized():
             return
+        sharding.reshard(self._fsdp)  # the projection rescales the sharded parameters
         self._after_step.run(
             self._state.layers, self._penalty.last_estimates, check=self.config.check_finite,
             c=self.config.constraint, where=self._where(),
@@ -334,7 +361,10 @@ class SpectralBoundRegularizer(ConfigAttributes, EvaluationHooks):
         if c is None:
             return
         if not self._state.layers:
-            self._state.layers = self.select_layers(pl_module)
+            layers = self.select_layers(pl_module)
+            sharding.refuse_flat_shards(pl_module, layers)
+            self._state.layers, self._fsdp = layers, sharding.fsdp_modules(pl_module)
+        sharding.reshard(self._fsdp)
         self._after_step.project(self._state.layers, c, self._where())
 
     # ------------------------------------------------------------------ monitoring

@@ -17,13 +17,25 @@ from torch.nn.parameter import is_lazy
 
 from ..functional.bounds import layer_spectral_bound
 from ..functional.power import _compute_dtype
+from .sharding import any_sharded, full_weights, local, sum_over_ranks
 
 __all__ = ["AfterStep", "check_finite", "project", "raise_if_non_finite"]
 
 
+def _non_finite_layers(layers: dict[str, nn.Module]) -> list[str]:
+    # Counts of non-finite entries per layer, summed over the shards of sharded weights, so
+    # that every rank names the same layers (and raises together). One host sync.
+    weights = [m.weight for m in layers.values()]
+    device = local(weights[0]).device
+    counts = torch.stack([(~torch.isfinite(local(w))).sum().to(device) for w in weights])
+    if any_sharded(weights):
+        sum_over_ranks(counts)
+    return [n for n, c in zip(layers, counts.tolist(), strict=True) if c]
+
+
 def raise_if_non_finite(layers: dict[str, nn.Module], where: str) -> None:
-    """Raise ``RuntimeError`` naming the layers with a NaN or Inf weight (one sync per layer)."""
-    bad = [n for n, m in layers.items() if not bool(torch.isfinite(m.weight).all())]
+    """Raise ``RuntimeError`` naming the layers with a NaN or Inf weight (one host sync)."""
+    bad = _non_finite_layers(layers)
     if bad:
         raise RuntimeError(
             f"SpectralBoundRegularizer: non-finite weights (NaN or Inf) in layer(s) "
@@ -40,13 +52,19 @@ def check_finite(layers: dict[str, nn.Module], estimates: Tensor | None, where: 
     finite weights: weights too large for float32). One on-device flag for all layers and one
     host sync: the finiteness of per-layer sums. NaN and Inf propagate through a sum, and a sum
     reads each weight once (``isfinite(w).all()`` costs about 8x more on CPU). A sum can
-    overflow with finite weights: then the weights are checked one by one.
+    overflow with finite weights: then the weights are checked one by one. Sharded weights: the
+    sums of the local shards are summed over the ranks (one all-reduce), so every rank decides
+    alike.
     """
-    sums = [m.weight.sum(dtype=_compute_dtype(m.weight.dtype)) for m in layers.values()]
-    if estimates is not None:
-        sums.append(estimates.sum())
+    weights = [m.weight for m in layers.values()]
+    sums = [local(w).sum(dtype=_compute_dtype(w.dtype)) for w in weights]
     device = sums[0].device
-    if bool(torch.isfinite(torch.stack([t.to(device) for t in sums])).all()):  # the sync
+    flat = torch.stack([t.to(device) for t in sums])
+    if any_sharded(weights):
+        sum_over_ranks(flat)
+    if estimates is not None:  # replicated: computed from the whole weights on every rank
+        flat = torch.cat([flat, estimates.sum().reshape(1).to(device)])
+    if bool(torch.isfinite(flat).all()):  # the sync
         return
     raise_if_non_finite(layers, f"after the optimizer step, {where}")
     if estimates is None or bool(torch.isfinite(estimates).all()):
@@ -60,6 +78,7 @@ def check_finite(layers: dict[str, nn.Module], estimates: Tensor | None, where: 
 
 
 def _bound_of(name: str, layers: dict[str, nn.Module], where: str) -> Tensor:
+    # Of the whole weight, gathered when sharded: the bound of a shard bounds nothing.
     module = layers[name]
     if not isinstance(module.weight, nn.Parameter):
         raise RuntimeError(
@@ -67,7 +86,8 @@ def _bound_of(name: str, layers: dict[str, nn.Module], where: str) -> Tensor:
             "plain parameter (a parametrization?), so it cannot be rescaled in place"
         )
     try:
-        return layer_spectral_bound(module, max_cost=0.0)
+        with full_weights(module):
+            return layer_spectral_bound(module, max_cost=0.0)
     except ValueError:  # the bound refuses non-finite weights: say which layer
         raise_if_non_finite(layers, f"found by the constraint's projection, {where}")
         raise
@@ -79,8 +99,10 @@ def project(layers: dict[str, nn.Module], c: float, where: str) -> Tensor | None
 
     Times ``1 - 8 eps`` of the weight dtype, so rounding the product cannot push the bound back
     above ``c``. The bounds are norms of the weight, homogeneous of degree 1, so afterwards the
-    guaranteed bound is ``<= c``. Returns ``max_I min(b_I, c)`` (on the device, no sync), a
-    guaranteed bound of every layer as rescaled; ``None`` when every layer is still lazy.
+    guaranteed bound is ``<= c``. A sharded weight: the bound is the whole weight's, the same on
+    every rank, and each rank rescales its own shard by it. Returns ``max_I min(b_I, c)`` (on
+    the device, no sync), a guaranteed bound of every layer as rescaled; ``None`` when every
+    layer is still lazy.
     """
     after: list[Tensor] = []
     for name, module in layers.items():
@@ -90,7 +112,7 @@ def project(layers: dict[str, nn.Module], c: float, where: str) -> Tensor | None
         bound = _bound_of(name, layers, where)
         margin = 8 * torch.finfo(w.dtype).eps
         scale = torch.where(bound > c, c * (1 - margin) / bound, torch.ones_like(bound))
-        w.mul_(scale.to(device=w.device, dtype=w.dtype))
+        local(w).mul_(scale.to(device=w.device, dtype=w.dtype))
         after.append(bound.clamp(max=c))
     if not after:
         return None

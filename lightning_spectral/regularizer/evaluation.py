@@ -10,6 +10,7 @@ certifies every validation and test batch and logs at the run's end (test values
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 import lightning.pytorch as pl
@@ -17,11 +18,20 @@ from lightning.pytorch.callbacks import Callback
 from typing_extensions import override
 
 from ..certification import CertificationTracker
-from . import monitor
+from . import monitor, sharding
 from .config import RegularizerConfig
 from .state import LayerState
 
 __all__ = ["EvaluationHooks"]
+
+_SENT_AWAY = (
+    "SpectralBoundRegularizer: this instance was sent to worker processes (strategy='ddp_spawn' "
+    "and the other spawn-based strategies pickle the Trainer) and has not run in this process: "
+    "its layers, vectors and estimates stayed in the workers. Lightning brings back the trained "
+    "weights and trainer.callback_metrics (the logged spectral_* values); for the vectors, save "
+    "a checkpoint (ModelCheckpoint). Or call discover(model) here to select the layers of the "
+    "trained model afresh. strategy='ddp' runs the callback in this process."
+)
 
 
 class EvaluationHooks(Callback):
@@ -30,6 +40,30 @@ class EvaluationHooks(Callback):
     config: RegularizerConfig
     _state: LayerState
     _tracker: CertificationTracker | None
+    _sent_away = False  # pickled to worker processes, and nothing run in this one since
+
+    def _check_ran_here(self) -> None:
+        """Raise in the launching process of a spawn-based strategy instead of returning empty
+        values (Lightning does not bring callbacks back from the workers)."""
+        if self._sent_away and not self._state.layers:
+            raise RuntimeError(_SENT_AWAY)
+
+    def __getstate__(self) -> dict[str, Any]:
+        # Pickling is how spawn-based strategies send the Trainer to the workers (copies do not
+        # come here, see __deepcopy__): this instance stays behind, unused.
+        self._sent_away = True
+        return {**self.__dict__, "_sent_away": False}
+
+    def __copy__(self) -> EvaluationHooks:
+        new = type(self).__new__(type(self))
+        new.__dict__.update(self.__dict__)
+        return new
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> EvaluationHooks:
+        new = type(self).__new__(type(self))
+        memo[id(self)] = new
+        new.__dict__.update(copy.deepcopy(self.__dict__, memo))
+        return new
 
     @override
     def on_validation_epoch_start(
@@ -85,13 +119,23 @@ class EvaluationHooks(Callback):
         """Guaranteed upper bounds of every selected layer (``layer_spectral_bound``), by name.
 
         Uses the input size each layer saw in the first batch, when recorded (tighter for
-        some layers); a layer never called gets the bound valid for every input size.
+        some layers); a layer never called gets the bound valid for every input size. Sharded
+        weights are gathered whole for it: then every rank must call it (collective).
         """
-        return monitor.guaranteed_bounds(self._state.layers, self._state.input_sizes)
+        self._check_ran_here()
+        layers = self._state.layers
+        with sharding.full_weights(*layers.values()):
+            return monitor.guaranteed_bounds(layers, self._state.input_sizes)
 
     def exact_norms(self) -> dict[str, float]:
-        """Exact spectral norms at the recorded input sizes (layers never called are skipped)."""
-        return monitor.exact_norms(self._state.layers, self._state.input_sizes)
+        """Exact spectral norms at the recorded input sizes (layers never called are skipped).
+
+        Collective when weights are sharded, like :meth:`guaranteed_bounds`.
+        """
+        self._check_ran_here()
+        layers = self._state.layers
+        with sharding.full_weights(*layers.values()):
+            return monitor.exact_norms(layers, self._state.input_sizes)
 
     def _log_validation_values(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         every = self.config.exact_every_n_epochs

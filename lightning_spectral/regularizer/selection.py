@@ -7,6 +7,11 @@ glob and no ``exclude`` glob, it is one of
 condition is a correctness one: the bounds are bounds of ``W x`` with the stored weight, and a
 subclass overriding ``forward`` (weight standardization, a gain) need not compute that map, so
 no bound of its weight bounds it.
+
+Names are those of the uncompiled model: ``torch.compile(net)`` wraps ``net`` in an
+``OptimizedModule`` that holds it as ``_orig_mod``, and those segments are dropped
+(:func:`canonical_name`), so ``net.0`` names the same layer with or without compilation, in
+patterns, logged keys and checkpoints alike. A pattern spelled with ``_orig_mod`` matches too.
 """
 
 from __future__ import annotations
@@ -19,9 +24,16 @@ from torch import Tensor, nn
 
 from ..functional.bounds import SUPPORTED_LAYERS
 
-__all__ = ["DEFAULT_INCLUDE", "computes_w_x", "select_layers"]
+__all__ = ["DEFAULT_INCLUDE", "canonical_name", "computes_w_x", "select_layers"]
 
 DEFAULT_INCLUDE = ("*",)
+
+_COMPILE_WRAPPER = "_orig_mod"  # the attribute under which torch.compile's wrapper holds a module
+
+
+def canonical_name(name: str) -> str:
+    """``name`` without the ``_orig_mod`` segments of ``torch.compile`` wrappers."""
+    return ".".join(part for part in name.split(".") if part != _COMPILE_WRAPPER)
 
 
 def _torch_base(module: nn.Module) -> type:
@@ -40,7 +52,9 @@ def computes_w_x(module: nn.Module) -> bool:
 
 
 def _matches(name: str, patterns: list[str] | tuple[str, ...]) -> bool:
-    return any(fnmatch.fnmatchcase(name, p) for p in patterns)
+    # The canonical name, or the name as named_modules spells it (with "_orig_mod").
+    names = {name, canonical_name(name)}
+    return any(fnmatch.fnmatchcase(n, p) for n in names for p in patterns)
 
 
 @dataclass
@@ -85,9 +99,9 @@ def select_layers(
         if not name or not _matches(name, patterns) or _matches(name, exclude or []):
             continue
         if isinstance(module, SUPPORTED_LAYERS):
-            found.add(name, module, include_frozen)
+            found.add(canonical_name(name), module, include_frozen)
         elif include is not None and _has_matrix_weight(module):
-            found.unsupported.append(f"{name} ({type(module).__name__})")
+            found.unsupported.append(f"{canonical_name(name)} ({type(module).__name__})")
     _warn_left_out(found)
     if not found.chosen:
         _warn_no_match(root, patterns, exclude or [], found.frozen)
@@ -120,7 +134,7 @@ def _warn_no_match(
 ) -> None:
     # Lists the layers that do exist, so that the patterns can be fixed.
     existing = [
-        f"{n} ({type(m).__name__})"
+        f"{canonical_name(n)} ({type(m).__name__})"
         for n, m in root.named_modules() if n and isinstance(m, SUPPORTED_LAYERS)
     ]
     found = (

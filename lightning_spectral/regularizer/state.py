@@ -20,6 +20,7 @@ from torch.nn.parameter import is_lazy
 
 from ..functional.matricize import grouped_weight
 from ..functional.power import _compute_dtype, init_singular_vectors, power_iteration_
+from .sharding import full_weight
 
 __all__ = ["LayerState", "ShapeGroup"]
 
@@ -75,8 +76,11 @@ class ShapeGroup(nn.Module):
         return [getattr(self, f"v{i}") for i in range(self.n_v)]
 
     def stacked_weights(self) -> Tensor:
-        """``(L, g, c_out, c_in, *k)`` in the compute dtype; differentiable w.r.t. each weight."""
-        ws = [m.weight for m in self.layers]
+        """``(L, g, c_out, c_in, *k)`` in the compute dtype; differentiable w.r.t. each weight.
+
+        A sharded weight is gathered whole first (see :mod:`.sharding`): never a shard.
+        """
+        ws = [full_weight(m.weight) for m in self.layers]
         if ws[0].dtype != self.dtype:
             ws = [w.to(self.dtype) for w in ws]
         ws = [grouped_weight(w, self.groups) for w in ws]
