@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 from torch import Tensor, fx
 
 from . import elementwise, layers, shapes, smooth
-from .common import _f64
+from .common import UnsupportedOperationError, _f64
 from .inplace import inplace_target
 from .tracing import _metadata_only, _refuse
 
@@ -59,8 +59,22 @@ RULES: dict[Any, NodeRule] = {
 }
 
 
+def node_bounds(w: _Walker, node: fx.Node, fold: dict[fx.Node, fx.Node]
+                ) -> tuple[Tensor, Tensor]:
+    """``(L, C)`` of one node. A node the Lipschitz walk refuses is refused as non-smooth
+    when the activation table knows it to be (``abs``: the more useful message)."""
+    try:
+        lip = w.visit(node, fold)
+    except UnsupportedOperationError as exc:
+        why = smooth.known_jump(w, node)
+        if why is not None:
+            raise smooth.refusal(node, why) from exc
+        raise
+    return lip, node_curvature(w, node, fold)
+
+
 def node_curvature(w: _Walker, node: fx.Node, fold: dict[fx.Node, fx.Node]) -> Tensor:
-    """``C`` of one node, before its Lipschitz visit (which makes the same checks)."""
+    """``C`` of one node (after its Lipschitz visit, which has made the walk's checks)."""
     if node.op in ("placeholder", "get_attr"):
         return _f64(0.0)  # the input x -> x has a constant Jacobian
     if node in fold:  # a linear layer with the BatchNorm folded in

@@ -66,13 +66,28 @@ def refusal(node: fx.Node, why: str) -> NonSmoothOperationError:
 
 def why_refused(target: Any) -> str:
     """What the activation table says about ``target``, else that no rule exists."""
+    return _jump(target) or "no curvature rule for it"
+
+
+def _jump(target: Any) -> str | None:
+    """The activation table's refusal of a target whose derivative jumps, else None."""
     try:
         activation_curvature(target)
     except NonSmoothActivationError as err:
         return str(err)
     except (ValueError, TypeError):
         pass
-    return "no curvature rule for it"
+    return None
+
+
+def known_jump(w: _Walker, node: fx.Node) -> str | None:
+    """Why ``node`` has no curvature bound, when the activation table knows its derivative
+    jumps (ReLU, ``abs``, max pooling, ...); None otherwise."""
+    if node.op == "call_module":
+        return _jump(_without_hooks(w.gm.get_submodule(node.target)))
+    if node.op == "call_method":
+        return _jump(node.target.rstrip("_"))
+    return _jump(node.target) if node.op == "call_function" else None
 
 
 def _constants(node: fx.Node, t: Any) -> tuple[float, float]:
@@ -141,14 +156,18 @@ def module_curvature(w: _Walker, node: fx.Node) -> Tensor:
     return _compose(g, h, w.lipschitz(args), w.C(args))
 
 
-def _module_constants(node: fx.Node, module: nn.Module) -> tuple[float, float]:
-    # The trace has checked that hooks leave the output alone; the table refuses any hooked
-    # module, so it is asked about a hook-free shallow copy.
+def _without_hooks(module: nn.Module) -> nn.Module:
+    """A shallow copy without forward hooks: the trace has checked that hooks leave the
+    output alone, and the activation table refuses any hooked module."""
     bare = copy.copy(module)
     bare._forward_hooks = OrderedDict()
     bare._forward_pre_hooks = OrderedDict()
+    return bare
+
+
+def _module_constants(node: fx.Node, module: nn.Module) -> tuple[float, float]:
     try:
-        constants = activation_curvature(bare)
+        constants = activation_curvature(_without_hooks(module))
     except NonSmoothActivationError as err:
         raise refusal(node, str(err)) from err
     if constants is None:

@@ -15,7 +15,7 @@ from torch import Tensor, fx
 from .common import _BATCH, LayerBound, UnsupportedOperationError, _f64
 from .inplace import _RANDOM, check_inplace, inplace_target
 from .modules import _foldable, _folded_layer, _layer_bound_of, _module_lip
-from .rules import RULES, node_curvature
+from .rules import RULES, node_bounds
 from .tracing import _dtypes, _metadata_only, _refuse, _shape, _static
 
 
@@ -113,9 +113,10 @@ class _Walker:
                     )
                 self.output = out
                 return self.lip[out]
-            if self.curv is not None:  # first: a non-smooth node is refused as such
-                self.curv[node] = node_curvature(self, node, fold)
-            self.lip[node] = self.visit(node, fold)
+            if self.curv is None:
+                self.lip[node] = self.visit(node, fold)
+            else:
+                self.lip[node], self.curv[node] = node_bounds(self, node, fold)
             self.check_batch(node)
         raise RuntimeError("graph without output")  # pragma: no cover
 
