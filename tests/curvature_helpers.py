@@ -76,7 +76,9 @@ def _vhv(fn, x: torch.Tensor, u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     un, vn = u / u.norm(), v / v.norm()
     f = fn(x) @ un
     (grad,) = torch.autograd.grad(f, x, create_graph=True)
-    (hv,) = torch.autograd.grad(grad @ vn, x, create_graph=True)
+    (hv,) = torch.autograd.grad(grad @ vn, x, create_graph=True, allow_unused=True)
+    if hv is None:  # an affine map: its gradient does not depend on x
+        return (0.0 * vn).sum()
     return hv @ vn
 
 
