@@ -407,3 +407,38 @@ def test_certified_radius_never_exceeds_an_attack_on_a_trained_net() -> None:
     for i in range(len(x)):
         if r_crc[i] > 0:
             assert float(r_crc[i]) <= _attack_distance(net, x[i], int(y[i]))
+
+
+def test_functional_linear_head_is_folded_too() -> None:
+    net, shape = _build("conv1d")
+    k = network_pairwise_curvature(net, shape)
+    assert bool((k < math.sqrt(2) * network_curvature_bound(net, shape) - 1e-12).any())
+
+
+def test_observing_hooks_are_fine_and_modes_are_restored() -> None:
+    net = nn.Sequential(nn.Linear(3, 4), nn.Dropout(0.5), nn.Tanh(), nn.Linear(4, 2)).double()
+    expected = float(network_curvature_bound(net, (3,)))
+    seen: list[int] = []
+    handle = net[2].register_forward_hook(lambda m, i, o: seen.append(1))
+    try:
+        net.train()
+        assert float(network_curvature_bound(net, (3,))) == expected
+        assert seen and net.training and net[1].training
+    finally:
+        handle.remove()
+    handle = net[2].register_forward_hook(lambda m, i, o: 2 * o)
+    try:
+        with pytest.raises(UnsupportedOperationError, match="hook"):
+            network_curvature_bound(net, (3,))
+    finally:
+        handle.remove()
+
+
+class Branchy(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(x) if x.sum() > 0 else x  # data-dependent control flow
+
+
+def test_untraceable_models_are_refused() -> None:
+    with pytest.raises(UnsupportedOperationError, match="could not trace Branchy"):
+        network_curvature_bound(Branchy(), (3,))
