@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 
 from .norms import spectral_norm_exact
+from .threads import grouped_side, with_bound_threads
 
 #: Bytes of complex symbol matrices evaluated at once (memory chunking over the first axis).
 _CHUNK_BYTES = 64 << 20
@@ -66,6 +67,7 @@ def symbol_on_grid(
     return taps_last(x).reshape(g, -1, co, ci)
 
 
+@with_bound_threads(grouped_side)
 def max_symbol_norm(
     wg: Tensor, grid: Sequence[int], dilation: Sequence[int] | None = None
 ) -> Tensor:
@@ -73,7 +75,9 @@ def max_symbol_norm(
 
     0-dim float64, differentiable with respect to ``wg``. Callers that certify multiply by
     their rounding margin; ``fl(x (1 + e))`` is non-decreasing in ``x``, so the margin
-    commutes with the maximum bit for bit.
+    commutes with the maximum bit for bit. Runs under the bound thread limit
+    (:mod:`.threads`) whoever calls it, so the exact reference and the bound see the same
+    arithmetic.
     """
     d = wg.ndim - 3
     nf0 = grid[0] // 2 + 1 if d == 1 else int(grid[0])
