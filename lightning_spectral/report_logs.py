@@ -193,7 +193,7 @@ def kind_keys(log: RunLog, kind: str) -> dict[str, str]:
     """``suffix -> key`` for one kind in KEYS; an earlier prefix wins over a later one."""
     out: dict[str, str] = {}
     for prefix in reversed(KEYS[kind]):
-        out.update({k[len(prefix):]: k for k in log.series if k.startswith(prefix)})
+        out.update({k[len(prefix) :]: k for k in log.series if k.startswith(prefix)})
     return out
 
 
