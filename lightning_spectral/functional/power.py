@@ -31,8 +31,8 @@ memory-bound for 2-d kernels. The differentiable value needs no further pass: af
 product ``X = T V`` the last half-step computed anyway (that one GEMM is recorded by autograd,
 so the backward pass is the single GEMM ``u v^T``).
 
-The index bookkeeping and the constant tensors, built once per shape, device and dtype,
-live in :mod:`.power_plan`.
+The index bookkeeping, the constant tensors (built once per shape, device and dtype), the
+check of the state against the plan and the copy back into the state live in :mod:`.power_plan`.
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ from torch import Tensor
 
 from ._args import check_count
 from .matricize import row_subsets
-from .power_plan import _arange, _Constants, _Plan, _plan
+from .power_plan import _arange, _check_state, _Constants, _Plan, _store
 
 __all__ = ["init_singular_vectors", "power_iteration_", "fantastic_four_estimate"]
 
@@ -153,44 +153,6 @@ def _matrix(plan: _Plan, weights: Tensor) -> Tensor:
     t = weights.reshape(plan.z, plan.c_out, plan.c_in * plan.numel_k)
     dtype = _compute_dtype(weights.dtype)
     return t if t.dtype == dtype else t.to(dtype)
-
-
-def _store(
-    plan: _Plan, us: Sequence[Tensor], vs: Sequence[Tensor], u_cat: Tensor, v_cat: Tensor
-) -> None:
-    # One split into views, shapes as plain ints: on these small tensors the Python-side
-    # cost of slicing or of parsing a torch.Size argument is more than that of the copy.
-    u_parts = u_cat.split_with_sizes(plan.p, -1)
-    for dst, src, shape in zip(us, u_parts, plan.u_shapes, strict=True):
-        dst.copy_(src.view(*shape))
-    v_parts = v_cat.split_with_sizes(plan.q, -1)
-    for dst, src, shape in zip(vs, v_parts, plan.v_shapes, strict=True):
-        dst.copy_(src.view(*shape))
-
-
-def _check_state(weights: Tensor, us: Sequence[Tensor], vs: Sequence[Tensor]) -> _Plan:
-    if weights.ndim < 4:
-        raise ValueError(
-            f"weights must be (L, groups, c_out, c_in, *kernel), got shape {tuple(weights.shape)}"
-        )
-    plan = _plan(tuple(weights.shape))
-    n = len(plan.subsets)
-    if len(us) != n or len(vs) != n:
-        raise ValueError(
-            f"a filter with {plan.d} spatial axes has {n} matricizations; "
-            f"got {len(us)} u and {len(vs)} v vectors"
-        )
-    device = weights.device
-    for m, (u, v) in enumerate(zip(us, vs, strict=True)):
-        if u.device != device or v.device != device:
-            raise ValueError(f"the vectors must be on the weights' device ({device})")
-        if u.shape != plan.u_shapes[m] or v.shape != plan.v_shapes[m]:
-            raise ValueError(
-                f"matricization {m} (row axes {plan.subsets[m]}) needs u of shape "
-                f"{plan.u_shapes[m]} and v of shape {plan.v_shapes[m]}, "
-                f"got {tuple(u.shape)} and {tuple(v.shape)}"
-            )
-    return plan
 
 
 def _check_n_iter(n_iter: int) -> int:

@@ -1,4 +1,4 @@
-"""Plans and cached constants of the training-time power iteration (:mod:`.power`).
+"""Plans, cached constants and state bookkeeping of the power iteration (:mod:`.power`).
 
 Launches. This runs once per training step on many small stacks, where the cost is the
 number of kernel launches rather than FLOPs. For kernels up to 7x7 / 3x3x3 a cached 0/1
@@ -194,3 +194,41 @@ class _Plan:
 @functools.lru_cache(maxsize=256)
 def _plan(shape: tuple[int, ...]) -> _Plan:
     return _Plan(shape)
+
+
+def _check_state(weights: Tensor, us: Sequence[Tensor], vs: Sequence[Tensor]) -> _Plan:
+    if weights.ndim < 4:
+        raise ValueError(
+            f"weights must be (L, groups, c_out, c_in, *kernel), got shape {tuple(weights.shape)}"
+        )
+    plan = _plan(tuple(weights.shape))
+    n = len(plan.subsets)
+    if len(us) != n or len(vs) != n:
+        raise ValueError(
+            f"a filter with {plan.d} spatial axes has {n} matricizations; "
+            f"got {len(us)} u and {len(vs)} v vectors"
+        )
+    device = weights.device
+    for m, (u, v) in enumerate(zip(us, vs, strict=True)):
+        if u.device != device or v.device != device:
+            raise ValueError(f"the vectors must be on the weights' device ({device})")
+        if u.shape != plan.u_shapes[m] or v.shape != plan.v_shapes[m]:
+            raise ValueError(
+                f"matricization {m} (row axes {plan.subsets[m]}) needs u of shape "
+                f"{plan.u_shapes[m]} and v of shape {plan.v_shapes[m]}, "
+                f"got {tuple(u.shape)} and {tuple(v.shape)}"
+            )
+    return plan
+
+
+def _store(
+    plan: _Plan, us: Sequence[Tensor], vs: Sequence[Tensor], u_cat: Tensor, v_cat: Tensor
+) -> None:
+    # One split into views, shapes as plain ints: on these small tensors the Python-side
+    # cost of slicing or of parsing a torch.Size argument is more than that of the copy.
+    u_parts = u_cat.split_with_sizes(plan.p, -1)
+    for dst, src, shape in zip(us, u_parts, plan.u_shapes, strict=True):
+        dst.copy_(src.view(*shape))
+    v_parts = v_cat.split_with_sizes(plan.q, -1)
+    for dst, src, shape in zip(vs, v_parts, plan.v_shapes, strict=True):
+        dst.copy_(src.view(*shape))
