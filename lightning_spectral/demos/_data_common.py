@@ -1,5 +1,5 @@
-"""What the demo data modules share: optional-import checks, argument checks, a seeded split
-and the DataLoader construction."""
+"""What the demo data modules share: the optional-import check, a seeded split and the
+DataLoader construction (argument checks: :mod:`lightning_spectral._checks`)."""
 
 from __future__ import annotations
 
@@ -20,16 +20,6 @@ def _require(module: str, package: str, user: str) -> None:
             f"{user} needs {package}, which could not be imported ({err}). It is part of the "
             'examples extra: pip install "lightning-spectral[examples]"'
         ) from err
-
-
-def _check_positive_int(name: str, value: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
-
-
-def _check_non_negative_int(name: str, value: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
 
 
 def _seeded_split(n: int, sizes: Sequence[int], seed: int) -> list[list[int]]:

@@ -6,9 +6,8 @@ import lightning.pytorch as pl
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 
+from .._checks import check_int
 from ._data_common import (
-    _check_non_negative_int,
-    _check_positive_int,
     _LoaderMixin,
     _require,
     _seeded_split,
@@ -47,8 +46,8 @@ class DigitsDataModule(_LoaderMixin, pl.LightningDataModule):
     ) -> None:
         super().__init__()
         _require("sklearn.datasets", "scikit-learn", type(self).__name__)
-        _check_positive_int("batch_size", batch_size)
-        _check_non_negative_int("num_workers", num_workers)
+        batch_size = check_int("batch_size", batch_size, low=1)
+        num_workers = check_int("num_workers", num_workers, low=0)
         for name, frac in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
             if not 0.0 < frac < 1.0:
                 raise ValueError(f"{name} must lie in (0, 1), got {frac!r}")

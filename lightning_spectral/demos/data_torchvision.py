@@ -11,9 +11,8 @@ from pathlib import Path
 import lightning.pytorch as pl
 from torch.utils.data import DataLoader, Dataset, Subset
 
+from .._checks import check_int
 from ._data_common import (
-    _check_non_negative_int,
-    _check_positive_int,
     _LoaderMixin,
     _require,
     _seeded_split,
@@ -54,9 +53,9 @@ class _TorchvisionDataModule(_LoaderMixin, pl.LightningDataModule):
     ) -> None:
         super().__init__()
         _require("torchvision.datasets", "torchvision", type(self).__name__)
-        _check_positive_int("batch_size", batch_size)
-        _check_non_negative_int("num_workers", num_workers)
-        _check_non_negative_int("val_size", val_size)
+        batch_size = check_int("batch_size", batch_size, low=1)
+        num_workers = check_int("num_workers", num_workers, low=0)
+        val_size = check_int("val_size", val_size, low=0)
         self.data_dir = Path(data_dir)
         self.batch_size = batch_size
         self.download = download
