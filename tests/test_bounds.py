@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import copy
-import itertools
 import math
 
 import pytest
 import torch
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
+from oracles import fantastic_four_per_subset, operator_matrix, operator_norm
 from torch import nn
 
 from lightning_spectral.functional.bounds import (
@@ -24,61 +23,11 @@ from lightning_spectral.functional.bounds import (
     tap_sum_bound,
 )
 
-# No tolerance: every bound carries its own margin over float64 rounding (bounds._opnorm).
+# No tolerance: every bound carries its own margin over float64 rounding (opnorm.ROUNDING_MARGIN).
 REL = 0.0
 
 CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
 CONV_T = {1: nn.ConvTranspose1d, 2: nn.ConvTranspose2d, 3: nn.ConvTranspose3d}
-
-
-# ----------------------------------------------------------------------------- references
-
-
-def operator_matrix(module: nn.Module, input_size: tuple[int, ...]) -> torch.Tensor:
-    """The layer (bias off, float64) applied to the identity basis: (out_dim, in_dim)."""
-    m = copy.deepcopy(module).to(torch.float64)
-    if getattr(m, "bias", None) is not None:
-        m.bias = None
-    if isinstance(m, nn.Linear):
-        return m.weight.detach().clone()
-    c_in = m.in_channels
-    dim = c_in * math.prod(input_size)
-    basis = torch.eye(dim, dtype=torch.float64).reshape(dim, c_in, *input_size)
-    with torch.no_grad():
-        out = m(basis)
-    return out.reshape(dim, -1).T
-
-
-def exact_norm(module: nn.Module, input_size: tuple[int, ...]) -> float:
-    return torch.linalg.matrix_norm(operator_matrix(module, input_size), ord=2).item()
-
-
-def ff_reference(weight: torch.Tensor, groups: int) -> list[float]:
-    """Per subset m (bit i of m: axis i on the row side): max_g sqrt(prod k) ||M||, by loops."""
-    w = weight.detach().to(torch.float64)
-    c_out, c_in, *k = w.shape
-    d = len(k)
-    co = c_out // groups
-    scale = math.sqrt(math.prod(k))
-    result = []
-    for m in range(1 << d):
-        rows_ax = [i for i in range(d) if (m >> i) & 1]
-        cols_ax = [i for i in range(d) if not (m >> i) & 1]
-        best = 0.0
-        for g in range(groups):
-            n_rows = co * math.prod(k[i] for i in rows_ax)
-            n_cols = c_in * math.prod(k[i] for i in cols_ax)
-            mat = torch.zeros(n_rows, n_cols, dtype=torch.float64)
-            for o, i, *t in itertools.product(range(co), range(c_in), *(range(x) for x in k)):
-                r, c = o, i
-                for a in rows_ax:
-                    r = r * k[a] + t[a]
-                for a in cols_ax:
-                    c = c * k[a] + t[a]
-                mat[r, c] = w[(g * co + o, i, *t)]
-            best = max(best, torch.linalg.matrix_norm(mat, ord=2).item() * scale)
-        result.append(best)
-    return result
 
 
 # ----------------------------------------------------------------------------- fantastic four
@@ -116,17 +65,19 @@ def test_fantastic_four_matches_paper_matrices_2d() -> None:
 )
 def test_fantastic_four_matches_loop_reference(shape, groups) -> None:
     w = torch.randn(*shape, dtype=torch.float32)
-    ref = ff_reference(w, groups)
+    ref = fantastic_four_per_subset(w, groups)
     got = fantastic_four(w, groups=groups, reduction="none")
-    assert got.dtype == torch.float64 and got.shape == (len(ref),)
-    torch.testing.assert_close(got, torch.tensor(ref, dtype=torch.float64))
+    assert got.dtype == torch.float64 and got.shape == ref.shape
+    torch.testing.assert_close(got, ref)
     # "min": max over groups of the per-group minimum (never above min over A of the max)
     per_group = [
-        min(ff_reference(w[g * shape[0] // groups : (g + 1) * shape[0] // groups], 1))
+        fantastic_four_per_subset(w[g * shape[0] // groups : (g + 1) * shape[0] // groups])
+        .min()
+        .item()
         for g in range(groups)
     ]
     assert fantastic_four(w, groups=groups).item() == pytest.approx(max(per_group), rel=1e-10)
-    assert fantastic_four(w, groups=groups).item() <= min(ref) * (1 + 1e-12)
+    assert fantastic_four(w, groups=groups).item() <= ref.min().item() * (1 + 1e-12)
 
 
 def test_gradcheck() -> None:
@@ -214,7 +165,7 @@ def test_cost_cap() -> None:
 def test_pointwise_conv_is_exact(d) -> None:
     conv = CONV[d](5, 3, 1, padding=1, groups=1)
     size = (4,) * d if d < 3 else (3, 2, 2)
-    exact = exact_norm(conv, size)
+    exact = operator_norm(conv, size).item()
     assert fantastic_four(conv.weight).item() == pytest.approx(exact, rel=1e-9)
     assert layer_spectral_bound(conv).item() == pytest.approx(exact, rel=1e-9)
 
@@ -224,14 +175,14 @@ def test_circular_same_padding_fft_is_exact(d, k) -> None:
     size = (7,) * d
     conv = CONV[d](3, 4, k, padding="same", padding_mode="circular", dilation=2)
     bounds = layer_bounds(conv, size)
-    assert bounds["fft"].item() == pytest.approx(exact_norm(conv, size), rel=1e-9)
+    assert bounds["fft"].item() == pytest.approx(operator_norm(conv, size).item(), rel=1e-9)
     assert layer_spectral_bound(conv, size).item() == pytest.approx(bounds["fft"].item())
 
 
 def test_linear_is_exact() -> None:
     lin = nn.Linear(7, 4)
     got = layer_spectral_bound(lin)
-    assert got.item() == pytest.approx(exact_norm(lin, ()), rel=1e-12)
+    assert got.item() == pytest.approx(operator_norm(lin).item(), rel=1e-12)
 
 
 def test_sampled_bound_is_tight_on_random_filters() -> None:
@@ -388,7 +339,7 @@ def layers(draw):
 @given(layers())
 def test_every_bound_is_sound(case) -> None:
     layer, size = case
-    exact = exact_norm(layer, size)
+    exact = operator_norm(layer, size).item()
     for given_size in (None, size):
         bounds = layer_bounds(layer, given_size)
         for name, value in bounds.items():
@@ -443,7 +394,7 @@ def test_polyphase_bound_is_exact_for_non_overlapping_windows() -> None:
     # kernel == stride, no padding: the operator is block diagonal with one block, the
     # c_out x (c_in * k * k) matrix, which is the polyphase filter's only tap.
     layer = nn.Conv2d(3, 5, 2, stride=2, bias=False).double()
-    exact = exact_norm(layer, (6, 6))
+    exact = operator_norm(layer, (6, 6)).item()
     bounds = layer_bounds(layer)
     assert bounds["polyphase_fantastic_four"].item() == pytest.approx(exact, rel=1e-9)
     assert bounds["fantastic_four"].item() > exact * 1.05

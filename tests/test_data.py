@@ -270,3 +270,10 @@ def test_cifar10_checksums_are_verified_by_default(tmp_path: Path) -> None:
         CIFAR10DataModule(tmp_path).setup("fit")
     with pytest.raises(ValueError, match="verify_checksums"):
         CIFAR10DataModule(tmp_path, download=True, verify_checksums=False)
+
+
+def test_digits_accepts_numpy_integers_as_python_ints() -> None:
+    """Sizes read from numpy (a config array, ``np.arange``) are integers like any other."""
+    dm = DigitsDataModule(batch_size=np.int64(16), num_workers=np.int32(0))
+    assert type(dm.batch_size) is int and dm.batch_size == 16
+    assert type(dm.num_workers) is int and dm.num_workers == 0

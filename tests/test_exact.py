@@ -6,36 +6,17 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from oracles import operator_matrix as oracle_matrix
+from oracles import operator_norm
 from torch import nn
 
 from lightning_spectral.functional import exact
+from lightning_spectral.functional.bounds import circular_grid_norm
 from lightning_spectral.functional.exact import conv_spectral_norm, operator_matrix
+from lightning_spectral.functional.opnorm import ROUNDING_MARGIN
 
 CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
 TCONV = {1: nn.ConvTranspose1d, 2: nn.ConvTranspose2d, 3: nn.ConvTranspose3d}
-
-
-def _svd_norm(matrix: torch.Tensor) -> float:
-    """Reference independent of the library's norms: the top singular value from an SVD."""
-    return torch.linalg.svdvals(matrix)[0].item()
-
-
-def _basis_matrix(module: nn.Module, in_shape: tuple[int, ...]) -> torch.Tensor:
-    """Explicit matrix built column by column in float64, independently of operator_matrix."""
-    layer = module.double()
-    n = 1
-    for s in in_shape:
-        n *= s
-    cols = []
-    with torch.no_grad():
-        for j in range(n):
-            e = torch.zeros(n, dtype=torch.float64)
-            e[j] = 1.0
-            y = layer(e.reshape(1, *in_shape))
-            if getattr(layer, "bias", None) is not None:
-                y = y - layer(torch.zeros(1, *in_shape, dtype=torch.float64))
-            cols.append(y.flatten())
-    return torch.stack(cols, dim=1)
 
 
 @pytest.mark.parametrize(
@@ -49,10 +30,9 @@ def _basis_matrix(module: nn.Module, in_shape: tuple[int, ...]) -> torch.Tensor:
     ],
 )
 def test_operator_matrix_matches_column_by_column_construction(module, size):
-    in_shape = (module.in_features,) if size is None else (module.in_channels, *size)
     m = operator_matrix(module, size)
     assert m.dtype == torch.float64
-    torch.testing.assert_close(m, _basis_matrix(module, in_shape), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(m, oracle_matrix(module, size), rtol=1e-12, atol=1e-12)
     if size is None:
         torch.testing.assert_close(m, module.weight.double())
 
@@ -95,7 +75,7 @@ def test_fft_equals_explicit_matrix_norm(d, groups, c_out_per, c_in_per, data):
         module.weight.mul_(10.0 ** data.draw(st.integers(-3, 3)))
     fft = conv_spectral_norm(module, size, method="fft")
     assert fft.dtype == torch.float64 and fft.ndim == 0
-    ref = _svd_norm(operator_matrix(module, size))
+    ref = operator_norm(module, size).item()
     assert fft.item() == pytest.approx(ref, rel=1e-10)
     assert conv_spectral_norm(module, size).item() == fft.item()  # auto picks fft
 
@@ -103,12 +83,12 @@ def test_fft_equals_explicit_matrix_norm(d, groups, c_out_per, c_in_per, data):
 def test_fft_single_tap_zero_padding_and_aliasing_dilation():
     one_by_one = nn.Conv2d(3, 5, 1)
     assert conv_spectral_norm(one_by_one, (4, 4), method="fft").item() == pytest.approx(
-        _svd_norm(operator_matrix(one_by_one, (4, 4))), rel=1e-10
+        operator_norm(one_by_one, (4, 4)).item(), rel=1e-10
     )
     # Dilated taps wider than the input wrap around more than once in the DFT: they alias.
     wide = nn.Conv1d(2, 2, 3, dilation=4, padding=4, padding_mode="circular")
     assert conv_spectral_norm(wide, (5,), method="fft").item() == pytest.approx(
-        _svd_norm(operator_matrix(wide, (5,))), rel=1e-10
+        operator_norm(wide, (5,)).item(), rel=1e-10
     )
 
 
@@ -134,7 +114,7 @@ def test_fft_matches_power_iteration_at_a_larger_size():
     ],
 )
 def test_power_iteration_converges_to_explicit_norm(module, size):
-    ref = _svd_norm(operator_matrix(module, size))
+    ref = operator_norm(module, size).item()
     power = conv_spectral_norm(module, size, method="power", tol=1e-13, max_iter=20000).item()
     assert power <= ref * (1 + 1e-12)
     assert power == pytest.approx(ref, rel=1e-6)
@@ -194,3 +174,18 @@ def test_errors_name_the_problem():
         operator_matrix(zeros, big)
     with pytest.raises(ValueError, match="above the cap"):
         conv_spectral_norm(zeros, big, method="matrix")
+
+
+def test_fft_reference_and_circular_bound_are_one_computation():
+    """The exact FFT norm and the guaranteed circular-grid norm evaluate the same symbol on the
+    same grid: the bound is the reference times its rounding margin, bit for bit (large
+    grid and dilation, where phases reduced before or after the product differ)."""
+    size = (37, 41)
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(4):
+        conv = nn.Conv2d(3, 4, 3, dilation=5, padding=5, padding_mode="circular").double()
+        with torch.no_grad():
+            conv.weight.copy_(torch.randn(conv.weight.shape, generator=gen, dtype=torch.float64))
+        reference = conv_spectral_norm(conv, size, method="fft")
+        bound = circular_grid_norm(conv.weight.detach(), size, dilation=conv.dilation)
+        assert bound.item() == (reference * (1 + ROUNDING_MARGIN)).item()

@@ -28,29 +28,27 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
+from ._args import check_count
+from .geometry import SUPPORTED_LAYERS
 from .matricize import grouped_weight
 from .norms import spectral_norm_exact
+from .symbol import max_symbol_norm
 
 __all__ = ["operator_matrix", "conv_spectral_norm", "MAX_MATRIX_ENTRIES"]
 
-_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
-_TRANSPOSED = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
-_SUPPORTED = (*_CONVS, *_TRANSPOSED, nn.Linear)
 
 #: ``operator_matrix`` refuses operators with more entries than this (128 MiB in float64).
 MAX_MATRIX_ENTRIES = 1 << 24
 #: ``method="auto"`` uses the explicit matrix up to this many entries (an SVD-sized job).
 _TINY_MATRIX_ENTRIES = 1 << 20
-#: Complex entries of one chunk of FFT matrices ``P(theta)`` (128 MiB in complex128).
-_FFT_CHUNK_ENTRIES = 1 << 23
 _METHODS = ("auto", "fft", "power", "matrix")
 #: Vectors iterated together by the operator power method (one batched forward each).
 _POWER_BLOCK = 8
 
 
 def _spatial(module: nn.Module) -> int:
-    if not isinstance(module, _SUPPORTED):
-        names = ", ".join(f"nn.{t.__name__}" for t in _SUPPORTED)
+    if not isinstance(module, SUPPORTED_LAYERS):
+        names = ", ".join(f"nn.{t.__name__}" for t in SUPPORTED_LAYERS)
         raise TypeError(f"unsupported layer type {type(module).__name__}; supported: {names}")
     return 0 if isinstance(module, nn.Linear) else module.weight.ndim - 2
 
@@ -145,33 +143,16 @@ def _fft_obstacle(
 def _fft_norm(module: nn.Module, size: tuple[int, ...]) -> Tensor:
     """Sedghi et al.: ``max_theta ||P(theta)||_2`` over the DFT grid of ``size``, per group.
 
-    ``P`` is evaluated with explicit phases ``exp(-2 pi i f (dil k) / n)``, which also
-    handles a dilated kernel wider than the input (taps alias, as the circular layer
-    wraps them). Transposing and conjugating do not change singular values, and neither
-    does the circular shift that asymmetric padding introduces, so cross-correlation vs
-    convolution and the padding offset are irrelevant. A real filter has
-    ``P(-theta) = conj P(theta)``: only half of the last axis' frequencies are needed.
+    :func:`.symbol.max_symbol_norm` evaluates ``P`` with explicit phases
+    ``exp(-2 pi i f (dil k) / n)``, which also handles a dilated kernel wider than the input
+    (taps alias, as the circular layer wraps them). Transposing and conjugating do not
+    change singular values, and neither does the circular shift that asymmetric padding
+    introduces, so cross-correlation vs convolution and the padding offset are irrelevant.
+    A real filter has ``P(-theta) = conj P(theta)``: only half of the last axis' frequencies
+    are needed.
     """
     w = grouped_weight(module.weight.detach().to(torch.float64), module.groups)
-    g, c_a, c_b, *k = w.shape
-    d = len(k)
-    phases = []
-    for i in range(d):
-        n_freq = size[i] // 2 + 1 if i == d - 1 else size[i]
-        f = torch.arange(n_freq, dtype=torch.float64, device=w.device)
-        taps = torch.arange(k[i], dtype=torch.float64, device=w.device) * module.dilation[i]
-        angle = (-2 * math.pi / size[i]) * torch.outer(f, taps.remainder(size[i]))
-        phases.append(torch.polar(torch.ones_like(angle), angle))
-    kl, fl = "abc"[:d], "fgh"[:d]
-    eq = f"zoi{kl}," + ",".join(f"{fl[i]}{kl[i]}" for i in range(d)) + f"->z{fl}oi"
-    wc = w.to(torch.complex128)
-    rest = math.prod(p.shape[0] for p in phases[1:]) * g * c_a * c_b
-    chunk = max(1, _FFT_CHUNK_ENTRIES // rest)
-    best = torch.zeros((), dtype=torch.float64, device=w.device)
-    for start in range(0, phases[0].shape[0], chunk):
-        p = torch.einsum(eq, wc, phases[0][start : start + chunk], *phases[1:])
-        best = torch.maximum(best, spectral_norm_exact(p.reshape(-1, c_a, c_b)).max())
-    return best
+    return max_symbol_norm(w, size, module.dilation)
 
 
 def _power_norm(
@@ -247,8 +228,7 @@ def conv_spectral_norm(
         raise ValueError(f"method must be one of {_METHODS}, got {method!r}")
     if not tol > 0:
         raise ValueError(f"tol must be positive, got {tol!r}")
-    if int(max_iter) != max_iter or max_iter < 1:
-        raise ValueError(f"max_iter must be a positive integer, got {max_iter!r}")
+    check_count("max_iter", max_iter, positive=True)
     in_shape = _input_shape(module, input_size)
     if isinstance(module, nn.Linear) and method in ("auto", "matrix"):
         return spectral_norm_exact(module.weight.detach())

@@ -63,6 +63,11 @@ def filter_side(weight: Any, *args: Any, groups: int = 1, **kwargs: Any) -> int 
     return min(weight.shape[0] // max(groups, 1), weight.shape[1])
 
 
+def grouped_side(wg: Any, *args: Any, **kwargs: Any) -> int | None:
+    """Gram side of a grouped filter ``(g, c_out, c_in, *k)``: ``min(c_out, c_in)``."""
+    return min(wg.shape[1:3]) if isinstance(wg, Tensor) and wg.ndim >= 3 else None
+
+
 def module_side(module: Any, *args: Any, **kwargs: Any) -> int | None:
     """Gram side of a layer's filter (``nn.Linear``: the smaller of its two sizes)."""
     return filter_side(getattr(module, "weight", None), groups=getattr(module, "groups", 1))

@@ -1,0 +1,330 @@
+"""Curvature constants ``(g, h)`` of elementwise activations, and the smooth Softplus.
+
+For an elementwise activation ``s``, ``g = sup |s'|`` is its Lipschitz constant and ``h`` the
+Lipschitz constant of ``s'``; a network's curvature bound is built from these (see
+:mod:`.curvature`). :func:`activation_curvature` reads them from a table of exact suprema
+rounded up, and refuses activations whose derivative jumps (:class:`NonSmoothActivationError`).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = ["NonSmoothActivationError", "SmoothSoftplus", "activation_curvature"]
+
+# ----------------------------------------------------------------------------------------
+# Activation constants (g, h): g = sup |s'|, h = Lipschitz constant of s' (= sup |s''|).
+# Every constant below is the exact supremum rounded UP in its 8th significant digit; the
+# derivation (where the supremum is attained) is in the docstring of activation_curvature.
+# ----------------------------------------------------------------------------------------
+_TANH_H = 0.76980036  # 4 / (3 sqrt 3) = 0.769800358919501...
+_SIGMOID_H = 0.096225045  # 1 / (6 sqrt 3) = 0.0962250448649376...
+_GELU_ERF_G = 1.1289042  # Phi(sqrt 2) + sqrt(2) phi(sqrt 2) = 1.12890414518515...
+_GELU_TANH_G = 1.1289931  # at x = 1.418504: 1.12899306865877...
+_GELU_H = 0.79788457  # sqrt(2 / pi) = 0.797884560802865... (both GELU forms, at x = 0)
+_SILU_G = 1.0998394  # at x = 2.399357: 1.09983932012886...
+_SILU_H = 0.5  # exact, at x = 0
+_MISH_G = 1.0884982  # at x = 1.490571: 1.08849816125172...
+_MISH_H = 0.64420464  # at x = -0.0879344: 0.644204637236972...
+_SOFTSIGN_H = 2.0  # exact, one-sided limit at x = 0
+
+
+class NonSmoothActivationError(ValueError):
+    """The activation's derivative is not Lipschitz (it jumps), so no curvature bound exists."""
+
+
+class SmoothSoftplus(nn.Module):
+    """``log(1 + exp(beta x)) / beta`` for every ``x``, with no switch to the identity.
+
+    ``nn.Softplus`` returns ``x`` itself above ``threshold / beta``, which makes both the
+    function and its derivative jump there (see :func:`activation_curvature`). This module
+    evaluates the same exact formula everywhere as ``logaddexp(beta x, 0) / beta``, which
+    does not overflow. Curvature constants: ``g = 1``, ``h = beta / 4``.
+    """
+
+    def __init__(self, beta: float = 1.0) -> None:
+        super().__init__()
+        if not (math.isfinite(beta) and beta > 0):
+            raise ValueError(f"SmoothSoftplus needs a finite beta > 0, got {beta}")
+        self.beta = float(beta)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.logaddexp(self.beta * x, torch.zeros_like(x)) / self.beta
+
+    def extra_repr(self) -> str:
+        return f"beta={self.beta}"
+
+
+_REPLACEMENTS = (
+    "a smooth activation, e.g. lightning_spectral.functional.SmoothSoftplus, nn.Tanh, "
+    "nn.SiLU, nn.GELU or nn.CELU"
+)
+
+
+def _refuse(name: str, why: str, fix: str = _REPLACEMENTS) -> NonSmoothActivationError:
+    return NonSmoothActivationError(
+        f"{name}: {why}, so its derivative is not Lipschitz and no curvature bound exists. "
+        f"Replace it by {fix}"
+    )
+
+
+def _softplus(beta: float = 1.0, threshold: float = 20.0) -> tuple[float, float]:
+    if not (math.isfinite(beta) and beta > 0):
+        raise ValueError(f"Softplus: curvature constants need a finite beta > 0, got {beta}")
+    if math.isfinite(threshold):
+        jump = 1.0 / (1.0 + math.exp(threshold))  # 1 - sigmoid(threshold)
+        raise _refuse(
+            f"Softplus(beta={beta}, threshold={threshold})",
+            f"it returns x itself for x > threshold / beta = {threshold / beta:g}, where its "
+            f"derivative jumps from sigmoid(threshold) to 1 (by {jump:.3g}) and its value by "
+            "log1p(exp(-threshold)) / beta",
+            f"lightning_spectral.functional.SmoothSoftplus(beta={beta}) (the same formula with "
+            "no switch to the identity)",
+        )
+    return 1.0, beta / 4.0  # division by 4 is exact in binary floating point
+
+
+def _elu(alpha: float = 1.0) -> tuple[float, float]:
+    if alpha != 1.0:
+        raise _refuse(
+            f"ELU(alpha={alpha})",
+            f"its derivative jumps from alpha = {alpha} to 1 at 0",
+            f"nn.CELU(alpha={alpha}) (continuously differentiable) or {_REPLACEMENTS}",
+        )
+    return 1.0, 1.0
+
+
+def _celu(alpha: float = 1.0) -> tuple[float, float]:
+    if not (math.isfinite(alpha) and alpha > 0):
+        raise ValueError(f"CELU: curvature constants need a finite alpha > 0, got {alpha}")
+    return 1.0, math.nextafter(1.0 / alpha, math.inf)  # round 1/alpha up
+
+
+def _gelu(approximate: str = "none") -> tuple[float, float]:
+    if approximate == "none":
+        return _GELU_ERF_G, _GELU_H
+    if approximate == "tanh":
+        return _GELU_TANH_G, _GELU_H
+    raise ValueError(f"GELU: unknown approximate={approximate!r} (expected 'none' or 'tanh')")
+
+
+def _constant(g: float, h: float) -> Callable[[], tuple[float, float]]:
+    return lambda: (g, h)
+
+
+_SMOOTH: dict[str, Callable[..., tuple[float, float]]] = {
+    "tanh": _constant(1.0, _TANH_H),
+    "sigmoid": _constant(0.25, _SIGMOID_H),
+    "softplus": _softplus,
+    "smooth_softplus": lambda beta=1.0: _softplus(beta, math.inf),
+    "elu": _elu,
+    "celu": _celu,
+    "gelu": _gelu,
+    "silu": _constant(_SILU_G, _SILU_H),
+    "mish": _constant(_MISH_G, _MISH_H),
+    "tanhshrink": _constant(1.0, _TANH_H),
+    "softsign": _constant(1.0, _SOFTSIGN_H),
+    "logsigmoid": _constant(1.0, 0.25),
+}
+
+_NONSMOOTH: dict[str, str] = {
+    "relu": "its derivative jumps from 0 to 1 at 0",
+    "relu6": "its derivative jumps at 0 and at 6",
+    "leaky_relu": "its derivative jumps from the negative slope to 1 at 0",
+    "prelu": "its derivative jumps from the learned slope to 1 at 0",
+    "rrelu": "its derivative jumps at 0 (and its slope is random in training)",
+    "hardtanh": "its derivative jumps at the clipping points",
+    "hardswish": "its derivative jumps at -3 and at 3",
+    "hardsigmoid": "its derivative jumps at -3 and at 3",
+    "selu": "its derivative jumps from scale * alpha = 1.7581 to scale = 1.0507 at 0",
+    "hardshrink": "it jumps at +-lambda",
+    "softshrink": "its derivative jumps at +-lambda",
+    "threshold": "it jumps at the threshold",
+    "abs": "its derivative jumps from -1 to 1 at 0",
+    "clamp": "its derivative jumps at the clipping points",
+    "max_pool": "max pooling switches between window entries, so its Jacobian jumps",
+}
+
+# Module types -> (table name, how to read its parameters).
+_MODULES: dict[type[nn.Module], tuple[str, Callable[[Any], dict[str, Any]]]] = {
+    nn.Tanh: ("tanh", lambda m: {}),
+    nn.Sigmoid: ("sigmoid", lambda m: {}),
+    nn.Softplus: ("softplus", lambda m: {"beta": m.beta, "threshold": m.threshold}),
+    SmoothSoftplus: ("smooth_softplus", lambda m: {"beta": m.beta}),
+    nn.ELU: ("elu", lambda m: {"alpha": m.alpha}),
+    nn.CELU: ("celu", lambda m: {"alpha": m.alpha}),
+    nn.GELU: ("gelu", lambda m: {"approximate": m.approximate}),
+    nn.SiLU: ("silu", lambda m: {}),
+    nn.Mish: ("mish", lambda m: {}),
+    nn.Tanhshrink: ("tanhshrink", lambda m: {}),
+    nn.Softsign: ("softsign", lambda m: {}),
+    nn.LogSigmoid: ("logsigmoid", lambda m: {}),
+    nn.ReLU: ("relu", lambda m: {}),
+    nn.ReLU6: ("relu6", lambda m: {}),
+    nn.LeakyReLU: ("leaky_relu", lambda m: {}),
+    nn.PReLU: ("prelu", lambda m: {}),
+    nn.RReLU: ("rrelu", lambda m: {}),
+    nn.Hardtanh: ("hardtanh", lambda m: {}),
+    nn.Hardswish: ("hardswish", lambda m: {}),
+    nn.Hardsigmoid: ("hardsigmoid", lambda m: {}),
+    nn.SELU: ("selu", lambda m: {}),
+    nn.Hardshrink: ("hardshrink", lambda m: {}),
+    nn.Softshrink: ("softshrink", lambda m: {}),
+    nn.Threshold: ("threshold", lambda m: {}),
+    nn.MaxPool1d: ("max_pool", lambda m: {}),
+    nn.MaxPool2d: ("max_pool", lambda m: {}),
+    nn.MaxPool3d: ("max_pool", lambda m: {}),
+    nn.AdaptiveMaxPool1d: ("max_pool", lambda m: {}),
+    nn.AdaptiveMaxPool2d: ("max_pool", lambda m: {}),
+    nn.AdaptiveMaxPool3d: ("max_pool", lambda m: {}),
+}
+
+_FUNCTIONS: dict[Any, str] = {
+    torch.tanh: "tanh", F.tanh: "tanh", torch.sigmoid: "sigmoid", F.sigmoid: "sigmoid",
+    torch.special.expit: "sigmoid", F.softplus: "softplus", F.elu: "elu", F.celu: "celu",
+    torch.celu: "celu", F.gelu: "gelu", F.silu: "silu", F.mish: "mish",
+    F.tanhshrink: "tanhshrink", F.softsign: "softsign", F.logsigmoid: "logsigmoid",
+    torch.relu: "relu", F.relu: "relu", F.relu6: "relu6", F.leaky_relu: "leaky_relu",
+    F.prelu: "prelu", torch.prelu: "prelu", F.rrelu: "rrelu", F.hardtanh: "hardtanh",
+    F.hardswish: "hardswish", F.hardsigmoid: "hardsigmoid", torch.selu: "selu",
+    F.selu: "selu", F.hardshrink: "hardshrink", F.softshrink: "softshrink",
+    F.threshold: "threshold", torch.abs: "abs", torch.clamp: "clamp", torch.clip: "clamp",
+    F.max_pool1d: "max_pool", F.max_pool2d: "max_pool", F.max_pool3d: "max_pool",
+    F.adaptive_max_pool1d: "max_pool", F.adaptive_max_pool2d: "max_pool",
+    F.adaptive_max_pool3d: "max_pool", torch.max_pool1d: "max_pool",
+    torch.max_pool2d: "max_pool", torch.max_pool3d: "max_pool",
+}
+
+
+def _module_entry(module: nn.Module) -> tuple[str, dict[str, Any]] | None:
+    """Table name and parameters of a module, or None if its type is not in the table.
+
+    A subclass only inherits its parent's constants when it keeps the parent's ``forward``:
+    one that overrides ``forward`` computes something else, which the table knows nothing of.
+    Likewise a ``forward`` replaced on the instance, or forward hooks (which may replace the
+    input or the output), make it unknown.
+    """
+    if "forward" in vars(module) or module._forward_hooks or module._forward_pre_hooks:
+        return None
+    for cls in type(module).__mro__:
+        if cls in _MODULES:
+            if type(module).forward is not cls.forward:
+                return None
+            name, read = _MODULES[cls]
+            return name, read(module)
+    return None
+
+
+def activation_curvature(
+    activation: nn.Module | Callable[..., Tensor] | str, **kwargs: Any
+) -> tuple[float, float] | None:
+    """Curvature constants ``(g, h)`` of an elementwise activation ``s``.
+
+    ``g = sup |s'|`` (its Lipschitz constant) and ``h`` = the Lipschitz constant of ``s'``
+    (``= sup |s''|`` where ``s''`` exists and ``s'`` is continuous). Each value is the exact
+    supremum rounded up (a smaller constant would void the certificate).
+
+    Args:
+        activation: a module instance (its parameters are read from it), a function such as
+            ``torch.tanh`` or ``F.softplus`` (pass its parameters as keyword arguments), or a
+            name from the table below (as ``call_method`` nodes of a ``torch.fx`` graph carry).
+        **kwargs: parameters of a function or name: ``beta``, ``threshold`` (softplus),
+            ``alpha`` (elu, celu), ``approximate`` (gelu). Not allowed with a module.
+
+    Returns:
+        ``(g, h)`` as Python floats, or ``None`` when the activation is not in the table
+        (including a subclass that overrides ``forward``): the caller must then find another
+        rule or refuse; ``None`` is never a license to assume anything.
+
+    Raises:
+        NonSmoothActivationError: (a ``ValueError``) for activations whose derivative jumps
+            (ReLU, ReLU6, LeakyReLU, PReLU, RReLU, Hardtanh, Hardswish, Hardsigmoid, SELU,
+            Hardshrink, Softshrink, Threshold, abs, clamp, ELU with ``alpha != 1``, max
+            pooling, and ``nn.Softplus`` with a finite ``threshold``, i.e. the default one).
+        ValueError: for invalid parameters.
+
+    Derivations (``s^{(k)}`` the k-th derivative; extremes of ``s''`` are roots of ``s'''``):
+
+    * tanh: ``s' = 1 - t^2 <= 1``, ``s'' = -2t(1 - t^2)``, ``s''' = -2(1 - t^2)(1 - 3t^2)``
+      with ``t = tanh x``: ``|s''|`` peaks at ``t = 1/sqrt 3`` (``x = 0.658479``):
+      ``h = 4 / (3 sqrt 3) = 0.7698004``. Tanhshrink ``x - tanh x`` has ``s' = t^2 < 1`` and
+      the same ``|s''|``.
+    * sigmoid ``p``: ``s' = p(1 - p) <= 1/4`` (at 0), ``s'' = p(1 - p)(1 - 2p)``,
+      ``s''' = p(1 - p)(1 - 6p + 6p^2)``, zero at ``p = (3 +- sqrt 3)/6``
+      (``x = ln(2 +- sqrt 3) = +-1.316958``): ``h = 1 / (6 sqrt 3) = 0.0962250``.
+    * softplus ``log(1 + exp(beta x)) / beta``: ``s' = p(beta x) in (0, 1)``,
+      ``s'' = beta p(1 - p) <= beta / 4`` (at 0): ``(1, beta / 4)``. ``nn.Softplus`` and
+      ``F.softplus`` however return ``x`` itself for ``beta x > threshold``. At
+      ``x0 = threshold / beta`` the derivative jumps from ``p(threshold)`` to 1, by
+      ``1 - p(threshold) = 2.06e-9`` for the default 20, and the value drops by
+      ``log1p(exp(-threshold)) / beta`` (visible in float64). A jump in ``s'`` admits no
+      finite Lipschitz constant at all, however small the jump: ``|s'(x0 + e) - s'(x0 - e)|
+      / 2e -> inf``. Neglecting it would make the (L, C) composition and the radius formula
+      claim something false; carrying it would need an extra additive slack term through the
+      whole composition (and the value jump breaks even the integral form of Taylor's theorem
+      the certificate rests on). So a finite threshold is refused; ``threshold=math.inf``
+      (the exact formula) or :class:`SmoothSoftplus` (the same, computed without overflow)
+      get ``(1, beta / 4)``; note that ``threshold=math.inf`` overflows to ``inf`` for
+      ``beta x > 88`` in float32 (709 in float64), which the certificates then refuse as
+      non-finite logits, while :class:`SmoothSoftplus` does not. LogSigmoid
+      ``-softplus(-x)`` (computed by torch without a switch) has ``s' = p(-x) in (0, 1)`` and
+      ``|s''| = p(1 - p) <= 1/4``: ``(1, 1/4)``.
+    * ELU: ``s' = 1`` for ``x > 0`` and ``alpha e^x`` for ``x < 0``: continuous only if
+      ``alpha = 1`` (otherwise refused); then ``s''`` is 0 or ``e^x < 1`` on each side, and a
+      continuous piecewise-``C^1`` ``s'`` is Lipschitz with the sup of ``|s''|`` over the
+      pieces: ``(1, 1)``.
+    * CELU: ``s' = exp(x / alpha)`` for ``x < 0``, 1 for ``x > 0``: continuous for every
+      ``alpha > 0``, ``s'' = exp(x / alpha) / alpha``, sup approached at ``0^-``:
+      ``(1, 1 / alpha)``.
+    * GELU ``x Phi(x)``: ``s' = Phi + x phi``, ``s'' = phi (2 - x^2)``,
+      ``s''' = x phi (x^2 - 4)``: ``|s''|`` is ``2 phi(0) = sqrt(2/pi) = 0.7978846`` at 0 and
+      ``2 phi(2) = 0.108`` at ``+-2``; ``s'`` peaks where ``s'' = 0``, at ``x = sqrt 2``:
+      ``g = 1.1289041``. The tanh form ``x/2 (1 + tanh(sqrt(2/pi)(x + 0.044715 x^3)))``:
+      ``s''`` is even with roots of ``s'''`` at 0 (``s''(0) = sqrt(2/pi)``) and ``+-2.013481``
+      (``s'' = -0.1079``); ``s'`` peaks at ``x = 1.418504`` with 1.1289931.
+    * SiLU ``x p(x)``: ``s' = p (1 + x(1 - p))``, ``s'' = p(1 - p)(2 + x(1 - 2p))``; roots of
+      ``s'''`` at 0 (``s'' = 1/2``) and ``+-3.435841`` (``s'' = -0.0369``); ``s'`` peaks at
+      ``x = 2.399357`` (``2 + x(1 - 2p) = 0``) with 1.0998393.
+    * Mish ``x tanh(softplus x)``: roots of ``s'''`` at -3.267338 (``s'' = -0.0417``),
+      -0.0879344 (``s'' = 0.6442046``) and 2.114843 (``s'' = -0.0590``), computed at 40
+      digits; ``s'`` peaks at ``x = 1.490571`` with 1.0884982.
+    * Softsign ``x / (1 + |x|)``: ``s' = (1 + |x|)^-2 <= 1`` is continuous,
+      ``|s''| = 2 (1 + |x|)^-3 <= 2`` on each side: ``(1, 2)``.
+
+    In-place variants (``inplace=True``) compute the same function; what an in-place op does
+    to *other* consumers of its input is the graph walk's concern, not this table's.
+    """
+    if isinstance(activation, nn.Module):
+        if kwargs:
+            raise ValueError("pass the parameters of a module through the module itself, "
+                             f"not as keyword arguments {sorted(kwargs)}")
+        entry = _module_entry(activation)
+        if entry is None:
+            return None
+        name, kwargs = entry
+        label = type(activation).__name__
+    elif isinstance(activation, str):
+        name = label = activation
+    else:
+        try:
+            name = _FUNCTIONS.get(activation)
+        except TypeError:  # unhashable callable
+            name = None
+        label = getattr(activation, "__name__", repr(activation))
+    if name is None:
+        return None
+    if name in _NONSMOOTH:
+        raise _refuse(label, _NONSMOOTH[name])
+    if name not in _SMOOTH:
+        return None
+    kwargs = {k: v for k, v in kwargs.items() if k != "inplace"}  # same function either way
+    try:
+        return _SMOOTH[name](**kwargs)
+    except TypeError as err:
+        raise ValueError(f"{label}: unexpected parameters {sorted(kwargs)} ({err})") from None

@@ -1,0 +1,33 @@
+"""The certified matrix norm every layer bound is built from, and its cost model."""
+
+from __future__ import annotations
+
+from torch import Tensor
+
+from .norms import spectral_norm_exact
+
+# Relative safety margin on every computed matrix norm (see ``opnorm``).
+ROUNDING_MARGIN = 1e-13
+
+
+def opnorm(matrix: Tensor) -> Tensor:
+    """Exact batched spectral norm (largest singular value), differentiable, raised by a margin.
+
+    The top eigenvalue of the smaller Gram matrix (:func:`.norms.spectral_norm_exact`): the
+    same value as an SVD to float64 rounding, and 10x or more faster on CPU. Raised by
+    ``ROUNDING_MARGIN`` so that float64 rounding cannot put a bound below the exact value:
+    the top singular value computed through the Gram matrix has a relative error of about
+    ``n * 2^-53 / 2`` at worst (``n`` the Gram side), under 1e-13 for ``n`` up to ~1800 and
+    typically ``sqrt(n) * 2^-53``, far smaller.
+    """
+    return with_margin(spectral_norm_exact(matrix))
+
+
+def with_margin(norm: Tensor) -> Tensor:
+    """``norm * (1 + ROUNDING_MARGIN)``: an exactly computed norm made safe to certify with."""
+    return norm * (1 + ROUNDING_MARGIN)
+
+
+def opnorm_cost(m: int, n: int) -> float:
+    """Multiply-adds of one ``m x n`` norm: ``min(m, n)^2 max(m, n)`` (a Gram eigenproblem)."""
+    return float(min(m, n)) ** 2 * max(m, n)
