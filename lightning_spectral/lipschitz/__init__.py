@@ -54,6 +54,7 @@ from .api import _sequential_bound as _sequential_bound  # the Sequential fallba
 from .api import network_lipschitz_bound
 from .common import LipschitzRule, NonSmoothOperationError, UnsupportedOperationError
 from .curvature import network_curvature_bound, network_pairwise_curvature
+from .tape import CurvatureTape, record_curvature
 from .ownership import (
     CurvatureRule,
     register_curvature_rule,
@@ -64,12 +65,14 @@ from .ownership import (
 
 __all__ = [
     "CurvatureRule",
+    "CurvatureTape",
     "LipschitzRule",
     "NonSmoothOperationError",
     "UnsupportedOperationError",
     "network_curvature_bound",
     "network_lipschitz_bound",
     "network_pairwise_curvature",
+    "record_curvature",
     "register_curvature_rule",
     "register_lipschitz_rule",
     "unregister_curvature_rule",

@@ -1,0 +1,127 @@
+"""The curvature penalty and curvature certification of ``SpectralBoundRegularizer``, and the
+recorded curvature walk (``record_curvature``) they rest on."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from lightning_spectral import SmoothSoftplus, network_curvature_bound
+from lightning_spectral.functional import layer_spectral_bound
+from lightning_spectral.lipschitz import (
+    NonSmoothOperationError,
+    UnsupportedOperationError,
+    record_curvature,
+)
+
+
+class ConvNet(nn.Module):
+    """BatchNorm (folded and alone), a residual, average pooling and a concatenation."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(1, 4, 3, stride=2, padding=1)
+        self.bn = nn.BatchNorm2d(4)
+        self.act = SmoothSoftplus()
+        self.res = nn.Conv2d(4, 4, 3, padding=1)
+        self.side = nn.Conv2d(4, 2, 1)
+        self.bn_alone = nn.BatchNorm2d(6)
+        self.pool = nn.AvgPool2d(2)
+        self.head = nn.Linear(24, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.act(self.bn(self.conv(x)))
+        h = h + torch.tanh(self.res(h))
+        h = torch.cat([h, torch.sigmoid(self.side(h))], dim=1)
+        h = self.pool(self.bn_alone(h))
+        return self.head(h.flatten(1))
+
+
+def _conv_net() -> nn.Module:
+    torch.manual_seed(0)
+    net = ConvNet()
+    for bn in (net.bn, net.bn_alone):  # non-trivial running statistics and affine
+        bn.running_var.uniform_(0.5, 2.0)
+        bn.running_mean.uniform_(-1.0, 1.0)
+        nn.init.uniform_(bn.weight, 0.5, 1.5)
+    return net.eval()
+
+
+def _layers(net: nn.Module) -> dict[str, nn.Module]:
+    return {n: m for n, m in net.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))}
+
+
+def test_replay_of_recorded_bounds_is_the_network_curvature_bound():
+    net = _conv_net()
+    tape = record_curvature(net, (1, 8, 8), _layers(net))
+    expected = network_curvature_bound(net, (1, 8, 8))
+    assert tape.n_layers == 4 and bool((tape.bounds > 0).all())
+    assert torch.equal(tape.replay(tape.bounds), expected)  # bit for bit
+
+
+def test_replay_tracks_the_layer_norms():
+    """Doubling the head scales C by 2; a layer in front scales C at least linearly."""
+    net = _conv_net()
+    tape = record_curvature(net, (1, 8, 8), _layers(net))
+    scaled = tape.bounds.clone()
+    scaled[-1] *= 2
+    assert torch.allclose(tape.replay(scaled), 2 * tape.replay(tape.bounds), rtol=1e-12)
+    first = tape.bounds.clone()
+    first[0] *= 2
+    assert tape.replay(first) > 2 * tape.replay(tape.bounds) * (1 - 1e-12)
+
+
+def test_unselected_layers_are_constants():
+    net = _conv_net()
+    layers = _layers(net)
+    tape = record_curvature(net, (1, 8, 8), {"head": layers["head"]})
+    assert tape.n_layers == 1
+    expected = network_curvature_bound(net, (1, 8, 8))
+    assert torch.equal(tape.replay(tape.bounds), expected)
+    head = layer_spectral_bound(net.head, None).detach().double()
+    assert torch.allclose(tape.bounds[0], head, rtol=1e-6)
+
+
+def test_replay_is_differentiable():
+    net = _conv_net()
+    tape = record_curvature(net, (1, 8, 8), _layers(net))
+    norms = tape.bounds.clone().requires_grad_(True)
+    assert torch.autograd.gradcheck(tape.replay, (norms,))
+    tape.replay(norms).backward()
+    assert bool((norms.grad > 0).all()) and bool(torch.isfinite(norms.grad).all())
+
+
+def test_replay_checks_the_number_of_norms():
+    net = _conv_net()
+    tape = record_curvature(net, (1, 8, 8), _layers(net))
+    with pytest.raises(ValueError, match="needs 4 per-layer norms"):
+        tape.replay(torch.ones(3))
+
+
+def test_recording_refuses_a_relu_naming_the_node():
+    net = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+    with pytest.raises(NonSmoothOperationError, match="'1'"):
+        record_curvature(net, (4,), _layers(net))
+
+
+def test_placeholders_refuse_escaping_the_tape():
+    """A bound read as a number, or put through an unknown operation, is refused: it would
+    silently become a constant of the tape."""
+    from lightning_spectral.lipschitz.tape import _Recorder
+
+    leaf = _Recorder().add(("leaf", 0), torch.tensor(1.0, dtype=torch.float64))
+    with pytest.raises(UnsupportedOperationError, match="__float__"):
+        float(leaf)
+    with pytest.raises(UnsupportedOperationError, match="exp"):
+        torch.exp(leaf)
+    assert bool(leaf > 0)  # a comparison is decided at recording, not recorded
+
+
+def test_a_selected_layer_with_zero_bound_stays_a_dependency():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(3, 5), nn.Tanh(), nn.Linear(5, 2))
+    nn.init.zeros_(net[0].weight)
+    tape = record_curvature(net, (3,), _layers(net))
+    assert torch.equal(tape.replay(tape.bounds), network_curvature_bound(net, (3,)))
+    assert tape.replay(torch.ones(2)) > 0  # the zero layer still enters the expression
