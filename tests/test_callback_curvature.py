@@ -125,3 +125,13 @@ def test_a_selected_layer_with_zero_bound_stays_a_dependency():
     tape = record_curvature(net, (3,), _layers(net))
     assert torch.equal(tape.replay(tape.bounds), network_curvature_bound(net, (3,)))
     assert tape.replay(torch.ones(2)) > 0  # the zero layer still enters the expression
+
+
+def test_tape_state_round_trip():
+    from lightning_spectral.lipschitz.tape import tape_from_state, tape_state
+
+    net = _conv_net()
+    tape = record_curvature(net, (1, 8, 8), _layers(net))
+    again = tape_from_state(tape_state(tape))
+    norms = torch.rand(4, dtype=torch.float64) + 0.5
+    assert torch.equal(again.replay(norms), tape.replay(norms))

@@ -54,7 +54,6 @@ from .api import _sequential_bound as _sequential_bound  # the Sequential fallba
 from .api import network_lipschitz_bound
 from .common import LipschitzRule, NonSmoothOperationError, UnsupportedOperationError
 from .curvature import network_curvature_bound, network_pairwise_curvature
-from .tape import CurvatureTape, record_curvature
 from .ownership import (
     CurvatureRule,
     register_curvature_rule,
@@ -62,6 +61,7 @@ from .ownership import (
     unregister_curvature_rule,
     unregister_lipschitz_rule,
 )
+from .tape import CurvatureTape, record_curvature
 
 __all__ = [
     "CurvatureRule",

@@ -109,7 +109,22 @@ def network_pairwise_curvature(
         ValueError: the model does not output logits ``(N, C)`` with ``C >= 2``; otherwise as
             :func:`network_curvature_bound`.
     """
+    return _pairwise(_curvature_walk(model, input_shape, layer_bound))
+
+
+def curvature_and_pairwise(
+    model: nn.Module,
+    input_shape: Sequence[int],
+    *,
+    layer_bound: LayerBound | None = None,
+) -> tuple[Tensor, Tensor]:
+    """:func:`network_curvature_bound` and :func:`network_pairwise_curvature` from one walk."""
     walker = _curvature_walk(model, input_shape, layer_bound)
+    return _not_nan(walker.curv[walker.output], "curvature"), _pairwise(walker)
+
+
+def _pairwise(walker: _Walker) -> Tensor:
+    """The ``(C, C)`` pairwise bounds of a walked graph's logits."""
     out = walker.output
     shape = _shape(out)
     if len(shape) != 2 or shape[1] < 2:

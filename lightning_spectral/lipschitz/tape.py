@@ -41,7 +41,7 @@ from .modules import _folded_layer, _layer_bound_of
 from .tracing import _shape
 from .walk import _Walker
 
-__all__ = ["CurvatureTape", "record_curvature"]
+__all__ = ["CurvatureTape", "record_curvature", "tape_from_state", "tape_state"]
 
 _T = Tensor
 # Operations replayed as they are (operator forms included: ``a * b`` calls ``Tensor.__mul__``).
@@ -56,6 +56,14 @@ _SQRTS = frozenset({_T.sqrt, torch.sqrt})
 # Moves and copies (the walk keeps every bound a float64 CPU scalar): the identity on replay.
 _IDENTITIES = frozenset({_T.detach, _T.cpu, _T.to, _T.double, _T.clone, _T.contiguous,
                          torch.as_tensor})
+_REF_TAG = "__tape_ref__"
+
+
+def _op_name(func: Any) -> str:
+    owner = "Tensor" if getattr(Tensor, func.__name__, None) is func else "torch"
+    return f"{owner}.{func.__name__}"
+
+
 # Stands in for a selected layer's bound of 0 at recording: positive, so the walk keeps what
 # follows as input-dependent, and far from underflow when squared (``h L^2`` of activations).
 _ZERO_SEED = 2.0**-100
@@ -205,6 +213,42 @@ def _apply(entry: tuple[Any, ...], values: list[Tensor]) -> Tensor:
     if func in _SQRTS:
         return _safe_sqrt(args[0])
     return func(*args, **kwargs)
+
+
+def _encode(value: Any) -> Any:
+    return _map(value, lambda v: (_REF_TAG, v.index) if isinstance(v, _Ref) else v)
+
+
+def _decode(value: Any) -> Any:
+    if isinstance(value, tuple) and len(value) == 2 and value[0] == _REF_TAG:
+        return _Ref(int(value[1]))
+    if isinstance(value, (list, tuple)):
+        return type(value)(_decode(v) for v in value)
+    if isinstance(value, dict):
+        return {k: _decode(v) for k, v in value.items()}
+    return value
+
+
+def tape_state(tape: CurvatureTape) -> dict[str, Any]:
+    """The tape as plain data (operation names, numbers, tensors) for a checkpoint."""
+    entries = [list(e) if e[0] == "leaf" else [_op_name(e[0]), _encode(e[1]), _encode(e[2])]
+               for e in tape.entries]
+    return {"version": 1, "entries": entries, "output": _encode(tape.output),
+            "bounds": tape.bounds.clone()}
+
+
+def tape_from_state(state: dict[str, Any]) -> CurvatureTape:
+    """The inverse of :func:`tape_state`; an unknown operation name raises ``ValueError``."""
+    ops = {_op_name(f): f for f in _ARITHMETIC | _SQRTS | _IDENTITIES}
+    entries: list[tuple[Any, ...]] = []
+    for e in state["entries"]:
+        if e[0] == "leaf":
+            entries.append(("leaf", int(e[1])))
+        elif e[0] in ops:
+            entries.append((ops[e[0]], _decode(e[1]), _decode(e[2])))
+        else:
+            raise ValueError(f"unknown operation {e[0]!r} in a saved curvature tape")
+    return CurvatureTape(entries, _decode(state["output"]), state["bounds"])
 
 
 class _RecordingWalker(_Walker):
