@@ -253,14 +253,14 @@ class CertificationTracker:
             run.accuracy.update(logits, y, radius=radius)
             run.radius.update(logits, y, radius=radius)
         if curvature is not None:
-            radius = self._second_order_radius(pl_module, x, y, curvature[1])
+            radius = self.curvature_radii(pl_module, x, y, curvature[1])
             radius = radius.to(logits.device)
             run.curvature_accuracy.update(logits, y, radius=radius)
             run.curvature_radius.update(logits, y, radius=radius)
         run.seen = True
 
-    def _second_order_radius(self, pl_module: Any, x: Tensor, y: Tensor,
-                             pairwise: Tensor) -> Tensor:
+    def curvature_radii(self, pl_module: Any, x: Tensor, y: Tensor,
+                        pairwise: Tensor) -> Tensor:
         """``curvature_certified_radius`` of the eval-mode network in float64, in input units.
 
         The radius is computed for the model's input and multiplied by ``input_scale`` (the

@@ -3,11 +3,19 @@ recorded curvature walk (``record_curvature``) they rest on."""
 
 from __future__ import annotations
 
+import csv
+
 import pytest
 import torch
+import torch.nn.functional as F
+from callback_helpers import Module, quiet_trainer
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.loggers import CSVLogger
 from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_spectral import SmoothSoftplus, network_curvature_bound
+from lightning_spectral.callback import SpectralBoundRegularizer
 from lightning_spectral.functional import layer_spectral_bound
 from lightning_spectral.lipschitz import (
     NonSmoothOperationError,
@@ -135,3 +143,122 @@ def test_tape_state_round_trip():
     again = tape_from_state(tape_state(tape))
     norms = torch.rand(4, dtype=torch.float64) + 0.5
     assert torch.equal(again.replay(norms), tape.replay(norms))
+
+
+# ---------------------------------------------------------------- the callback
+
+
+def _smooth_net() -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv2d(1, 4, 3, padding=1), SmoothSoftplus(), nn.Conv2d(4, 4, 3, padding=1, stride=2),
+        nn.Tanh(), nn.AvgPool2d(2), nn.Flatten(), nn.Linear(16, 3),
+    )
+
+
+def _data(n: int = 48, seed: int = 0) -> TensorDataset:
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 1, 8, 8, generator=gen)
+    y = (x[:, 0, :4].mean((1, 2)) > 0).long() + (x[:, 0, 4:].mean((1, 2)) > 0).long()
+    return TensorDataset(x, y)
+
+
+def _loader(batch_size: int = 16, n: int = 48) -> DataLoader:
+    return DataLoader(_data(n), batch_size=batch_size, shuffle=False)
+
+
+class Counting(Module):
+    """Counts training steps (the refusals must come before the first one)."""
+
+    steps = 0
+
+    def training_step(self, batch, batch_idx):
+        type(self).steps += 1
+        return super().training_step(batch, batch_idx)
+
+
+def _fit(curvature_beta: float, steps: int = 12, seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    net = _smooth_net()
+    reg = SpectralBoundRegularizer(curvature_beta=curvature_beta, warmup_power_iterations=20)
+    quiet_trainer(max_steps=steps, callbacks=[reg]).fit(Module(net, lr=0.05), _loader())
+    return net
+
+
+def test_curvature_beta_lowers_the_guaranteed_curvature_bound():
+    plain = network_curvature_bound(_fit(0.0), (1, 8, 8))
+    penalized = network_curvature_bound(_fit(0.05), (1, 8, 8))
+    assert penalized < 0.6 * plain
+
+
+class _Capture(Callback):
+    """Records the loss the step returned (task loss + penalty) and the callback's values."""
+
+    def __init__(self, reg: SpectralBoundRegularizer) -> None:
+        self.reg, self.rows = reg, []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        x, y = batch
+        with torch.no_grad():
+            task = F.cross_entropy(pl_module(x), y)
+        self.rows.append((outputs["loss"].detach(), task, self.reg.last_estimates.clone()))
+
+
+def test_the_penalty_is_curvature_beta_times_the_replayed_estimates(tmp_path):
+    torch.manual_seed(0)
+    net = _smooth_net()
+    reg = SpectralBoundRegularizer(curvature_beta=0.3, warmup_power_iterations=5,
+                                   log_every_n_steps=1)
+    capture = _Capture(reg)
+    trainer = quiet_trainer(max_steps=3, callbacks=[reg, capture], logger=CSVLogger(tmp_path),
+                            log_every_n_steps=1)
+    # lr 0: the loss seen after the step is the one the step computed.
+    trainer.fit(Module(net, lr=0.0), _loader())
+    tape = reg.curvature_tape
+    assert tape is not None and tape.n_layers == 3
+    start = network_curvature_bound(net, (1, 8, 8))
+    assert torch.equal(tape.replay(tape.bounds), start)
+    for loss, task, estimates in capture.rows:
+        expected = 0.3 * tape.replay(estimates).float()
+        torch.testing.assert_close(loss - task, expected, rtol=1e-5, atol=1e-6)
+    logged = _metrics(tmp_path)["curvature_estimate/network"]
+    assert len(logged) == 3
+    replayed = float(tape.replay(capture.rows[-1][2]))
+    assert logged[-1] == pytest.approx(replayed, rel=1e-6)
+
+
+def _metrics(tmp_path) -> dict[str, list[float]]:
+    """Every logged value of metrics.csv, by column, in order (empty cells left out)."""
+    (path,) = tmp_path.rglob("metrics.csv")
+    columns: dict[str, list[float]] = {}
+    with open(path, newline="") as f:
+        for row in csv.DictReader(f):
+            for key, value in row.items():
+                if value != "":
+                    columns.setdefault(key, []).append(float(value))
+    return columns
+
+
+@pytest.mark.parametrize("options", [
+    {"curvature_beta": 0.1},
+    {"curvature_beta": 0.1, "curvature_input_shape": [1, 8, 8]},
+    {"certify_epsilons": [0.1], "certify_method": "curvature"},
+])
+def test_a_relu_network_is_refused_before_any_training_step(options):
+    Counting.steps = 0
+    net = nn.Sequential(nn.Conv2d(1, 2, 3), nn.ReLU(), nn.Flatten(), nn.Linear(72, 3))
+    reg = SpectralBoundRegularizer(**options)
+    trainer = quiet_trainer(max_steps=2, callbacks=[reg], limit_val_batches=1)
+    with pytest.raises(NonSmoothOperationError, match="node '.*1'"):
+        trainer.fit(Counting(net), _loader(), _loader())
+    assert Counting.steps == 0
+
+
+def test_certify_method_needs_epsilons_and_a_known_method():
+    with pytest.raises(ValueError, match="certify_epsilons"):
+        SpectralBoundRegularizer(certify_method="curvature")
+    with pytest.raises(ValueError, match="certify_method"):
+        SpectralBoundRegularizer(certify_epsilons=[0.1], certify_method="second")
+    with pytest.raises(ValueError, match="curvature_beta"):
+        SpectralBoundRegularizer(curvature_beta=-1.0)
+    with pytest.raises(ValueError, match="curvature_input_shape"):
+        SpectralBoundRegularizer(curvature_input_shape=[1, 0, 8])

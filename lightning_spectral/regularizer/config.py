@@ -84,6 +84,9 @@ class RegularizerConfig:
         if self.certify_method not in CERTIFY_METHODS:
             raise ValueError("certify_method must be 'lipschitz', 'curvature' or 'both', got "
                              f"{self.certify_method!r}")
+        if self.certify_method != "lipschitz" and self.certify_epsilons is None:
+            raise ValueError(f"certify_method={self.certify_method!r} certifies at "
+                             "certify_epsilons: pass them (e.g. certify_epsilons=[0.1])")
         return {
             "beta": check_real("beta", self.beta, low=0.0),
             "curvature_beta": check_real("curvature_beta", self.curvature_beta, low=0.0),
