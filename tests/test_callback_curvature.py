@@ -14,8 +14,13 @@ from lightning.pytorch.loggers import CSVLogger
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_spectral import SmoothSoftplus, network_curvature_bound
+from lightning_spectral import (
+    SmoothSoftplus,
+    network_curvature_bound,
+    network_pairwise_curvature,
+)
 from lightning_spectral.callback import SpectralBoundRegularizer
+from lightning_spectral.certification import CertificationTracker
 from lightning_spectral.functional import layer_spectral_bound
 from lightning_spectral.lipschitz import (
     NonSmoothOperationError,
@@ -262,3 +267,127 @@ def test_certify_method_needs_epsilons_and_a_known_method():
         SpectralBoundRegularizer(curvature_beta=-1.0)
     with pytest.raises(ValueError, match="curvature_input_shape"):
         SpectralBoundRegularizer(curvature_input_shape=[1, 0, 8])
+
+
+# ---------------------------------------------------------------- resume
+
+
+def _bn_net() -> nn.Sequential:
+    """BatchNorm folded into the first convolution: its scale is a constant of the program,
+    one that training changes, so a program recorded anew on resume would differ."""
+    return nn.Sequential(
+        nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.Tanh(),
+        nn.Conv2d(4, 4, 3, padding=1, stride=2), SmoothSoftplus(), nn.AvgPool2d(2),
+        nn.Flatten(), nn.Linear(16, 3),
+    )
+
+
+def _resume_reg() -> SpectralBoundRegularizer:
+    return SpectralBoundRegularizer(curvature_beta=0.05, warmup_power_iterations=3)
+
+
+def test_resume_with_curvature_beta_is_exact(tmp_path):
+    torch.manual_seed(1)
+    net = _bn_net()
+    start = {k: v.clone() for k, v in net.state_dict().items()}
+    quiet_trainer(max_epochs=4, callbacks=[_resume_reg()]).fit(Module(net), _loader())
+
+    net_b = _bn_net()
+    net_b.load_state_dict(start)
+    trainer = quiet_trainer(max_epochs=2, callbacks=[_resume_reg()])
+    trainer.fit(Module(net_b), _loader())
+    trainer.save_checkpoint(tmp_path / "mid.ckpt")
+
+    net_c = _bn_net()  # other initial weights: everything must come from the checkpoint
+    reg_c = _resume_reg()
+    quiet_trainer(max_epochs=4, callbacks=[reg_c]).fit(
+        Module(net_c), _loader(), ckpt_path=tmp_path / "mid.ckpt")
+    for p, q in zip(net.parameters(), net_c.parameters(), strict=True):
+        assert torch.equal(p, q)
+    # The program of the resumed run is the one recorded at the very start, not a new one.
+    fresh = record_curvature(net_b, (1, 8, 8), _layers(net_b))
+    assert not torch.equal(fresh.replay(fresh.bounds), reg_c.curvature_tape.replay(fresh.bounds))
+
+
+# ---------------------------------------------------------------- certification
+
+
+class _Smooth(Module):
+    def test_step(self, batch, batch_idx):
+        return None
+
+
+def _certify(tmp_path, method: str) -> tuple[dict[str, list[float]], nn.Module]:
+    torch.manual_seed(0)
+    net = _smooth_net()
+    reg = SpectralBoundRegularizer(certify_epsilons=[0.01, 0.1], certify_method=method,
+                                   warmup_power_iterations=5)
+    trainer = quiet_trainer(max_epochs=1, limit_train_batches=3, limit_val_batches=2,
+                            callbacks=[reg], logger=CSVLogger(tmp_path))
+    module = _Smooth(net)
+    trainer.fit(module, _loader(), _loader(8, 16))
+    trainer.test(module, _loader(8, 16))
+    return _metrics(tmp_path), net
+
+
+@pytest.mark.parametrize("method", ["curvature", "both"])
+def test_certify_method_logs_the_curvature_family(tmp_path, method):
+    logged, net = _certify(tmp_path, method)
+    for prefix in ("", "test/"):
+        family = f"{prefix}certified_curvature"
+        curvature = {f"{family}/acc@0.01", f"{family}/acc@0.1", f"{family}/radius",
+                     f"{prefix}curvature/network"}
+        lipschitz = {f"{prefix}certified/acc@0.1", f"{prefix}lipschitz/network"}
+        assert curvature <= logged.keys()
+        assert (lipschitz <= logged.keys()) == (method == "both")
+        assert lipschitz.isdisjoint(logged) or method == "both"
+        for eps in ("0.01", "0.1"):
+            (acc,) = logged[f"{prefix}certified_curvature/acc@{eps}"]
+            assert 0.0 <= acc <= 1.0
+        (radius,) = logged[f"{prefix}certified_curvature/radius"]
+        assert radius >= 0.0
+    # Guaranteed, rounded up: never below the bound of the final weights.
+    bound = float(network_curvature_bound(net, (1, 8, 8)))
+    (c_val,) = logged["curvature/network"]
+    assert bound <= c_val <= bound * (1 + 1e-6)
+    assert logged["certified_curvature/acc@0.01"][0] >= logged["certified_curvature/acc@0.1"][0]
+
+
+def _attack_distance(net: nn.Module, x: torch.Tensor, y: int) -> float:
+    """The smallest step found along the gradient of some margin that changes the prediction
+    (an upper bound on the distance to the decision boundary); inf when none is found."""
+    best = float("inf")
+    for t in range(3):
+        if t == y:
+            continue
+        v = x.clone().requires_grad_(True)
+        logits = net(v[None])[0]
+        (grad,) = torch.autograd.grad(logits[y] - logits[t], v)
+        step = -grad / grad.norm()
+        with torch.no_grad():
+            scales = torch.linspace(0, 50, 2001, dtype=torch.float64)[1:]
+            preds = net(x[None] + scales[:, None, None, None] * step[None]).argmax(1)
+            flipped = (preds != y).nonzero()
+            if len(flipped):
+                best = min(best, float(scales[flipped[0, 0]]))
+    return best
+
+
+def test_curvature_radii_are_below_the_distance_an_attack_finds():
+    torch.manual_seed(0)
+    net = _smooth_net().double().eval()
+    with torch.no_grad():
+        net[-1].weight.mul_(20)  # margins that flip within reach of the attack
+    x = _data(8).tensors[0].double()
+    with torch.no_grad():
+        y = net(x).argmax(1)
+    pairwise = network_pairwise_curvature(net, (1, 8, 8))
+    tracker = CertificationTracker([0.1], method="curvature")
+    radii = tracker.curvature_radii(Module(net), x, y, pairwise)
+    distances = torch.tensor([_attack_distance(net, x[i], int(y[i])) for i in range(len(x))],
+                             dtype=torch.float64)
+    assert bool(torch.isfinite(distances).any())
+    assert bool((radii > 0).all())
+    assert bool((radii <= distances).all())
+    scaled = CertificationTracker([0.1], input_scale=0.5, method="curvature")
+    assert torch.allclose(scaled.curvature_radii(Module(net), x, y, pairwise), 0.5 * radii)
