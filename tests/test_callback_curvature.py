@@ -128,6 +128,10 @@ def test_placeholders_refuse_escaping_the_tape():
         float(leaf)
     with pytest.raises(UnsupportedOperationError, match="exp"):
         torch.exp(leaf)
+    with pytest.raises(UnsupportedOperationError, match="to"):
+        leaf.to(torch.float32)  # a cast would not be replayed
+    with pytest.raises(UnsupportedOperationError, match="max"):
+        torch.stack([leaf, leaf]).max(dim=0)  # values outside the tape
     assert bool(leaf > 0)  # a comparison is decided at recording, not recorded
 
 
@@ -391,3 +395,19 @@ def test_curvature_radii_are_below_the_distance_an_attack_finds():
     assert bool((radii <= distances).all())
     scaled = CertificationTracker([0.1], input_scale=0.5, method="curvature")
     assert torch.allclose(scaled.curvature_radii(Module(net), x, y, pairwise), 0.5 * radii)
+
+
+class _Unused(Module):
+    """Holds a layer its forward never calls."""
+
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__(net)
+        self.spare = nn.Linear(3, 3)
+
+
+def test_a_selected_layer_the_forward_does_not_call_is_reported():
+    torch.manual_seed(0)
+    reg = SpectralBoundRegularizer(curvature_beta=0.01, warmup_power_iterations=2)
+    with pytest.warns(UserWarning, match=r"\['spare'\]"):
+        quiet_trainer(max_steps=1, callbacks=[reg]).fit(_Unused(_smooth_net()), _loader())
+    assert reg.curvature_tape.missing == [3]

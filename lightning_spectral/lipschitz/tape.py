@@ -113,13 +113,22 @@ class _Traced(Tensor):
         with torch._C.DisableTorchFunctionSubclass():
             result = func(*_plain(args), **_plain(kwargs))
         if not (isinstance(result, Tensor) and result.is_floating_point()):
+            if isinstance(result, (tuple, list)) and any(
+                    isinstance(r, Tensor) and r.is_floating_point() for r in result):
+                raise _cannot(func)  # e.g. max(dim=...): values that would escape the tape
             return result  # a query (comparison, shape, dtype): decided now, not recorded
         recorder = _recorder_of((args, kwargs))
         if func not in _ARITHMETIC | _SQRTS | _IDENTITIES:
-            raise UnsupportedOperationError(
-                f"the curvature tape cannot record {getattr(func, '__name__', func)!r} applied "
-                "to a layer bound")
+            raise _cannot(func)
+        if func in _IDENTITIES and result.dtype != torch.float64:
+            raise _cannot(func)  # a cast is not replayed: the value would differ
         return recorder.add((func, _refs(args), _refs(kwargs)), result)
+
+
+def _cannot(func: Any) -> UnsupportedOperationError:
+    return UnsupportedOperationError(
+        f"the curvature tape cannot record {getattr(func, '__name__', func)!r} applied to a "
+        "layer bound")
 
 
 def _map(value: Any, fn: Callable[[Any], Any]) -> Any:
@@ -171,6 +180,13 @@ class CurvatureTape:
         self.output = output  # a _Ref, or the constant result when no selected layer matters
         self.bounds = bounds
         self._moved: dict[torch.device, list[tuple[Any, ...]]] = {}
+
+    @property
+    def missing(self) -> list[int]:
+        """Positions of the layers the program does not depend on: not called by the traced
+        forward, or bounded by a registered rule (a constant of the program)."""
+        used = {e[1] for e in self.entries if e[0] == "leaf"}
+        return [k for k in range(self.n_layers) if k not in used]
 
     @property
     def n_layers(self) -> int:

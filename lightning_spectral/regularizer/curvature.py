@@ -20,6 +20,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 
 from ..lipschitz import CurvatureTape, record_curvature
@@ -58,6 +59,13 @@ class CurvatureTerm:
         with sharding.full_weights(pl_module):
             self.tape = record_curvature(pl_module, shape, layers)
         self.shape = shape
+        names = list(layers)
+        missing = [names[k] for k in self.tape.missing]
+        if missing:
+            rank_zero_warn(
+                f"SpectralBoundRegularizer(curvature_beta > 0): the curvature bound does not "
+                f"depend on the selected layer(s) {missing} (not called by forward, or bounded "
+                "by a registered rule): the curvature term does not act on them")
 
     def replay(self, estimates: Tensor) -> Tensor:
         if self.tape is None:
