@@ -30,7 +30,7 @@ from .certification import CertificationTracker, default_batch_to_input_target
 from .lipschitz import CurvatureTape, network_curvature_bound, network_lipschitz_bound
 from .lipschitz.curvature import curvature_and_pairwise
 from .regularizer import monitor, selection, sharding
-from .regularizer.config import ConfigAttributes, Reduction, RegularizerConfig
+from .regularizer.config import CertifyMethod, ConfigAttributes, Reduction, RegularizerConfig
 from .regularizer.constraint import AfterStep
 from .regularizer.curvature import CurvatureTerm
 from .regularizer.evaluation import EvaluationHooks
@@ -145,7 +145,7 @@ class SpectralBoundRegularizer(ConfigAttributes, EvaluationHooks):
         batch_to_input_target: Callable[[Any], tuple[Tensor, Tensor]] | None = None,
         curvature_beta: float = 0.0,
         curvature_input_shape: list[int] | None = None,
-        certify_method: str = "lipschitz",
+        certify_method: CertifyMethod = "lipschitz",
     ) -> None:
         # First statement: here locals() holds exactly the arguments (and self, __class__).
         arguments = {k: v for k, v in locals().items() if k not in ("self", "__class__")}
