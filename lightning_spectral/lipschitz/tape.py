@@ -120,8 +120,13 @@ class _Traced(Tensor):
         recorder = _recorder_of((args, kwargs))
         if func not in _ARITHMETIC | _SQRTS | _IDENTITIES:
             raise _cannot(func)
-        if func in _IDENTITIES and result.dtype != torch.float64:
-            raise _cannot(func)  # a cast is not replayed: the value would differ
+        if func in _IDENTITIES:
+            if result.dtype != torch.float64:
+                raise _cannot(func)  # a cast is not replayed: the value would differ
+            source = args[0] if args else kwargs.get("data")
+            if not isinstance(source, _Traced):
+                raise _cannot(func)
+            return _Traced.wrap(result, recorder, source._index)  # no entry: nothing to do
         return recorder.add((func, _refs(args), _refs(kwargs)), result)
 
 
