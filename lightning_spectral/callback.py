@@ -26,11 +26,13 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 from typing_extensions import override
 
-from .certification import CertificationTracker
-from .lipschitz import network_lipschitz_bound
+from .certification import CertificationTracker, default_batch_to_input_target
+from .lipschitz import CurvatureTape, network_curvature_bound, network_lipschitz_bound
+from .lipschitz.curvature import curvature_and_pairwise
 from .regularizer import monitor, selection, sharding
-from .regularizer.config import ConfigAttributes, Reduction, RegularizerConfig
+from .regularizer.config import CertifyMethod, ConfigAttributes, Reduction, RegularizerConfig
 from .regularizer.constraint import AfterStep
+from .regularizer.curvature import CurvatureTerm
 from .regularizer.evaluation import EvaluationHooks
 from .regularizer.penalty import Penalty, unwrap_training_step, wrap_training_step
 from .regularizer.state import LayerState
@@ -48,6 +50,12 @@ def _whole_lipschitz(pl_module: nn.Module, shape: tuple[int, ...]) -> Tensor:
     # The certificate's bound, of the whole weights where they are sharded (collective).
     with sharding.full_weights(pl_module):
         return network_lipschitz_bound(pl_module, shape)
+
+
+def _whole_curvature(pl_module: nn.Module, shape: tuple[int, ...]) -> tuple[Tensor, Tensor]:
+    # The guaranteed curvature bound C and the pairwise bounds K, of the whole weights.
+    with sharding.full_weights(pl_module):
+        return curvature_and_pairwise(pl_module, shape)
 
 
 class SpectralBoundRegularizer(ConfigAttributes, EvaluationHooks):
@@ -98,7 +106,22 @@ class SpectralBoundRegularizer(ConfigAttributes, EvaluationHooks):
         input_scale: factor turning a radius on the model's input into the units of the
             epsilons (see :class:`lightning_spectral.certification.CertificationTracker`).
         batch_to_input_target: maps a validation batch to ``(x, y)`` for certification
-            (default: ``batch[0], batch[1]``).
+            (default: ``batch[0], batch[1]``); also a training batch to its input, for the
+            shape of ``curvature_beta``'s recording.
+        curvature_beta: weight of the curvature term: adds ``curvature_beta * C`` to the
+            loss, ``C`` the network curvature bound (Lipschitz constant of the Jacobian of the
+            LightningModule's forward) evaluated on the per-layer estimates. The graph walk
+            of :func:`~lightning_spectral.network_curvature_bound` is recorded once at the
+            start of ``fit`` and replayed every step (see
+            :mod:`lightning_spectral.regularizer.curvature`); a non-smooth network (ReLU, max
+            pooling, ...) is refused there, before any training step. Logged as
+            ``curvature_estimate/network``: an estimate, not a bound.
+        curvature_input_shape: per-sample input shape (no batch axis) at which the curvature
+            program is recorded; default: that of the first training batch.
+        certify_method: ``"lipschitz"`` (first-order radius from the network Lipschitz bound),
+            ``"curvature"`` (second-order radius from the guaranteed curvature bound, logged
+            as ``certified_curvature/*`` and ``curvature/network``) or ``"both"``. Needs
+            ``certify_epsilons``; a non-smooth network is refused at the start of ``fit``.
     """
 
 
@@ -120,17 +143,23 @@ class SpectralBoundRegularizer(ConfigAttributes, EvaluationHooks):
         certify_epsilons: list[float] | None = None,
         input_scale: float = 1.0,
         batch_to_input_target: Callable[[Any], tuple[Tensor, Tensor]] | None = None,
+        curvature_beta: float = 0.0,
+        curvature_input_shape: list[int] | None = None,
+        certify_method: CertifyMethod = "lipschitz",
     ) -> None:
         # First statement: here locals() holds exactly the arguments (and self, __class__).
         arguments = {k: v for k, v in locals().items() if k not in ("self", "__class__")}
         super().__init__()
         self.config = cfg = RegularizerConfig(**arguments)
         self._tracker = None if cfg.certify_epsilons is None else CertificationTracker(
-            cfg.certify_epsilons, cfg.input_scale, cfg.batch_to_input_target, _whole_lipschitz
+            cfg.certify_epsilons, cfg.input_scale, cfg.batch_to_input_target, _whole_lipschitz,
+            method=cfg.certify_method, curvature_fn=_whole_curvature,
         )
         self._state = LayerState()
         self._penalty = Penalty()
         self._after_step = AfterStep()
+        self._curvature = CurvatureTerm()
+        self._curvature_checked = False  # smoothness checked / program recorded this fit
         self._trainer: pl.Trainer | None = None
         self._wrapped: nn.Module | None = None
         self._fsdp: list[nn.Module] = []  # FSDP2 modules of the model (sharded weights)
@@ -154,6 +183,13 @@ class SpectralBoundRegularizer(ConfigAttributes, EvaluationHooks):
         """The estimates (detached, in the order of :attr:`layer_names`) of the last penalty."""
         self._check_ran_here()
         return self._penalty.last_estimates
+
+    @property
+    def curvature_tape(self) -> CurvatureTape | None:
+        """The network curvature bound as a function of the per-layer norms (in the order of
+        :attr:`layer_names`), recorded at the start of ``fit`` when ``curvature_beta > 0``:
+        the training penalty is ``curvature_beta * curvature_tape.replay(last_estimates)``."""
+        return self._curvature.tape
 
     def select_layers(self, pl_module: nn.Module) -> dict[str, nn.Module]:
         """The layers to act on, by name in model order; override to choose them otherwise.
@@ -218,11 +254,17 @@ class SpectralBoundRegularizer(ConfigAttributes, EvaluationHooks):
         that a checkpoint of the weights can still be saved there; the state it holds is empty,
         and resuming from it warns that the layers start from fresh vectors.
         """
-        return self._state.state_dict()
+        state = self._state.state_dict()
+        curvature = self._curvature.state_dict(self._state.layers)
+        if curvature is not None:
+            state["curvature"] = curvature
+        return state
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._sent_away = False
+        state_dict = dict(state_dict)
+        self._curvature.load_state_dict(state_dict.pop("curvature", None))
         self._state.load_state_dict(state_dict)
 
     # ------------------------------------------------------------------ Lightning hooks
@@ -235,11 +277,15 @@ class SpectralBoundRegularizer(ConfigAttributes, EvaluationHooks):
         self.discover(pl_module)
         self._trainer = trainer
         self._state.record_input_sizes()
+        self._curvature.reset()
+        self._curvature_checked = False
+        if self.config.curvature_input_shape is not None:
+            self.prepare_curvature(pl_module, self.config.curvature_input_shape)
         if pl_module.automatic_optimization:
             if self._wrapped is None:
                 wrap_training_step(pl_module, functools.partial(self._loss_term, pl_module))
                 self._wrapped = pl_module
-        elif self.config.beta > 0:
+        elif self.config.beta > 0 or self.config.curvature_beta > 0:
             rank_zero_warn(_MANUAL_OPTIMIZATION_HINT)
         if self.config.constraint is not None or self.config.check_finite:
             self._after_step.register(trainer.optimizers, self._after_optimizer_step)
@@ -270,6 +316,9 @@ class SpectralBoundRegularizer(ConfigAttributes, EvaluationHooks):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
         self._penalty.estimated_this_batch = False
+        if not self._curvature_checked and self._needs_curvature():
+            x = (self.config.batch_to_input_target or default_batch_to_input_target)(batch)[0]
+            self.prepare_curvature(pl_module, tuple(x.shape[1:]))
 
     @override
     def on_train_batch_end(
@@ -306,15 +355,48 @@ class SpectralBoundRegularizer(ConfigAttributes, EvaluationHooks):
             if not self._materialized() or not state.ready:
                 return torch.zeros(())
         cfg = self.config
+        curvature = None
+        if cfg.curvature_beta > 0:
+            if self._curvature.tape is None:
+                raise RuntimeError(
+                    "SpectralBoundRegularizer(curvature_beta > 0): the curvature program is "
+                    "recorded at the start of fit; outside a Trainer call "
+                    "`regularizer.prepare_curvature(model, input_shape)` first")
+            curvature = self._curvature.replay
         if torch.is_grad_enabled():
             sharding.reshard(self._fsdp)  # the gradient must reach the sharded parameters
-        return self._penalty(state, cfg.beta, cfg.n_power_iterations, cfg.reduction, cfg.target)
+        return self._penalty(state, cfg.beta, cfg.n_power_iterations, cfg.reduction, cfg.target,
+                             curvature, cfg.curvature_beta)
+
+    def _needs_curvature(self) -> bool:
+        return self.config.curvature_beta > 0 or (
+            self._tracker is not None and self.config.certify_method != "lipschitz")
+
+    def prepare_curvature(self, pl_module: nn.Module, input_shape: Any) -> None:
+        """Record the curvature program (``curvature_beta > 0``) and check that the network
+        has a curvature bound (``certify_method`` with curvature) at the per-sample
+        ``input_shape``; called at the start of ``fit``. Raises
+        :class:`~lightning_spectral.NonSmoothOperationError` naming the offending node."""
+        shape = tuple(int(s) for s in input_shape)
+        if self.config.curvature_beta > 0:
+            if not self._state.layers:
+                self.discover(pl_module)
+            if self._state.lazy_pending:
+                raise ValueError(
+                    "curvature_beta > 0 needs every selected layer materialized when fit "
+                    "starts: run one forward pass of the model before fit (lazy layers)")
+            self._curvature.prepare(pl_module, self._state.layers, shape)
+        elif self._needs_curvature():
+            with sharding.full_weights(pl_module):
+                network_curvature_bound(pl_module, shape)
+        self._curvature_checked = True
 
     def _loss_term(self, pl_module: nn.Module) -> Tensor | None:
         """What the wrapped ``training_step`` adds to the loss (``None``: nothing)."""
         if not self._state.layers:
             return None
-        if self.config.beta == 0:  # monitoring only: estimate, no graph, nothing added
+        if self.config.beta == 0 and self.config.curvature_beta == 0:
+            # Monitoring only: estimate, no graph, nothing added.
             with torch.no_grad():
                 self.penalty(pl_module)
             return None
@@ -323,7 +405,8 @@ class SpectralBoundRegularizer(ConfigAttributes, EvaluationHooks):
     def _estimate_without_loss(self, pl_module: nn.Module) -> None:
         # The step did not compute the penalty (manual optimization, a skipped batch): keep the
         # vectors iterating and the logged values current, without a graph.
-        if self.config.beta > 0 and not pl_module.automatic_optimization:
+        penalized = self.config.beta > 0 or self.config.curvature_beta > 0
+        if penalized and not pl_module.automatic_optimization:
             raise RuntimeError(
                 "SpectralBoundRegularizer(beta > 0) with manual optimization: training_step "
                 "did not call `regularizer.penalty(self)`. Add it to your loss before "
@@ -378,4 +461,5 @@ class SpectralBoundRegularizer(ConfigAttributes, EvaluationHooks):
         monitor.log_training_values(
             pl_module, self.layer_names, p.last_penalty, p.last_estimates, guaranteed,
             self.config.log_per_layer,
+            p.last_curvature if self.config.curvature_beta > 0 else None,
         )

@@ -46,14 +46,19 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 
 from ._checks import check_reals
+from .functional import curvature_certified_radius
 from .functional.certify import certified_radius
 from .lipschitz import network_lipschitz_bound
+from .lipschitz.curvature import curvature_and_pairwise
 from .metrics import CertifiedRadius, CertifiedRobustAccuracy
 from .regularizer.monitor import float32_rounded_up
 
 __all__ = ["CertificationTracker", "default_batch_to_input_target"]
 
 BatchToInputTarget = Callable[[Any], "tuple[Tensor, Tensor]"]
+CurvatureFn = Callable[[Any, "tuple[int, ...]"], "tuple[Tensor, Tensor]"]
+
+_METHODS = ("lipschitz", "curvature", "both")
 
 # Logged names per run kind: validation keeps the unprefixed names, test gets "test/".
 _PREFIXES = {"validate": "", "test": "test/"}
@@ -109,11 +114,21 @@ class _Run:
         self.accuracy = CertifiedRobustAccuracy(epsilons)
         self.radius = CertifiedRadius()
         self.lipschitz: dict[tuple[int, ...], Tensor] = {}  # per-sample input shape -> L
+        self.curvature_accuracy = CertifiedRobustAccuracy(epsilons)
+        self.curvature_radius = CertifiedRadius()
+        # per-sample input shape -> (C, pairwise K), both in model-input units
+        self.curvature: dict[tuple[int, ...], tuple[Tensor, Tensor]] = {}
+        self.seen = False
+
+    def metrics(self) -> list[Any]:
+        return [self.accuracy, self.radius, self.curvature_accuracy, self.curvature_radius]
 
     def reset(self) -> None:
-        self.accuracy.reset()
-        self.radius.reset()
+        for metric in self.metrics():
+            metric.reset()
         self.lipschitz = {}  # the weights may have changed since the last run
+        self.curvature = {}
+        self.seen = False
 
 
 class CertificationTracker:
@@ -131,6 +146,14 @@ class CertificationTracker:
         lipschitz_fn: ``fn(pl_module, input_shape) -> Tensor``, how ``L`` is computed for a
             per-sample input shape (default :func:`lightning_spectral.network_lipschitz_bound`);
             must be a guaranteed bound.
+        method: ``"lipschitz"`` (the first-order radius above), ``"curvature"`` (the
+            second-order radius of
+            :func:`~lightning_spectral.functional.curvature_certified_radius`, with the
+            guaranteed curvature bound ``C`` of the network and its pairwise refinement
+            ``K``) or ``"both"``.
+        curvature_fn: ``fn(pl_module, input_shape) -> (C, K)``, guaranteed bounds (default:
+            :func:`lightning_spectral.network_curvature_bound` and
+            :func:`lightning_spectral.network_pairwise_curvature`, from one graph walk).
 
     ``runs["validate"]`` and ``runs["test"]`` hold each run kind's metrics (``accuracy``,
     ``radius``) and its bounds by input shape (``lipschitz``).
@@ -142,11 +165,17 @@ class CertificationTracker:
         input_scale: float | Sequence[float] = 1.0,
         batch_to_input_target: BatchToInputTarget | None = None,
         lipschitz_fn: Callable[[Any, tuple[int, ...]], Tensor] | None = None,
+        method: str = "lipschitz",
+        curvature_fn: CurvatureFn | None = None,
     ) -> None:
+        if method not in _METHODS:
+            raise ValueError(f"method must be one of {_METHODS}, got {method!r}")
         self.epsilons = check_reals("epsilons", epsilons, low=0.0)
         self.input_scale = _check_input_scale(input_scale)
         self.batch_to_input_target = batch_to_input_target or default_batch_to_input_target
         self.lipschitz_fn = lipschitz_fn or network_lipschitz_bound
+        self.method = method
+        self.curvature_fn = curvature_fn or curvature_and_pairwise
         self.runs = {stage: _Run(self.epsilons, prefix) for stage, prefix in _PREFIXES.items()}
         self._warned_precision = False
 
@@ -185,11 +214,28 @@ class CertificationTracker:
         """Forget the previous run of this kind: its metric states and its bounds."""
         self._run(stage).reset()
 
+    def _curvature_for(self, run: _Run, pl_module: Any, x: Tensor) -> tuple[Tensor, Tensor]:
+        shape = tuple(int(s) for s in x.shape[1:])
+        if shape not in run.curvature:
+            # NonSmoothOperationError (a ReLU, max pooling, ...) names the node: passed on.
+            c, k = (torch.as_tensor(v, dtype=torch.float64).detach().cpu()
+                    for v in self.curvature_fn(pl_module, shape))
+            if not (bool(torch.isfinite(c)) and bool(c >= 0) and bool(torch.isfinite(k).all())
+                    and bool((k >= 0).all())):
+                raise ValueError(
+                    f"the network curvature bound of {type(pl_module).__name__} at input shape "
+                    f"{shape} is {float(c)}, not a finite number >= 0: no certificate can "
+                    "follow from it (diverged or non-finite weights?)")
+            run.curvature[shape] = (c.reshape(()), k)
+        return run.curvature[shape]
+
     def update(self, stage: str, pl_module: Any, batch: Any) -> None:
-        """Certify one batch with the bound at the batch's input shape."""
+        """Certify one batch with the bound(s) at the batch's input shape."""
         run = self._run(stage)
         x, y = self.batch_to_input_target(batch)
-        lip = self._lipschitz_for(run, pl_module, x)
+        uses_lip, uses_curv = self.method != "curvature", self.method != "lipschitz"
+        lip = self._lipschitz_for(run, pl_module, x) if uses_lip else None
+        curvature = self._curvature_for(run, pl_module, x) if uses_curv else None
         with torch.no_grad(), _eval_mode(pl_module):
             logits = pl_module(x)
         if not isinstance(logits, Tensor) or logits.ndim != 2:
@@ -198,13 +244,41 @@ class CertificationTracker:
                 f"got {getattr(logits, 'shape', type(logits))}"
             )
         if run.accuracy.device != logits.device:
-            run.accuracy.to(logits.device)
-            run.radius.to(logits.device)
+            for metric in run.metrics():
+                metric.to(logits.device)
         self._warn_if_low_precision(logits)
         y = y.to(logits.device)
-        radius = certified_radius(logits, y, lip.to(logits.device))
-        run.accuracy.update(logits, y, radius=radius)
-        run.radius.update(logits, y, radius=radius)
+        if lip is not None:
+            radius = certified_radius(logits, y, lip.to(logits.device))
+            run.accuracy.update(logits, y, radius=radius)
+            run.radius.update(logits, y, radius=radius)
+        if curvature is not None:
+            radius = self.curvature_radii(pl_module, x, y, curvature[1])
+            radius = radius.to(logits.device)
+            run.curvature_accuracy.update(logits, y, radius=radius)
+            run.curvature_radius.update(logits, y, radius=radius)
+        run.seen = True
+
+    def curvature_radii(self, pl_module: Any, x: Tensor, y: Tensor,
+                        pairwise: Tensor) -> Tensor:
+        """``curvature_certified_radius`` of the eval-mode network in float64, in input units.
+
+        The radius is computed for the model's input and multiplied by ``input_scale`` (the
+        smallest std): ``||delta / std|| <= ||delta|| / min(std)``, as for the Lipschitz radius.
+        Gradients are needed (the input gradient of every margin), also inside Lightning's
+        inference mode, which is left for this computation.
+        """
+        with torch.inference_mode(False), torch.enable_grad(), _eval_mode(pl_module):
+            params = {name: t.detach().clone().double() if t.is_floating_point() else t
+                      for name, t in (*pl_module.named_parameters(),
+                                      *pl_module.named_buffers())}
+
+            def forward(v: Tensor) -> Tensor:
+                return torch.func.functional_call(pl_module, params, (v,))
+
+            radius = curvature_certified_radius(forward, x.detach().clone(), y.clone(),
+                                                pairwise.to(x.device))
+        return radius * self.input_scale
 
     def _warn_if_low_precision(self, logits: Tensor) -> None:
         eps = torch.finfo(logits.dtype).eps
@@ -220,31 +294,48 @@ class CertificationTracker:
 
     def compute(self, stage: str = "validate") -> dict[str, Tensor]:
         """The values that are logged, by name (metrics synchronized across processes;
-        ``lipschitz/network``, the max over input shapes, is this process's: :meth:`log`
-        takes the max over processes)."""
+        ``lipschitz/network`` and ``curvature/network``, the max over input shapes, are this
+        process's: :meth:`log` takes the max over processes)."""
         run = self._run(stage)
         p = run.prefix
-        acc = run.accuracy.compute()
-        out = {f"{p}certified/acc@{_eps_name(e)}": acc[i] for i, e in enumerate(self.epsilons)}
-        out[f"{p}certified/radius"] = run.radius.compute()
-        if run.lipschitz:
-            out[f"{p}lipschitz/network"] = torch.stack(list(run.lipschitz.values())).max()
+        out: dict[str, Tensor] = {}
+        if self.method != "curvature":
+            acc = run.accuracy.compute()
+            out.update({f"{p}certified/acc@{_eps_name(e)}": acc[i]
+                        for i, e in enumerate(self.epsilons)})
+            out[f"{p}certified/radius"] = run.radius.compute()
+            if run.lipschitz:
+                out[f"{p}lipschitz/network"] = torch.stack(list(run.lipschitz.values())).max()
+        if self.method != "lipschitz":
+            acc = run.curvature_accuracy.compute()
+            out.update({f"{p}certified_curvature/acc@{_eps_name(e)}": acc[i]
+                        for i, e in enumerate(self.epsilons)})
+            out[f"{p}certified_curvature/radius"] = run.curvature_radius.compute()
+            if run.curvature:
+                # In input units: the Jacobian w.r.t. x / s changes by C / s^2 per unit of x.
+                c = torch.stack([c for c, _ in run.curvature.values()]).max()
+                out[f"{p}curvature/network"] = c / self.input_scale**2
         return out
 
     def log(self, stage: str, pl_module: Any) -> None:
         """Log :meth:`compute` through ``pl_module.log`` (nothing if no batch was seen)."""
-        if not self._run(stage).lipschitz:
+        run = self._run(stage)
+        if not run.seen:
             return
         values = self.compute(stage)
-        lip_name = f"{self._run(stage).prefix}lipschitz/network"
-        lip = float32_rounded_up(values.pop(lip_name)).to(pl_module.device)
+        guaranteed = {}
+        for kind in ("lipschitz", "curvature"):
+            name = f"{run.prefix}{kind}/network"
+            if name in values:
+                guaranteed[name] = float32_rounded_up(values.pop(name)).to(pl_module.device)
         for name, value in values.items():
             # Already reduced over processes by torchmetrics: no further sync needed.
             pl_module.log(name, value.float().to(pl_module.device), on_epoch=True, on_step=False,
                           sync_dist=False, rank_zero_only=False)
-        # Processes may have seen different input shapes: the max over all of them.
-        pl_module.log(lip_name, lip, on_epoch=True, on_step=False, sync_dist=True,
-                      reduce_fx="max", rank_zero_only=False)
+        for name, value in guaranteed.items():
+            # Processes may have seen different input shapes: the max over all of them.
+            pl_module.log(name, value, on_epoch=True, on_step=False, sync_dist=True,
+                          reduce_fx="max", rank_zero_only=False)
 
     # Lightning-style entry points, as the callback calls them.
 

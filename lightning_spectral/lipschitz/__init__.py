@@ -61,15 +61,18 @@ from .ownership import (
     unregister_curvature_rule,
     unregister_lipschitz_rule,
 )
+from .tape import CurvatureTape, record_curvature
 
 __all__ = [
     "CurvatureRule",
+    "CurvatureTape",
     "LipschitzRule",
     "NonSmoothOperationError",
     "UnsupportedOperationError",
     "network_curvature_bound",
     "network_lipschitz_bound",
     "network_pairwise_curvature",
+    "record_curvature",
     "register_curvature_rule",
     "register_lipschitz_rule",
     "unregister_curvature_rule",

@@ -94,7 +94,8 @@ def _other_batch_shapes(gm: fx.GraphModule, shape: tuple[int, ...]) -> dict[fx.N
 
 
 def _graph_walk(model: nn.Module, gm: fx.GraphModule, shape: tuple[int, ...],
-                layer_bound: LayerBound, curvature: bool = False) -> _Walker:
+                layer_bound: LayerBound, curvature: bool = False,
+                walker_class: type[_Walker] = _Walker) -> _Walker:
     """The walked graph (bounds of every node; curvature bounds too when asked for)."""
     dummy = _dummy(gm, shape)
     depends = _dependents(gm)
@@ -107,7 +108,7 @@ def _graph_walk(model: nn.Module, gm: fx.GraphModule, shape: tuple[int, ...],
             f"running the model on a dummy input of per-sample shape {shape} (batch {_BATCH}) "
             f"failed: {exc!r}. input_shape excludes the batch axis, e.g. (C, H, W)."
         ) from exc
-    walker = _Walker(gm, layer_bound, _other_batch_shapes(gm, shape), curvature)
+    walker = walker_class(gm, layer_bound, _other_batch_shapes(gm, shape), curvature)
     walker.run()
     _check_faithful(model, dummy, traced)
     return walker

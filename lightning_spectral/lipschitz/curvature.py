@@ -20,7 +20,8 @@ from .walk import _Walker
 
 
 def _curvature_walk(model: nn.Module, input_shape: Sequence[int],
-                    layer_bound: LayerBound | None) -> _Walker:
+                    layer_bound: LayerBound | None,
+                    walker_class: type[_Walker] = _Walker) -> _Walker:
     shape = _check_input_shape(input_shape)
     if layer_bound is None:
         from ..functional.bounds import layer_spectral_bound as layer_bound
@@ -36,7 +37,8 @@ def _curvature_walk(model: nn.Module, input_shape: Sequence[int],
                     "traceable (no data-dependent control flow), or register a rule for the "
                     "offending module type with register_curvature_rule."
                 ) from exc
-            return _graph_walk(model, gm, shape, layer_bound, curvature=True)
+            return _graph_walk(model, gm, shape, layer_bound, curvature=True,
+                               walker_class=walker_class)
     finally:
         for m, mode in modes.items():
             m.train(mode)
@@ -107,7 +109,22 @@ def network_pairwise_curvature(
         ValueError: the model does not output logits ``(N, C)`` with ``C >= 2``; otherwise as
             :func:`network_curvature_bound`.
     """
+    return _pairwise(_curvature_walk(model, input_shape, layer_bound))
+
+
+def curvature_and_pairwise(
+    model: nn.Module,
+    input_shape: Sequence[int],
+    *,
+    layer_bound: LayerBound | None = None,
+) -> tuple[Tensor, Tensor]:
+    """:func:`network_curvature_bound` and :func:`network_pairwise_curvature` from one walk."""
     walker = _curvature_walk(model, input_shape, layer_bound)
+    return _not_nan(walker.curv[walker.output], "curvature"), _pairwise(walker)
+
+
+def _pairwise(walker: _Walker) -> Tensor:
+    """The ``(C, C)`` pairwise bounds of a walked graph's logits."""
     out = walker.output
     shape = _shape(out)
     if len(shape) != 2 or shape[1] < 2:

@@ -15,6 +15,10 @@ Reduction = Literal["sum", "max", "mean"]
 
 REDUCTIONS = ("sum", "max", "mean")
 
+CertifyMethod = Literal["lipschitz", "curvature", "both"]
+
+CERTIFY_METHODS = ("lipschitz", "curvature", "both")
+
 
 def _optional(check: Callable[..., Any], name: str, value: Any, **kwargs: Any) -> Any:
     return None if value is None else check(name, value, **kwargs)
@@ -26,6 +30,16 @@ def _check_epsilons(value: Any) -> list[float] | None:
     if value is not None and not isinstance(value, Sequence):
         raise ValueError(f"certify_epsilons must be a list of numbers >= 0, got {value!r}")
     return _optional(check_reals, "certify_epsilons", value, low=0.0, scalar=False)
+
+
+def _check_shape(value: Any) -> list[int] | None:
+    """A per-sample input shape (no batch axis): a non-empty list of positive integers."""
+    if value is None:
+        return None
+    if isinstance(value, (str, bytes)) or not isinstance(value, Sequence) or not value:
+        raise ValueError("curvature_input_shape must be a non-empty list of positive integers "
+                         f"(the shape of one sample, without the batch axis), got {value!r}")
+    return [check_int("curvature_input_shape entries", v, low=1) for v in value]
 
 
 @dataclass(frozen=True)
@@ -52,6 +66,9 @@ class RegularizerConfig:
     certify_epsilons: list[float] | None = None
     input_scale: float = 1.0
     batch_to_input_target: Callable[[Any], tuple[Tensor, Tensor]] | None = None
+    curvature_beta: float = 0.0
+    curvature_input_shape: list[int] | None = None
+    certify_method: CertifyMethod = "lipschitz"
 
     def __post_init__(self) -> None:
         for name, value in self._checked().items():
@@ -64,8 +81,16 @@ class RegularizerConfig:
             raise ValueError(
                 f"batch_to_input_target must be callable, got {self.batch_to_input_target!r}"
             )
+        if self.certify_method not in CERTIFY_METHODS:
+            raise ValueError("certify_method must be 'lipschitz', 'curvature' or 'both', got "
+                             f"{self.certify_method!r}")
+        if self.certify_method != "lipschitz" and self.certify_epsilons is None:
+            raise ValueError(f"certify_method={self.certify_method!r} certifies at "
+                             "certify_epsilons: pass them (e.g. certify_epsilons=[0.1])")
         return {
             "beta": check_real("beta", self.beta, low=0.0),
+            "curvature_beta": check_real("curvature_beta", self.curvature_beta, low=0.0),
+            "curvature_input_shape": _check_shape(self.curvature_input_shape),
             "n_power_iterations": check_int("n_power_iterations", self.n_power_iterations, low=1),
             "warmup_power_iterations": check_int(
                 "warmup_power_iterations", self.warmup_power_iterations, low=0
@@ -111,6 +136,9 @@ class ConfigAttributes:
     certify_epsilons: list[float] | None
     input_scale: float
     batch_to_input_target: Callable[[Any], tuple[Tensor, Tensor]] | None
+    curvature_beta: float
+    curvature_input_shape: list[int] | None
+    certify_method: CertifyMethod
 
 
 def _config_property(name: str) -> property:

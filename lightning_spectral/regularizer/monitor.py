@@ -62,16 +62,24 @@ def log_training_values(
     estimates: Tensor,
     guaranteed: Tensor | None,
     per_layer: bool,
+    curvature: Tensor | None = None,
 ) -> None:
     """Log the penalty, the estimates and the constraint's guaranteed maximum (if any).
 
     The progress bar shows the guaranteed value when there is one. One host transfer for
     every value, in float64: a guaranteed bound must not be rounded down on the way.
+    ``curvature``, the network curvature bound evaluated on the estimates, is an estimate
+    too: ``curvature_estimate/network``.
     """
     parts = [penalty.reshape(1), estimates]
+    if curvature is not None:
+        parts.insert(0, curvature.reshape(1).to(estimates.device))
     if guaranteed is not None:
         parts.append(guaranteed.reshape(1).to(estimates.device))
     values = torch.cat([p.double() for p in parts]).tolist()
+    if curvature is not None:
+        pl_module.log("curvature_estimate/network", values.pop(0), on_step=True,
+                      on_epoch=False)
     layer_values = values[1:1 + len(names)]
     log = functools.partial(pl_module.log, on_step=True, on_epoch=False)
     log("spectral_penalty", values[0])

@@ -59,17 +59,29 @@ class Penalty:
     def __init__(self) -> None:
         self.last_estimates: Tensor | None = None  # (n_layers,), model order
         self.last_penalty: Tensor | None = None
+        self.last_curvature: Tensor | None = None  # curvature(estimates), when asked for
         self.estimated_this_batch = False
 
     def __call__(
         self, state: LayerState, beta: float, n_iter: int, reduction: Reduction,
-        target: float | None,
+        target: float | None, curvature: Callable[[Tensor], Tensor] | None = None,
+        curvature_beta: float = 0.0,
     ) -> Tensor:
-        """The 0-dim penalty, differentiable w.r.t. the weights (``state`` must be ready)."""
+        """The 0-dim penalty, differentiable w.r.t. the weights (``state`` must be ready).
+
+        With ``curvature`` (the recorded network curvature walk,
+        :class:`~lightning_spectral.lipschitz.CurvatureTape.replay`), the penalty also holds
+        ``curvature_beta * curvature(estimates)``: the curvature bound of the network evaluated
+        on the same per-layer estimates, in the dtype of the estimates.
+        """
         device = state.groups[0].us[0].device
         with torch.autocast(device_type=device.type, enabled=False):
             estimates = estimate(state, n_iter)
             penalty = beta * reduce(estimates, reduction, target)
+            if curvature is not None:
+                network = curvature(estimates).to(estimates.dtype)
+                penalty = penalty + curvature_beta * network
+                self.last_curvature = network.detach()
         self.last_estimates = estimates.detach()
         self.last_penalty = penalty.detach()
         self.estimated_this_batch = True
