@@ -39,6 +39,11 @@ comparisons, ``argmax``) is refused: a step function has no Lipschitz constant. 
 traced graph must reproduce the model's output on a random input, and forward hooks must not
 change what their module returns.
 
+The same walk bounds the Lipschitz constant of the Jacobian (:func:`network_curvature_bound`):
+every node carries ``(L, C)``; linear nodes scale ``C`` as they scale ``L``, a smooth
+activation with constants ``(g, h)`` gives ``C = h L_u^2 + g C_u``, sums add, concatenations
+take the root sum of squares; non-smooth nodes (ReLU, max pooling, ...) are refused.
+
 Anything without a rule raises :class:`UnsupportedOperationError` naming it; register rules for
 your own module types with :func:`register_lipschitz_rule`. Floating-point rounding of the
 float64 products themselves is not accounted for (relative error ~1e-15 per layer).
@@ -47,13 +52,26 @@ float64 products themselves is not accounted for (relative error ~1e-15 per laye
 
 from .api import _sequential_bound as _sequential_bound  # the Sequential fallback (tests)
 from .api import network_lipschitz_bound
-from .common import LipschitzRule, UnsupportedOperationError
-from .ownership import register_lipschitz_rule, unregister_lipschitz_rule
+from .common import LipschitzRule, NonSmoothOperationError, UnsupportedOperationError
+from .curvature import network_curvature_bound, network_pairwise_curvature
+from .ownership import (
+    CurvatureRule,
+    register_curvature_rule,
+    register_lipschitz_rule,
+    unregister_curvature_rule,
+    unregister_lipschitz_rule,
+)
 
 __all__ = [
+    "CurvatureRule",
     "LipschitzRule",
+    "NonSmoothOperationError",
     "UnsupportedOperationError",
+    "network_curvature_bound",
     "network_lipschitz_bound",
+    "network_pairwise_curvature",
+    "register_curvature_rule",
     "register_lipschitz_rule",
+    "unregister_curvature_rule",
     "unregister_lipschitz_rule",
 ]

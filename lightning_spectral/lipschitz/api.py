@@ -93,8 +93,9 @@ def _other_batch_shapes(gm: fx.GraphModule, shape: tuple[int, ...]) -> dict[fx.N
     return recorder.shapes
 
 
-def _graph_bound(model: nn.Module, gm: fx.GraphModule, shape: tuple[int, ...],
-                 layer_bound: LayerBound) -> Tensor:
+def _graph_walk(model: nn.Module, gm: fx.GraphModule, shape: tuple[int, ...],
+                layer_bound: LayerBound, curvature: bool = False) -> _Walker:
+    """The walked graph (bounds of every node; curvature bounds too when asked for)."""
     dummy = _dummy(gm, shape)
     depends = _dependents(gm)
     try:
@@ -106,16 +107,22 @@ def _graph_bound(model: nn.Module, gm: fx.GraphModule, shape: tuple[int, ...],
             f"running the model on a dummy input of per-sample shape {shape} (batch {_BATCH}) "
             f"failed: {exc!r}. input_shape excludes the batch axis, e.g. (C, H, W)."
         ) from exc
-    walker = _Walker(gm, layer_bound, _other_batch_shapes(gm, shape))
-    bound = walker.run()
+    walker = _Walker(gm, layer_bound, _other_batch_shapes(gm, shape), curvature)
+    walker.run()
     _check_faithful(model, dummy, traced)
-    return _not_nan(bound)
+    return walker
 
 
-def _not_nan(bound: Tensor) -> Tensor:
+def _graph_bound(model: nn.Module, gm: fx.GraphModule, shape: tuple[int, ...],
+                 layer_bound: LayerBound) -> Tensor:
+    walker = _graph_walk(model, gm, shape, layer_bound)
+    return _not_nan(walker.lip[walker.output])
+
+
+def _not_nan(bound: Tensor, name: str = "Lipschitz") -> Tensor:
     # NaN compares false with everything: passed on, it would read as "no violation".
     if bool(torch.isnan(bound)):
-        raise ValueError("the Lipschitz bound is NaN: some parameter or statistic is not finite "
+        raise ValueError(f"the {name} bound is NaN: some parameter or statistic is not finite "
                          "(e.g. a negative BatchNorm running_var)")
     return bound
 

@@ -8,6 +8,8 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
+from ..functional.curvature import NonSmoothActivationError, SmoothSoftplus
+
 LipschitzRule = Callable[[nn.Module, list[torch.Size]], "Tensor | float"]
 """``fn(module, input_shapes) -> K``: an upper bound on the l2 Lipschitz constant of the
 module as a map of (the concatenation of) its tensor inputs. ``input_shapes`` are the
@@ -44,7 +46,7 @@ _ADAPTIVE_MAX: tuple[type, ...] = (nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, n
 _ONE_LIP: tuple[type, ...] = (
     nn.ReLU, nn.ReLU6, nn.Tanh, nn.Softplus, nn.Identity, nn.Flatten, nn.Unflatten,
     nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.Hardtanh,
-    nn.CELU, nn.Softsign, nn.Tanhshrink,
+    nn.CELU, nn.Softsign, nn.Tanhshrink, SmoothSoftplus,
 )
 _CONST_LIP: dict[type, float] = {
     nn.Sigmoid: 0.25, nn.Hardsigmoid: 1.0 / 6.0, nn.GELU: _GELU_LIP, nn.SiLU: _SILU_LIP,
@@ -70,6 +72,13 @@ _NORM_MARGIN = 1e-13
 
 class UnsupportedOperationError(TypeError):
     """A module or function the network bound has no rule for."""
+
+
+class NonSmoothOperationError(UnsupportedOperationError, NonSmoothActivationError):
+    """A node the curvature bound refuses: its derivative jumps (ReLU, max pooling, ``abs``,
+    the default ``nn.Softplus``, ...) or it has no curvature rule. Both an
+    :class:`UnsupportedOperationError` and a
+    :class:`~lightning_spectral.functional.NonSmoothActivationError`."""
 
 
 def _f64(value: float | Tensor) -> Tensor:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
@@ -14,6 +14,7 @@ from .common import (
     _ACTIVATIONS,
     _ADAPTIVE_AVG,
     _ADAPTIVE_MAX,
+    _ALIASING_MODULES,
     _AVG_POOLS,
     _BN_TYPES,
     _CONST_LIP,
@@ -90,28 +91,38 @@ def _check_single_io(module: nn.Module, in_shapes: list[torch.Size], out: Any) -
 @dataclass(frozen=True)
 class ModuleRule:
     """``lipschitz(module, in_shape, out_shape, layer_bound)``: ``K`` for one call of a leaf
-    module of the class (batched shapes, as propagated). The entry for a module class, beside
-    which a rule for another per-node quantity (e.g. a curvature bound) can be added."""
+    module of the class (batched shapes, as propagated). ``curvature``, how the curvature
+    bound treats the class: ``"linear"`` (a linear map: ``C = K C_u``), ``"smooth"`` (an
+    elementwise activation, constants from ``activation_curvature``, which refuses the
+    non-smooth ones) or None (refused)."""
 
     lipschitz: Callable[[nn.Module, torch.Size, torch.Size, LayerBound], Tensor]
+    curvature: Literal["linear", "smooth"] | None = None
 
 
-def _sizes_only(pool: Callable[[nn.Module, torch.Size, torch.Size], Tensor]) -> ModuleRule:
+def _sizes_only(pool: Callable[[nn.Module, torch.Size, torch.Size], Tensor],
+                curvature: Literal["linear", "smooth"] | None) -> ModuleRule:
     return ModuleRule(lambda module, in_shape, out_shape, layer_bound: pool(
-        module, in_shape, out_shape))
+        module, in_shape, out_shape), curvature)
 
+
+_ACTIVATION_RULE = ModuleRule(
+    lambda module, in_shape, out_shape, layer_bound: _f64(_activation_lip(module)), "smooth")
 
 MODULE_RULES: dict[type, ModuleRule] = {
     **dict.fromkeys(_LAYER_TYPES, ModuleRule(
         lambda module, in_shape, out_shape, layer_bound: _layer_bound_of(
-            module, in_shape, layer_bound))),
+            module, in_shape, layer_bound), "linear")),
     **dict.fromkeys(_BN_TYPES, ModuleRule(
-        lambda module, in_shape, out_shape, layer_bound: _f64(_bn_scale(module).abs().max()))),
-    **dict.fromkeys(_AVG_POOLS, _sizes_only(_avg_pool_lip)),
-    **dict.fromkeys(_MAX_POOLS, _sizes_only(_max_pool_lip)),
-    **dict.fromkeys(_ADAPTIVE_AVG + _ADAPTIVE_MAX, _sizes_only(_adaptive_lip)),
-    **dict.fromkeys(_ACTIVATIONS, ModuleRule(
-        lambda module, in_shape, out_shape, layer_bound: _f64(_activation_lip(module)))),
+        lambda module, in_shape, out_shape, layer_bound: _f64(_bn_scale(module).abs().max()),
+        "linear")),
+    **dict.fromkeys(_AVG_POOLS, _sizes_only(_avg_pool_lip, "linear")),
+    **dict.fromkeys(_MAX_POOLS, _sizes_only(_max_pool_lip, None)),
+    **dict.fromkeys(_ADAPTIVE_AVG, _sizes_only(_adaptive_lip, "linear")),
+    **dict.fromkeys(_ADAPTIVE_MAX, _sizes_only(_adaptive_lip, None)),
+    **dict.fromkeys(_ACTIVATIONS, _ACTIVATION_RULE),
+    # Identity, flattening and (eval) dropout are linear: they only move entries.
+    **dict.fromkeys(_ALIASING_MODULES, ModuleRule(_ACTIVATION_RULE.lipschitz, "linear")),
 }
 
 

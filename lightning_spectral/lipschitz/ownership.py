@@ -3,13 +3,23 @@ computes what the class owning the rule computes."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
-from torch import nn
+import torch
+from torch import Tensor, nn
 
 from .common import _BUILTIN, LipschitzRule
 
 _USER_RULES: dict[type, LipschitzRule] = {}
+
+CurvatureRule = Callable[[nn.Module, list[torch.Size]], "tuple[Tensor | float, Tensor | float]"]
+"""``fn(module, input_shapes) -> (L, C)``: upper bounds on the l2 Lipschitz constant ``L`` of
+the module as a map of (the concatenation of) its tensor inputs, and on the Lipschitz constant
+``C`` of its Jacobian: ``||DM(u) - DM(u')||_2 <= C ||u - u'||``. ``input_shapes`` as for
+:data:`LipschitzRule`."""
+
+_CURVATURE_RULES: dict[type, CurvatureRule] = {}
 
 
 def register_lipschitz_rule(module_type: type[nn.Module], rule: LipschitzRule) -> None:
@@ -32,6 +42,46 @@ def register_lipschitz_rule(module_type: type[nn.Module], rule: LipschitzRule) -
 def unregister_lipschitz_rule(module_type: type[nn.Module]) -> None:
     """Remove a rule added by :func:`register_lipschitz_rule` (no error if absent)."""
     _USER_RULES.pop(module_type, None)
+
+
+def register_curvature_rule(module_type: type[nn.Module], rule: CurvatureRule) -> None:
+    """Teach :func:`network_curvature_bound` (and :func:`network_lipschitz_bound`) a module
+    type.
+
+    ``rule(module, input_shapes)`` must return ``(L, C)``: guaranteed upper bounds on the
+    module's l2 Lipschitz constant and on the Lipschitz constant of its Jacobian, w.r.t. its
+    tensor inputs (jointly), in eval mode. The walk composes them with the bounds
+    ``(L_u, C_u)`` of the inputs as ``(L L_u, C L_u^2 + L C_u)``. The same rule serves the
+    Lipschitz bound (its ``L``), so this also registers a Lipschitz rule for the type; a later
+    :func:`register_lipschitz_rule` replaces that part only. Subclasses that redefine a method
+    of ``module_type`` are traced into, as for :func:`register_lipschitz_rule`.
+    """
+    if not callable(rule):
+        raise TypeError(f"rule must be callable, got {rule!r}")
+    register_lipschitz_rule(module_type, _lipschitz_part(rule))
+    _CURVATURE_RULES[module_type] = rule
+
+
+def unregister_curvature_rule(module_type: type[nn.Module]) -> None:
+    """Remove a rule added by :func:`register_curvature_rule`, and the Lipschitz rule it
+    registered unless that was replaced since (no error if absent)."""
+    rule = _CURVATURE_RULES.pop(module_type, None)
+    lip = _USER_RULES.get(module_type)
+    if rule is not None and getattr(lip, "curvature_rule", None) is rule:
+        _USER_RULES.pop(module_type)
+
+
+def _lipschitz_part(rule: CurvatureRule) -> LipschitzRule:
+    def lipschitz(module: nn.Module, shapes: list[torch.Size]) -> Tensor | float:
+        return rule(module, shapes)[0]
+
+    lipschitz.curvature_rule = rule  # type: ignore[attr-defined]  # for unregister
+    return lipschitz
+
+
+def _curvature_rule(module: nn.Module) -> CurvatureRule | None:
+    klass = _owner(module, _CURVATURE_RULES)
+    return _CURVATURE_RULES[klass] if klass is not None else None
 
 
 # Methods a subclass may redefine without changing what the module computes.

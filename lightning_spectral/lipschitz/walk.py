@@ -6,6 +6,7 @@ axis)."""
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -14,7 +15,7 @@ from torch import Tensor, fx
 from .common import _BATCH, LayerBound, UnsupportedOperationError, _f64
 from .inplace import _RANDOM, check_inplace, inplace_target
 from .modules import _foldable, _folded_layer, _layer_bound_of, _module_lip
-from .rules import RULES
+from .rules import RULES, node_bounds
 from .tracing import _dtypes, _metadata_only, _refuse, _shape, _static
 
 
@@ -22,22 +23,42 @@ class _Walker:
     """Bounds ``L_v`` for every node ``v`` of a shape-propagated graph."""
 
     def __init__(self, gm: fx.GraphModule, layer_bound: LayerBound,
-                 other_batch: dict[fx.Node, torch.Size]) -> None:
+                 other_batch: dict[fx.Node, torch.Size], curvature: bool = False) -> None:
         self.gm = gm
         self.layer_bound = layer_bound
         self.other_batch = other_batch
         self.lip: dict[fx.Node, Tensor] = {}
+        # C_v (Lipschitz constant of the Jacobian of input -> v), when asked for.
+        self.curv: dict[fx.Node, Tensor] | None = {} if curvature else None
+        self.output: fx.Node | None = None
+        self._read = self.lip  # the table L() reads (see in_curvature)
 
     def L(self, value: Any) -> Tensor:
-        """Lipschitz bound of an argument (nested args allowed: root-sum-square)."""
-        if isinstance(value, fx.Node):
-            return self.lip[value]
-        if isinstance(value, (tuple, list)):
-            parts = [self.L(v) for v in value]
-            return torch.stack(parts).square().sum().sqrt() if parts else _f64(0.0)
-        if isinstance(value, dict):
-            return self.L(list(value.values()))
-        return _f64(0.0)
+        """Lipschitz bound of an argument (nested args allowed: root-sum-square). Inside
+        :meth:`in_curvature` it reads the curvature bounds instead."""
+        return _bound(self._read, value)
+
+    def lipschitz(self, value: Any) -> Tensor:
+        return _bound(self.lip, value)
+
+    def C(self, value: Any) -> Tensor:
+        """Curvature bound of an argument (nested args: root-sum-square, see ``_bound``)."""
+        return _bound(self.curv, value)
+
+    def in_curvature(self, rule: Callable[..., Tensor], *args: Any) -> Tensor:
+        """``rule(*args)`` with ``L()`` reading the curvature bounds.
+
+        For a linear node ``v = A(u_1, ..., u_k)`` (the only kind this is used for) the
+        Lipschitz rule returns ``||A||`` applied to its inputs' bounds through sums, root-sum-
+        squares and products with constants. ``Dv = A o (Du_1, ..., Du_k)``, so
+        ``Dv(x) - Dv(x') = A o (Du_i(x) - Du_i(x'))_i``: the Jacobian differences go through
+        the same linear map as the differences of values, and the same rule applied to the
+        ``C_u`` bounds ``C_v``."""
+        self._read = self.curv
+        try:
+            return rule(*args)
+        finally:
+            self._read = self.lip
 
     def dependent(self, value: Any) -> bool:
         if isinstance(value, dict):
@@ -90,8 +111,12 @@ class _Walker:
                     raise UnsupportedOperationError(
                         "the model must return a single tensor (the logits)"
                     )
+                self.output = out
                 return self.lip[out]
-            self.lip[node] = self.visit(node, fold)
+            if self.curv is None:
+                self.lip[node] = self.visit(node, fold)
+            else:
+                self.lip[node], self.curv[node] = node_bounds(self, node, fold)
             self.check_batch(node)
         raise RuntimeError("graph without output")  # pragma: no cover
 
@@ -179,3 +204,16 @@ class _Walker:
         if rule is None:
             raise _refuse(node)
         return rule.lipschitz(self, node, target)
+
+
+def _bound(table: dict[fx.Node, Tensor], value: Any) -> Tensor:
+    """The bound of a node in ``table``; of several (nested) arguments, taken together as one
+    stacked vector: ``sqrt(sum b_i^2)``, since the squared norms of the parts add."""
+    if isinstance(value, fx.Node):
+        return table[value]
+    if isinstance(value, (tuple, list)):
+        parts = [_bound(table, v) for v in value]
+        return torch.stack(parts).square().sum().sqrt() if parts else _f64(0.0)
+    if isinstance(value, dict):
+        return _bound(table, list(value.values()))
+    return _f64(0.0)

@@ -1,0 +1,144 @@
+"""``network_curvature_bound``: the Lipschitz constant of a network's Jacobian, by the same
+graph walk (and the same soundness checks) as ``network_lipschitz_bound``; and the pairwise
+bounds of the logit margins that ``curvature_certified_radius`` takes."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, fx, nn
+
+from ..functional.curvature import linear_head_pairwise_curvature
+from .api import _check_input_shape, _graph_walk, _not_nan
+from .common import LayerBound, UnsupportedOperationError
+from .ownership import _builtin_class, _curvature_rule, _user_rule
+from .tracing import _arg, _shape, _trace
+from .walk import _Walker
+
+
+def _curvature_walk(model: nn.Module, input_shape: Sequence[int],
+                    layer_bound: LayerBound | None) -> _Walker:
+    shape = _check_input_shape(input_shape)
+    if layer_bound is None:
+        from ..functional.bounds import layer_spectral_bound as layer_bound
+    modes = {m: m.training for m in model.modules()}
+    model.eval()
+    try:
+        with torch.no_grad():
+            try:
+                gm = _trace(model)
+            except Exception as exc:  # fx raises TraceError, TypeError, NotImplementedError...
+                raise UnsupportedOperationError(
+                    f"torch.fx could not trace {type(model).__name__}: {exc!r}. Make forward "
+                    "traceable (no data-dependent control flow), or register a rule for the "
+                    "offending module type with register_curvature_rule."
+                ) from exc
+            return _graph_walk(model, gm, shape, layer_bound, curvature=True)
+    finally:
+        for m, mode in modes.items():
+            m.train(mode)
+
+
+def network_curvature_bound(
+    model: nn.Module,
+    input_shape: Sequence[int],
+    *,
+    layer_bound: LayerBound | None = None,
+) -> Tensor:
+    """A guaranteed upper bound ``C`` on the Lipschitz constant of the model's Jacobian.
+
+    ``||Dz(x) - Dz(x')||_2 <= C ||x - x'||`` for all inputs ``x, x'`` of one sample, ``z`` the
+    model in eval mode. So every output ``z_i`` has Hessian eigenvalues in ``[-C, C]``, and
+    the gradient of every margin ``z_y - z_t`` is ``sqrt(2) C``-Lipschitz: pass ``C`` as the
+    ``curvature`` of :func:`~lightning_spectral.functional.curvature_certified_radius`.
+
+    Every node ``v`` of the traced graph carries ``(L_v, C_v)``: the input ``(1, 0)``,
+    constants ``(0, 0)``; a linear map ``A`` (linear layers, convolutions, eval BatchNorm,
+    average pooling, reshapes, slicing, padding, means, sums, products and matmuls with
+    constants) ``(||A|| L_u, ||A|| C_u)``; a smooth elementwise activation with constants
+    ``(g, h)`` (:func:`~lightning_spectral.functional.activation_curvature`)
+    ``(g L_u, h L_u^2 + g C_u)``; a sum adds both bounds; a concatenation takes the root sum
+    of squares of both. A node with no such rule is refused.
+
+    Args:
+        model: as for :func:`network_lipschitz_bound` (an untraceable model is refused).
+        input_shape: the shape of ONE sample, without the batch axis.
+        layer_bound: as for :func:`network_lipschitz_bound`.
+
+    Returns:
+        0-dim float64 tensor (CPU, no grad). The model's train/eval flags are restored.
+
+    Raises:
+        NonSmoothOperationError: a node whose derivative jumps (ReLU, LeakyReLU, Hardtanh, max
+            pooling, ``abs``, ``clamp``, ``nn.Softplus`` with its default finite threshold,
+            ...) or without a curvature rule; the message names it and suggests a smooth
+            replacement. It is an :class:`UnsupportedOperationError` and a
+            :class:`~lightning_spectral.functional.NonSmoothActivationError`.
+        UnsupportedOperationError: what :func:`network_lipschitz_bound` refuses (products of
+            two input-dependent tensors, in-place updates of shared tensors, casts, ...).
+        ValueError: ``input_shape`` invalid or the model fails on it.
+    """
+    walker = _curvature_walk(model, input_shape, layer_bound)
+    return _not_nan(walker.curv[walker.output], "curvature")
+
+
+def network_pairwise_curvature(
+    model: nn.Module,
+    input_shape: Sequence[int],
+    *,
+    layer_bound: LayerBound | None = None,
+) -> Tensor:
+    """Bounds ``K_yt`` on the Lipschitz constant of ``grad (z_y - z_t)`` for every pair.
+
+    ``sqrt(2) C`` with ``C`` from :func:`network_curvature_bound`, since
+    ``||e_y - e_t|| = sqrt 2``. When the output is a linear head ``z = W phi + b`` (an
+    ``nn.Linear`` or ``F.linear`` with a constant weight), also ``||W_y - W_t|| C_phi``, ``C_phi``
+    the curvature bound of the features (see
+    :func:`~lightning_spectral.functional.linear_head_pairwise_curvature`); the smaller counts.
+
+    Returns:
+        float64 ``(C, C)`` matrix with zero diagonal, for the ``curvature`` argument of
+        :func:`~lightning_spectral.functional.curvature_certified_radius`.
+
+    Raises:
+        ValueError: the model does not output logits ``(N, C)`` with ``C >= 2``; otherwise as
+            :func:`network_curvature_bound`.
+    """
+    walker = _curvature_walk(model, input_shape, layer_bound)
+    out = walker.output
+    shape = _shape(out)
+    if len(shape) != 2 or shape[1] < 2:
+        raise ValueError(f"pairwise curvature needs logits of shape (N, C) with C >= 2, the "
+                         f"model outputs {tuple(shape)}")
+    total = _not_nan(walker.curv[out], "curvature")
+    off_diagonal = 1.0 - torch.eye(shape[1], dtype=torch.float64)
+    pairwise = math.sqrt(2.0) * total * off_diagonal
+    head = _linear_head(walker, out)
+    if head is not None:
+        weight, features = head
+        folded = linear_head_pairwise_curvature(weight, walker.curv[features])
+        pairwise = torch.minimum(pairwise, folded)
+    return pairwise
+
+
+def _linear_head(walker: _Walker, out: fx.Node) -> tuple[Tensor, fx.Node] | None:
+    """``(W, phi)`` when the output node computes ``W phi + b`` with a constant ``W``."""
+    if len(out.args) < 1 or not isinstance(out.args[0], fx.Node):
+        return None
+    features = out.args[0]
+    if out.op == "call_module":
+        module = walker.gm.get_submodule(out.target)
+        plain = _user_rule(module) is None and _curvature_rule(module) is None
+        if plain and _builtin_class(module) is nn.Linear and len(out.args) == 1:
+            return module.weight.detach().to("cpu", torch.float64), features
+        return None
+    if out.op == "call_function" and out.target is F.linear:
+        weight = _arg(out, 1, "weight")
+        if walker.dependent(weight):
+            return None
+        w = walker.constant(out, weight)
+        return (w, features) if w.ndim == 2 else None
+    return None
