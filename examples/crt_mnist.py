@@ -12,10 +12,9 @@ Adam, lr 1e-3, batch 64, pixels in [0, 1] with no normalization), then certifies
   ``K_yt = ||W_y - W_t|| C_features``; optionally ``crc_certified_radius`` (pairwise) on the
   first ``--crc-samples`` images.
 
-Every certificate is taken over ALL classes ``t != y``. The guaranteed ``C`` comes from
-``lightning_spectral.network_curvature_bound`` when the installed version has it, else from
-the chain recursion with exact float64 spectral norms (:func:`exact_chain_curvature`); the
-result says which.
+Every certificate is taken over ALL classes ``t != y``. The guaranteed bounds come from the
+graph walk: ``network_lipschitz_bound``, ``network_curvature_bound`` and
+``network_pairwise_curvature``.
 
     python examples/crt_mnist.py --data-dir /tmp/mnist --arch mlp2 --gamma 0.01 --epochs 3
 
@@ -37,28 +36,24 @@ import torch
 from lightning.pytorch.loggers import CSVLogger
 from torch import Tensor, nn
 
-from lightning_spectral import network_lipschitz_bound, register_lipschitz_rule
+from lightning_spectral import (
+    network_curvature_bound,
+    network_lipschitz_bound,
+    network_pairwise_curvature,
+)
 from lightning_spectral.demos.crt import (
     ARCHITECTURES,
     CurvatureRegularizedClassifier,
     crt_network,
-    exact_chain_curvature,
 )
 from lightning_spectral.demos.data import MNISTDataModule
 from lightning_spectral.functional import (
-    SmoothSoftplus,
     certified_radius,
     crc_certified_radius,
     curvature_certified_radius,
-    linear_head_pairwise_curvature,
 )
 
 INPUT_SHAPE = (1, 28, 28)
-
-
-def _softplus_rule(module: nn.Module, input_shapes: Sequence[torch.Size]) -> Tensor:
-    # softplus' = sigmoid(beta x) lies in (0, 1) for every beta: 1-Lipschitz.
-    return torch.ones((), dtype=torch.float64)
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -136,22 +131,16 @@ def test_tensors(datamodule: MNISTDataModule, n: int) -> tuple[Tensor, Tensor]:
     return torch.cat(xs)[:n], torch.cat(ys)[:n]
 
 
-def guaranteed_curvature(model: nn.Sequential) -> tuple[Tensor, Tensor, str]:
-    """Guaranteed Jacobian-Lipschitz bounds of the logit map and of the features feeding the
-    linear head (``model[:-1]``), and where they come from."""
-    try:
-        from lightning_spectral import network_curvature_bound
-    except ImportError:
-        logits = exact_chain_curvature(model, INPUT_SHAPE)[1]
-        features = exact_chain_curvature(model[:-1], INPUT_SHAPE)[1]
-        return logits, features, "chain recursion with exact float64 norms"
+def guaranteed_curvature(model: nn.Sequential) -> tuple[Tensor, Tensor]:
+    """Guaranteed Jacobian-Lipschitz bound ``C`` of the logit map (the graph walk), and the
+    pairwise margin bounds ``K_yt``: the smaller of ``sqrt 2 C`` and the linear-head
+    ``||W_y - W_t|| C_features``."""
     return (network_curvature_bound(model, INPUT_SHAPE),
-            network_curvature_bound(model[:-1], INPUT_SHAPE), "network_curvature_bound")
+            network_pairwise_curvature(model, INPUT_SHAPE))
 
 
 def first_order_radii(model: nn.Sequential, x: Tensor, y: Tensor) -> dict[str, Tensor]:
     """Lipschitz-margin radii: global (``sqrt 2 L``) and refined with the linear head."""
-    register_lipschitz_rule(SmoothSoftplus, _softplus_rule)
     lip = network_lipschitz_bound(model, INPUT_SHAPE)
     lip_features = network_lipschitz_bound(model[:-1], INPUT_SHAPE)
     net64 = copy.deepcopy(model).double().eval()
@@ -172,10 +161,9 @@ def _batched(fn: Callable[[Tensor, Tensor], Tensor], x: Tensor, y: Tensor,
 
 
 def second_order_radii(model: nn.Sequential, x: Tensor, y: Tensor, crc_samples: int
-                       ) -> tuple[dict[str, Tensor], dict[str, float | str]]:
+                       ) -> tuple[dict[str, Tensor], dict[str, float]]:
     """Curvature radii with the global and the pairwise (linear head) bounds, CRC optional."""
-    c_logits, c_features, source = guaranteed_curvature(model)
-    pairwise = linear_head_pairwise_curvature(model[-1].weight, c_features)
+    c_logits, pairwise = guaranteed_curvature(model)
     radii = {
         "curvature": _batched(
             lambda a, b: curvature_certified_radius(model, a, b, c_logits), x, y),
@@ -185,8 +173,7 @@ def second_order_radii(model: nn.Sequential, x: Tensor, y: Tensor, crc_samples: 
     if crc_samples:
         radii["crc_pairwise"] = crc_certified_radius(
             model, x[:crc_samples], y[:crc_samples], pairwise, outer_steps=12, inner_steps=15)
-    info = {"curvature_bound": float(c_logits), "feature_curvature_bound": float(c_features),
-            "curvature_source": source}
+    info = {"curvature_bound": float(c_logits)}
     return radii, info
 
 
@@ -217,7 +204,7 @@ def _report(results: dict, eps: Sequence[float]) -> str:
     lines = [f"{results['arch']} gamma={results['gamma']:g} epochs={results['epochs']}: "
              f"clean {100 * results['clean_accuracy']:.2f}% on {results['test_samples']} test "
              f"images, L <= {results['lipschitz_bound']:.4g}, C <= "
-             f"{results['curvature_bound']:.4g} ({results['curvature_source']}), "
+             f"{results['curvature_bound']:.4g}, "
              f"train {results['train_seconds']:.0f} s, certify {results['certify_seconds']:.0f} s"]
     for name, row in results["certified"].items():
         cells = "  ".join(f"eps {e:g}: {100 * row[f'certified@{e:g}']:6.2f}%" for e in eps)

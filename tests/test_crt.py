@@ -16,6 +16,7 @@ import torch
 from lightning.pytorch.loggers import CSVLogger
 from torch import nn
 
+from lightning_spectral import network_curvature_bound, network_pairwise_curvature
 from lightning_spectral.demos.crt import (
     CurvatureRegularizedClassifier,
     crt_network,
@@ -141,6 +142,8 @@ def test_penalty_with_exact_norms_is_the_guaranteed_chain_bound() -> None:
     exact = torch.stack([torch.linalg.matrix_norm(m.weight.detach(), ord=2) for m in layers])
     lip, bound = exact_chain_curvature(model, (6,))
     assert chain_curvature(exact, acts).item() == pytest.approx(bound.item(), rel=1e-12)
+    # The graph walk computes the same guaranteed bound on a plain chain.
+    assert network_curvature_bound(model, (6,)).item() == pytest.approx(bound.item(), rel=1e-9)
     assert lip.item() == pytest.approx(exact.prod().item(), rel=1e-12)  # g = 1 for both
     # Power iteration approaches every norm from below, so the estimate does too; with many
     # iterations it reaches the guaranteed value.
@@ -252,9 +255,12 @@ def test_second_order_radius_never_exceeds_an_attack_distance(trained) -> None:
     y = torch.tensor([dm.test_set[i][1] for i in range(60)])
     correct = model(x).argmax(1) == y
     x, y = x[correct], y[correct]
-    c_logits = exact_chain_curvature(model, (1, 8, 8))[1]
+    c_logits = network_curvature_bound(model, (1, 8, 8))
+    pairwise = network_pairwise_curvature(model, (1, 8, 8))
+    # The walk's linear-head refinement is the chain recursion's, with exact norms.
     c_features = exact_chain_curvature(model[:-1], (1, 8, 8))[1]
-    pairwise = linear_head_pairwise_curvature(model[-1].weight, c_features)
+    folded = linear_head_pairwise_curvature(model[-1].weight, c_features)
+    torch.testing.assert_close(pairwise, torch.minimum(folded, 2**0.5 * c_logits * (folded > 0)))
     radii = {
         "global": curvature_certified_radius(model, x, y, c_logits),
         "pairwise": curvature_certified_radius(model, x, y, pairwise),
