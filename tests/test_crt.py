@@ -96,6 +96,7 @@ class _ShiftedLinear(nn.Linear):
         (nn.Sequential(nn.Linear(4, 4), nn.Dropout(), nn.Linear(4, 2)), ValueError, "Dropout"),
         (nn.Sequential(nn.Linear(4, 4), nn.Tanh()), ValueError, "end with a linear layer"),
         (nn.Sequential(nn.Tanh(), nn.Linear(4, 2)), ValueError, "start with a linear layer"),
+        (nn.Sequential(nn.Flatten(0), nn.Linear(4, 2)), ValueError, "start_dim=1"),
     ],
 )
 def test_parse_chain_refuses_what_the_recursion_does_not_cover(model, error, match) -> None:

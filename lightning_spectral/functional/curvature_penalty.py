@@ -107,6 +107,9 @@ def parse_chain(model: nn.Module) -> tuple[list[nn.Module], list[tuple[float, fl
             layers.append(module)
             pending = None
         elif type(module) is nn.Flatten:
+            if (module.start_dim, module.end_dim) != (1, -1):
+                raise ValueError(f"{name}: only nn.Flatten(start_dim=1, end_dim=-1) (all of a "
+                                 f"sample's axes) is supported, got {module}")
             continue
         else:
             gh = activation_curvature(module)
