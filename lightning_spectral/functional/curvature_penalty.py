@@ -189,8 +189,8 @@ class ChainCurvaturePenalty(nn.Module):
         """``(n,)`` differentiable norm estimates, one per layer (advances the iteration)."""
         out = []
         for i, layer in enumerate(self._layers):
-            w = layer.weight.unsqueeze(0)  # (1, out, in) for Linear, (1, out, in, *k) for conv
-            w = w.view(1, *_grouped_shape(layer))
+            # (1, 1, out, in) for a linear layer, (1, groups, out / groups, in, *k) for a conv
+            w = layer.weight.reshape(1, *_grouped_shape(layer))
             us, vs = self._vectors(i)
             out.append(fantastic_four_estimate(w, us, vs, self.n_iter)[0])
         return torch.stack(out)
