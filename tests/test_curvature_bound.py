@@ -341,6 +341,10 @@ def test_bad_user_rule_and_bad_arguments_are_refused() -> None:
             network_curvature_bound(nn.Sequential(nn.Linear(3, 4), Atan()), (3,))
     finally:
         unregister_curvature_rule(Atan)
+    with pytest.raises(TypeError, match="subclass of nn.Module"):
+        register_curvature_rule(int, lambda module, shapes: (1.0, 0.0))
+    with pytest.raises(TypeError, match="callable"):
+        register_curvature_rule(Atan, (1.0, 0.0))
     with pytest.raises(ValueError, match="input_shape"):
         network_curvature_bound(nn.Linear(3, 2), (0,))
     with pytest.raises(ValueError, match=r"\(N, C\)"):

@@ -1,7 +1,8 @@
 """The graph walk: one pass in topological order, each node's bound from its arguments'
 bounds and the node's rule (:mod:`.rules` for functions and methods, :mod:`.modules` for
 leaf modules), after the checks that make the rule applicable (in-place ops, dtypes, batch
-axis)."""
+axis). Asked for curvature, the same pass also gives each node its curvature bound ``C`` from
+the rule's curvature part."""
 
 from __future__ import annotations
 
