@@ -8,9 +8,9 @@ Adam, lr 1e-3, batch 64, pixels in [0, 1] with no normalization), then certifies
 * first order: ``margin / (sqrt 2 L)`` with ``L = network_lipschitz_bound(model)``, and the
   refined ``min_t (z_y - z_t) / (||W_y - W_t|| L_features)`` (linear head);
 * second order: ``curvature_certified_radius`` with a guaranteed curvature bound ``C`` of the
-  logit map (``K_yt = sqrt 2 C``) and with the pairwise linear-head bounds
-  ``K_yt = ||W_y - W_t|| C_features``; optionally ``crc_certified_radius`` (pairwise) on the
-  first ``--crc-samples`` images.
+  logit map (``K_yt = sqrt 2 C``) and with the pairwise bounds (the smaller of that and the
+  linear-head ``||W_y - W_t|| C_features``); optionally ``crc_certified_radius`` (pairwise) on
+  the first ``--crc-samples`` images.
 
 Every certificate is taken over ALL classes ``t != y``. The guaranteed bounds come from the
 graph walk: ``network_lipschitz_bound``, ``network_curvature_bound`` and
