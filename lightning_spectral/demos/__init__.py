@@ -7,8 +7,8 @@ MNIST and CIFAR-10); each data module checks for it when it is constructed.
 
 * :mod:`~lightning_spectral.demos.data`: ``DigitsDataModule``, ``MNISTDataModule``,
   ``CIFAR10DataModule``.
-* :mod:`~lightning_spectral.demos.models`: ``SmallCNN``, ``MnistCNN``, ``resnet32``,
-  ``ImageClassifier`` (cross-entropy or Lipschitz-margin loss).
+* :mod:`~lightning_spectral.demos.models`: ``SmallCNN``, ``MnistCNN``, ``resnet32`` (option-A or
+  -B shortcuts), ``ImageClassifier`` (cross-entropy or Lipschitz-margin loss).
 * :mod:`~lightning_spectral.demos.digits`: ``python -m lightning_spectral.demo``, the
   regularizer on the digits with and without the penalty.
 """
@@ -28,6 +28,7 @@ from .models import (
     ImageClassifier,
     MnistCNN,
     SmallCNN,
+    ZeroPadShortcut,
     lipschitz_margin_loss,
     resnet32,
 )
@@ -45,6 +46,7 @@ __all__ = [
     "MNIST_STD",
     "MnistCNN",
     "SmallCNN",
+    "ZeroPadShortcut",
     "lipschitz_margin_loss",
     "resnet32",
 ]

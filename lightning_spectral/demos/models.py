@@ -20,12 +20,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lightning_spectral.lipschitz import register_lipschitz_rule
+
 __all__ = [
     "BasicBlock",
     "CifarResNet",
     "ImageClassifier",
     "MnistCNN",
     "SmallCNN",
+    "ZeroPadShortcut",
     "lipschitz_margin_loss",
     "resnet32",
 ]
@@ -113,27 +116,81 @@ class MnistCNN(nn.Sequential):
         self.fc2 = nn.Linear(hidden, num_classes)
 
 
+class ZeroPadShortcut(nn.Module):
+    """Option-A shortcut of He et al. (2016): subsample by ``stride``, append zero channels.
+
+    ``x -> pad(x[:, :, ::stride, ::stride])`` with ``out_channels - in_channels`` zero channels
+    split between both ends of the channel axis. No parameters. As a linear map it copies some
+    input entries to distinct output positions and writes zeros elsewhere, so its l2 operator
+    norm is exactly 1; that constant is registered with
+    :func:`~lightning_spectral.network_lipschitz_bound` for this class (and refused for a
+    subclass that changes ``forward``).
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, stride: int) -> None:
+        super().__init__()
+        if out_channels < in_channels:
+            raise ValueError(
+                f"out_channels ({out_channels}) must be at least in_channels ({in_channels})"
+            )
+        if stride < 1:
+            raise ValueError(f"stride must be positive, got {stride!r}")
+        self.stride = stride
+        self.before = (out_channels - in_channels) // 2
+        self.after = out_channels - in_channels - self.before
+
+    def forward(self, x: Tensor) -> Tensor:
+        s = self.stride
+        return F.pad(x[:, :, ::s, ::s], (0, 0, 0, 0, self.before, self.after))
+
+
+def _zero_pad_shortcut_lipschitz(module: nn.Module, input_shapes: list[torch.Size]) -> float:
+    # The constant 1 is a property of ZeroPadShortcut.forward, read above; a subclass with its
+    # own forward computes something else.
+    if type(module).forward is not ZeroPadShortcut.forward:
+        raise TypeError(
+            f"{type(module).__name__} overrides ZeroPadShortcut.forward: its Lipschitz constant "
+            "is unknown; register a rule for it with register_lipschitz_rule"
+        )
+    return 1.0
+
+
+register_lipschitz_rule(ZeroPadShortcut, _zero_pad_shortcut_lipschitz)
+
+
 class BasicBlock(nn.Module):
     """``relu(bn(conv(relu(bn(conv(x))))) + shortcut(x))`` with 3x3 convolutions (He et al. 2016).
 
-    The shortcut is the identity when the shape is kept, otherwise a strided 1x1 convolution with
-    batch norm (the paper's "option B" projection).
+    The shortcut is the identity when the shape is kept. Otherwise, with ``shortcut="B"`` a
+    strided 1x1 convolution with batch norm (the "option B" projection); with ``shortcut="A"``
+    the parameter-free :class:`ZeroPadShortcut` ("option A", the CIFAR ResNets of the paper and
+    of He et al.'s CIFAR experiments).
     """
 
-    def __init__(self, in_channels: int, out_channels: int, stride: int = 1) -> None:
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        stride: int = 1,
+        shortcut: Literal["A", "B"] = "B",
+    ) -> None:
         super().__init__()
+        if shortcut not in ("A", "B"):
+            raise ValueError(f"shortcut must be 'A' or 'B', got {shortcut!r}")
         self.conv1 = nn.Conv2d(in_channels, out_channels, 3, stride=stride, padding=1, bias=False)
         self.bn1 = nn.BatchNorm2d(out_channels)
         self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1, bias=False)
         self.bn2 = nn.BatchNorm2d(out_channels)
         self.shortcut: nn.Module
-        if stride != 1 or in_channels != out_channels:
+        if stride == 1 and in_channels == out_channels:
+            self.shortcut = nn.Identity()
+        elif shortcut == "A":
+            self.shortcut = ZeroPadShortcut(in_channels, out_channels, stride)
+        else:
             self.shortcut = nn.Sequential(
                 nn.Conv2d(in_channels, out_channels, 1, stride=stride, bias=False),
                 nn.BatchNorm2d(out_channels),
             )
-        else:
-            self.shortcut = nn.Identity()
 
     def forward(self, x: Tensor) -> Tensor:
         out = F.relu(self.bn1(self.conv1(x)))
@@ -146,10 +203,17 @@ class CifarResNet(nn.Module):
 
     A 3x3 convolution to 16 channels, three stages of ``n`` basic blocks with 16, 32, 64 channels
     (the first block of stages 2 and 3 halves the resolution with stride 2), global average
-    pooling and a linear layer.
+    pooling and a linear layer. ``shortcut`` chooses the shortcut of the downsampling blocks
+    (see :class:`BasicBlock`).
     """
 
-    def __init__(self, blocks_per_stage: int, num_classes: int = 10, in_channels: int = 3) -> None:
+    def __init__(
+        self,
+        blocks_per_stage: int,
+        num_classes: int = 10,
+        in_channels: int = 3,
+        shortcut: Literal["A", "B"] = "B",
+    ) -> None:
         super().__init__()
         if blocks_per_stage < 1:
             raise ValueError(f"blocks_per_stage must be positive, got {blocks_per_stage!r}")
@@ -161,7 +225,7 @@ class CifarResNet(nn.Module):
             blocks = []
             for j in range(blocks_per_stage):
                 stride = 2 if i > 0 and j == 0 else 1
-                blocks.append(BasicBlock(channels, width, stride))
+                blocks.append(BasicBlock(channels, width, stride, shortcut))
                 channels = width
             stages.append(nn.Sequential(*blocks))
         self.layer1, self.layer2, self.layer3 = stages
@@ -180,9 +244,15 @@ class CifarResNet(nn.Module):
         return self.fc(torch.flatten(self.pool(x), 1))
 
 
-def resnet32(num_classes: int = 10, in_channels: int = 3) -> CifarResNet:
-    """ResNet-32 for CIFAR-10 (5 basic blocks per stage, 31 convolutions + 1 linear layer)."""
-    return CifarResNet(5, num_classes=num_classes, in_channels=in_channels)
+def resnet32(
+    num_classes: int = 10, in_channels: int = 3, shortcut: Literal["A", "B"] = "B"
+) -> CifarResNet:
+    """ResNet-32 for CIFAR-10, 5 basic blocks per stage.
+
+    ``shortcut="A"`` (zero-padding shortcuts, the paper's setting): 31 convolutions + 1 linear
+    layer; ``"B"``: two more, the 1x1 projections of the downsampling blocks.
+    """
+    return CifarResNet(5, num_classes=num_classes, in_channels=in_channels, shortcut=shortcut)
 
 
 def lipschitz_margin_loss(
