@@ -254,6 +254,13 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     parser.add_argument("--report-only", action="store_true", help="tables from the JSON")
     parser.add_argument("--limit-batches", type=int, help="per stage: for a quick smoke run")
+    parser.add_argument(
+        "--override",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="passed to every run as --KEY=VALUE, e.g. data.init_args.batch_size=64",
+    )
     args = parser.parse_args(argv)
     saved = args.out / "mnist_study_cpu.json"
     old = json.loads(saved.read_text()) if saved.exists() else {"runs": [], "info": {}}
@@ -277,6 +284,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
             cli = cli_args(name, args.data_dir, args.log_dir, args.epochs, seed)
             if args.limit_batches is not None:
                 cli += [f"--trainer.limit_{s}_batches={args.limit_batches}" for s in STAGES]
+            cli += [f"--{kv}" for kv in args.override]
             runs.append({**run_one(name, cli), "seed": seed})
             write_outputs(runs, info, args.out)
             print(f"done {name} seed {seed}: test acc {runs[-1]['test_acc']:.4f}", flush=True)

@@ -9,13 +9,16 @@ from __future__ import annotations
 
 import csv
 import importlib.util
+import json
 import pickle
 import struct
+import sys
 import warnings
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 import yaml
 
 from lightning_spectral.callback import SpectralBoundRegularizer
@@ -151,3 +154,46 @@ def test_config_trains_and_certifies(config: Path, data_dirs, tmp_path: Path) ->
         assert penalty == 0
     rows = list(csv.DictReader(next(tmp_path.rglob("metrics.csv")).open()))
     assert any(row.get("spectral_bound/max") for row in rows)
+
+
+def test_fit_subcommand_runs_a_config(data_dirs, tmp_path: Path) -> None:
+    # The documented one-command form: `python examples/cli.py fit --config ...`.
+    config = ROOT / "examples" / "configs" / "mnist" / "ff_penalty.yaml"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        cli = _cli_main()(["fit", *_args(config, data_dirs["mnist"], tmp_path)])
+    assert cli.trainer.state.finished and cli.trainer.global_step == 2
+    assert (tmp_path / "ff_penalty" / "version_0" / "metrics.csv").is_file()
+
+
+def test_mnist_study_runner(data_dirs, tmp_path: Path) -> None:
+    if str(ROOT) not in sys.path:  # `benchmarks` is not installed: import it from the checkout
+        sys.path.insert(0, str(ROOT))
+    from benchmarks import mnist_study  # noqa: PLC0415 - only importable after the insert
+
+    args = ["--data-dir", str(data_dirs["mnist"]), "--epochs", "1", "--limit-batches", "2"]
+    args += ["--configs", "none", "constraint", "--out", str(tmp_path / "out")]
+    args += ["--log-dir", str(tmp_path / "logs")]
+    args += ["--override", "data.init_args.val_size=8", "--override", "data.init_args.batch_size=4"]
+    threads = torch.get_num_threads()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            runs = mnist_study.main(args)
+            again = mnist_study.main(args)  # everything is in the JSON already: nothing reruns
+    finally:
+        torch.set_num_threads(threads)
+    assert [r["config"] for r in runs] == ["none", "constraint"]
+    assert again == json.loads((tmp_path / "out" / "mnist_study_cpu.json").read_text())["runs"]
+    for run in runs:
+        assert set(run["bound"]) == set(run["exact"]) == {"conv1", "conv2", "fc1", "fc2"}
+        for layer, bound in run["bound"].items():
+            assert run["exact"][layer] <= bound * (1 + 1e-5), layer
+        assert set(run["certified_acc"]) == {"0.1", "0.5", "1", "1.58"}
+        assert len(run["train_epoch_seconds"]) == 1 and run["epochs"] == 1
+    assert max(runs[1]["bound"].values()) <= 1.0
+    table = (tmp_path / "out" / "mnist_study_cpu.md").read_text()
+    assert "| none | 1 |" in table and "| constraint | 1 |" in table
+    rows = list(csv.DictReader((tmp_path / "out" / "mnist_study_cpu.csv").open()))
+    assert [r["config"] for r in rows] == ["none", "constraint"]
+    assert (tmp_path / "logs" / "constraint" / "seed0" / "metrics.csv").is_file()
