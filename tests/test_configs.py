@@ -197,3 +197,9 @@ def test_mnist_study_runner(data_dirs, tmp_path: Path) -> None:
     rows = list(csv.DictReader((tmp_path / "out" / "mnist_study_cpu.csv").open()))
     assert [r["config"] for r in rows] == ["none", "constraint"]
     assert (tmp_path / "logs" / "constraint" / "seed0" / "metrics.csv").is_file()
+    # The tables come back identical from the saved JSON alone; no JSON is a clear error.
+    (tmp_path / "out" / "mnist_study_cpu.md").unlink()
+    mnist_study.main(["--report-only", "--out", str(tmp_path / "out")])
+    assert (tmp_path / "out" / "mnist_study_cpu.md").read_text() == table
+    with pytest.raises(SystemExit):
+        mnist_study.main(["--report-only", "--out", str(tmp_path / "empty")])
