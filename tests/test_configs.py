@@ -156,14 +156,21 @@ def test_config_trains_and_certifies(config: Path, data_dirs, tmp_path: Path) ->
     assert any(row.get("spectral_bound/max") for row in rows)
 
 
-def test_fit_subcommand_runs_a_config(data_dirs, tmp_path: Path) -> None:
-    # The documented one-command form: `python examples/cli.py fit --config ...`.
+def test_fit_then_test_subcommands_run_a_config(data_dirs, tmp_path: Path) -> None:
+    # The documented commands: `python examples/cli.py fit --config ...`, then `test` with the
+    # same config and the checkpoint.
     config = ROOT / "examples" / "configs" / "mnist" / "ff_penalty.yaml"
+    args = _args(config, data_dirs["mnist"], tmp_path) + ["--trainer.enable_checkpointing=true"]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        cli = _cli_main()(["fit", *_args(config, data_dirs["mnist"], tmp_path)])
-    assert cli.trainer.state.finished and cli.trainer.global_step == 2
+        cli = _cli_main()(["fit", *args])
+        assert cli.trainer.state.finished and cli.trainer.global_step == 2
+        (ckpt,) = (tmp_path / "ff_penalty" / "version_0" / "checkpoints").glob("*.ckpt")
+        tested = _cli_main()(["test", *args, f"--ckpt_path={ckpt}"])
     assert (tmp_path / "ff_penalty" / "version_0" / "metrics.csv").is_file()
+    assert {"test/acc", "test/lipschitz/network", "test/certified/acc@1.58"} <= set(
+        tested.trainer.callback_metrics
+    )
 
 
 def test_mnist_study_runner(data_dirs, tmp_path: Path) -> None:
