@@ -11,6 +11,7 @@ import csv
 import importlib.util
 import json
 import pickle
+import re
 import struct
 import sys
 import warnings
@@ -210,3 +211,20 @@ def test_mnist_study_runner(data_dirs, tmp_path: Path) -> None:
     assert (tmp_path / "out" / "mnist_study_cpu.md").read_text() == table
     with pytest.raises(SystemExit):
         mnist_study.main(["--report-only", "--out", str(tmp_path / "empty")])
+
+
+def test_results_page_names_every_config_and_only_existing_ones() -> None:
+    page = (ROOT / "docs" / "results.md").read_text()
+    named = set(re.findall(r"examples/configs/(\w+/\w+)\.yaml", page))
+    named |= set(re.findall(r"`(mnist/\w+|cifar10/\w+)\.yaml`", page))
+    assert named == {f"{p.parent.name}/{p.stem}" for p in CONFIGS}
+
+
+def test_results_page_shows_the_committed_tables() -> None:
+    # The tables on the page are copies of the study's output: they must not drift apart.
+    page = (ROOT / "docs" / "results.md").read_text()
+    results = (ROOT / "benchmarks" / "results" / "mnist_study_cpu.md").read_text()
+    rows = [line for line in results.splitlines() if line.startswith("|")]
+    assert len(rows) >= 8
+    for row in rows:
+        assert row in page.splitlines(), row
