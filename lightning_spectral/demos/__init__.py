@@ -7,7 +7,8 @@ MNIST and CIFAR-10); each data module checks for it when it is constructed.
 
 * :mod:`~lightning_spectral.demos.data`: ``DigitsDataModule``, ``MNISTDataModule``,
   ``CIFAR10DataModule``.
-* :mod:`~lightning_spectral.demos.models`: ``SmallCNN``, ``resnet32``, ``ImageClassifier``.
+* :mod:`~lightning_spectral.demos.models`: ``SmallCNN``, ``MnistCNN``, ``resnet32`` (option-A or
+  -B shortcuts), ``ImageClassifier`` (cross-entropy or Lipschitz-margin loss).
 * :mod:`~lightning_spectral.demos.digits`: ``python -m lightning_spectral.demo``, the
   regularizer on the digits with and without the penalty.
 """
@@ -21,7 +22,16 @@ from .data import (
     DigitsDataModule,
     MNISTDataModule,
 )
-from .models import BasicBlock, CifarResNet, ImageClassifier, SmallCNN, resnet32
+from .models import (
+    BasicBlock,
+    CifarResNet,
+    ImageClassifier,
+    MnistCNN,
+    SmallCNN,
+    ZeroPadShortcut,
+    lipschitz_margin_loss,
+    resnet32,
+)
 
 __all__ = [
     "BasicBlock",
@@ -34,6 +44,9 @@ __all__ = [
     "MNISTDataModule",
     "MNIST_MEAN",
     "MNIST_STD",
+    "MnistCNN",
     "SmallCNN",
+    "ZeroPadShortcut",
+    "lipschitz_margin_loss",
     "resnet32",
 ]
