@@ -43,6 +43,8 @@ KEY_PAGES = (
     "report/index.html",
     "bounds/index.html",
     "estimation/index.html",
+    "results/index.html",
+    "crt/index.html",
     "benchmarks/index.html",
     "changelog/index.html",
     "api/index.html",

@@ -20,8 +20,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lightning_spectral.lipschitz import register_lipschitz_rule
-
 __all__ = [
     "BasicBlock",
     "CifarResNet",
@@ -122,9 +120,8 @@ class ZeroPadShortcut(nn.Module):
     ``x -> pad(x[:, :, ::stride, ::stride])`` with ``out_channels - in_channels`` zero channels
     split between both ends of the channel axis. No parameters. As a linear map it copies some
     input entries to distinct output positions and writes zeros elsewhere, so its l2 operator
-    norm is exactly 1; that constant is registered with
-    :func:`~lightning_spectral.network_lipschitz_bound` for this class (and refused for a
-    subclass that changes ``forward``).
+    norm is exactly 1, which :func:`~lightning_spectral.network_lipschitz_bound` finds by
+    tracing the strided slice and the zero padding (no rule needs registering).
     """
 
     def __init__(self, in_channels: int, out_channels: int, stride: int) -> None:
@@ -142,20 +139,6 @@ class ZeroPadShortcut(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         s = self.stride
         return F.pad(x[:, :, ::s, ::s], (0, 0, 0, 0, self.before, self.after))
-
-
-def _zero_pad_shortcut_lipschitz(module: nn.Module, input_shapes: list[torch.Size]) -> float:
-    # The constant 1 is a property of ZeroPadShortcut.forward, read above; a subclass with its
-    # own forward computes something else.
-    if type(module).forward is not ZeroPadShortcut.forward:
-        raise TypeError(
-            f"{type(module).__name__} overrides ZeroPadShortcut.forward: its Lipschitz constant "
-            "is unknown; register a rule for it with register_lipschitz_rule"
-        )
-    return 1.0
-
-
-register_lipschitz_rule(ZeroPadShortcut, _zero_pad_shortcut_lipschitz)
 
 
 class BasicBlock(nn.Module):
