@@ -23,8 +23,9 @@ def _python(*args: str) -> subprocess.CompletedProcess:
     )
 
 
-def test_readme_demo_command_runs() -> None:
-    proc = _python("-m", "lightning_spectral.demo", "--epochs", "1")
+def test_readme_demo_command_runs(tmp_path: Path) -> None:
+    log_dir = tmp_path / "demo_logs"
+    proc = _python("-m", "lightning_spectral.demo", "--epochs", "2", "--log-dir", str(log_dir))
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = {
         cells[0]: cells[1:]
@@ -36,6 +37,13 @@ def test_readme_demo_command_runs() -> None:
         assert layer in rows, proc.stdout
         assert all(float(v) > 0 for v in rows[layer]), rows[layer]
     assert all(0.0 <= float(v) <= 1.0 for v in rows["test acc"][1:]), rows["test acc"]
+    # The penalized run's logs hold guaranteed bounds and certificates, and the report of them
+    # is written and named in the output.
+    header = (log_dir / "metrics.csv").read_text().splitlines()[0].split(",")
+    for key in ("spectral_bound/max", "spectral_estimate/max", "certified/acc@0.1"):
+        assert key in header, header
+    report = log_dir / "report" / "report.md"
+    assert report.is_file() and str(report) in proc.stdout, proc.stdout
 
 
 def test_library_does_not_import_the_demos() -> None:
