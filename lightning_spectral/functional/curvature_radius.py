@@ -1,0 +1,221 @@
+"""The closed-form curvature certificate and the checks and Jacobians it shares with CRC.
+
+For the margin ``mu = z_y - z_t`` with gradient ``G`` at ``x0`` and a bound ``K`` on the
+Lipschitz constant of ``grad mu``, Taylor's formula with integral remainder gives
+``mu(x0 + d) >= mu(x0) - ||G|| ||d|| - (K / 2) ||d||^2``, positive for
+``||d|| < r = 2 mu / (||G|| + sqrt(||G||^2 + 2 K mu))``: :func:`curvature_certified_radius`.
+The dual certificate built on the same margins is in :mod:`.crc`; both are re-exported by
+:mod:`.curvature`.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Callable
+from typing import NamedTuple
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["curvature_certified_radius"]
+
+
+def _nonnegative_scalar(value: Tensor | float, name: str, device: torch.device) -> Tensor:
+    c = torch.as_tensor(value, dtype=torch.float64, device=device).detach()
+    if c.ndim != 0:
+        raise ValueError(f"{name} must be a scalar, got shape {tuple(c.shape)}")
+    if not bool(torch.isfinite(c)) or bool(c < 0):
+        raise ValueError(f"{name} must be finite and >= 0, got {c.item()}")
+    return c
+
+
+def _curvature_tensor(curvature: Tensor | float) -> Tensor:
+    """The curvature argument as float64: a finite scalar >= 0, or a square matrix of pairwise
+    bounds, finite and >= 0 off the diagonal (the diagonal is never used and set to 0)."""
+    k = torch.as_tensor(curvature, dtype=torch.float64).detach()
+    if k.ndim == 0:
+        return _nonnegative_scalar(k, "curvature", k.device)
+    if k.ndim != 2 or k.shape[0] != k.shape[1]:
+        raise ValueError("curvature must be a scalar or a (C, C) matrix of pairwise bounds, "
+                         f"got shape {tuple(k.shape)}")
+    off_diagonal = ~torch.eye(k.shape[0], dtype=torch.bool, device=k.device)
+    k = torch.where(off_diagonal, k, torch.zeros_like(k))
+    if not bool(torch.isfinite(k).all()) or bool((k < 0).any()):
+        raise ValueError("curvature entries must be finite and >= 0 off the diagonal")
+    return k
+
+
+def _pairwise_curvature(k: Tensor, num_classes: int, device: torch.device) -> Tensor:
+    """``(C, C)`` bounds ``K_yt`` on the Lipschitz constant of ``grad(z_y - z_t)``.
+
+    A scalar ``C`` bounds ``||Dz(x) - Dz(x')||``; then
+    ``||(Dz(x) - Dz(x'))^T (e_y - e_t)|| <= sqrt(2) C ||x - x'||``.
+    """
+    if k.ndim == 0:
+        return (math.sqrt(2.0) * k).to(device).expand(num_classes, num_classes)
+    if k.shape != (num_classes, num_classes):
+        raise ValueError(
+            f"curvature must be a scalar or a ({num_classes}, {num_classes}) matrix of pairwise "
+            f"bounds for this {num_classes}-class model, got shape {tuple(k.shape)}"
+        )
+    return k.to(device)
+
+
+def _prepare_model(
+    model: Callable[[Tensor], Tensor], dtype: torch.dtype | None
+) -> Callable[[Tensor], Tensor]:
+    """The model in the requested precision, never modifying the caller's module."""
+    if not isinstance(model, nn.Module):
+        return model
+    if any(m.training for m in model.modules()):
+        raise ValueError(
+            "the model (or a submodule) is in training mode; certificates hold for the "
+            "deterministic eval-mode map (dropout and batch statistics change the function): "
+            "call model.eval() first"
+        )
+    if dtype is None:
+        return model
+    tensors = [*model.parameters(), *model.buffers()]
+    if all(t.dtype == dtype for t in tensors if t.is_floating_point()):
+        return model
+    return copy.deepcopy(model).to(dtype)
+
+
+def _logits_and_jacobian(
+    model: Callable[[Tensor], Tensor], x: Tensor, chunk_size: int | None
+) -> tuple[Tensor, Tensor]:
+    """Logits ``(N, C)`` and input Jacobians ``(N, C, D)``, each sample run on its own.
+
+    ``vmap`` over one-sample calls makes cross-sample interaction impossible, so the Jacobian
+    is that of the per-sample map even for callables that mix a batch.
+    """
+
+    def one(xi: Tensor) -> tuple[Tensor, Tensor]:
+        z = model(xi.unsqueeze(0))
+        if z.ndim != 2 or z.shape[0] != 1:
+            raise ValueError(f"the model must map (N, ...) to logits (N, C), got {tuple(z.shape)}"
+                             " for one sample")
+        return z[0], z[0]
+
+    jac, logits = torch.func.vmap(
+        torch.func.jacrev(one, has_aux=True), chunk_size=chunk_size
+    )(x)
+    return logits.detach(), jac.detach().flatten(2)
+
+
+def _check_target(target: Tensor, n: int) -> None:
+    if target.ndim != 1 or target.shape[0] != n:
+        raise ValueError(f"target must have shape ({n},), got {tuple(target.shape)}")
+    if target.dtype.is_floating_point or target.dtype == torch.bool:
+        raise ValueError(f"target must hold integer class indices, got dtype {target.dtype}")
+
+
+def _check_classes(target: Tensor, n: int, num_classes: int) -> None:
+    if num_classes < 2:
+        raise ValueError(f"the model must output at least 2 logits, got {num_classes}")
+    if n and (int(target.min()) < 0 or int(target.max()) >= num_classes):
+        raise ValueError(f"target values must lie in [0, {num_classes}), got range "
+                         f"[{int(target.min())}, {int(target.max())}]")
+
+
+def _radius(margin: Tensor, grad_norm: Tensor, k: Tensor) -> Tensor:
+    """``2 mu / (||G|| + sqrt(||G||^2 + 2 K mu))`` for ``mu > 0`` (no cancellation), else 0.
+
+    Equals ``(sqrt(||G||^2 + 2 K mu) - ||G||) / K``, the root of
+    ``mu - ||G|| r - K r^2 / 2``, and ``mu / ||G||`` at ``K = 0``; ``+inf`` if ``G = 0 = K``.
+    """
+    positive = margin > 0
+    mu = torch.where(positive, margin, torch.zeros_like(margin))
+    den = grad_norm + torch.sqrt(grad_norm.square() + 2.0 * k * mu)
+    r = torch.where(den > 0, 2.0 * mu / torch.where(den > 0, den, torch.ones_like(den)),
+                    torch.full_like(mu, math.inf))
+    return torch.where(positive, r, torch.zeros_like(r))
+
+
+def curvature_certified_radius(
+    model: Callable[[Tensor], Tensor],
+    x: Tensor,
+    target: Tensor,
+    curvature: Tensor | float,
+    *,
+    dtype: torch.dtype | None = torch.float64,
+    chunk_size: int | None = None,
+) -> Tensor:
+    """Per-sample l2 radius within which the prediction provably stays ``target``.
+
+    For every class ``t != y`` (``y = target``) with margin ``mu_t = z_y(x) - z_t(x)``, gradient
+    ``G_t = grad_x mu_t`` and a bound ``K_yt`` on the Lipschitz constant of ``grad mu_t``,
+    Taylor's formula with integral remainder gives, for every ``d``,
+    ``mu_t(x + d) >= mu_t - ||G_t|| ||d|| - (K_yt / 2) ||d||^2``, which is positive for
+    ``||d|| < r_t = 2 mu_t / (||G_t|| + sqrt(||G_t||^2 + 2 K_yt mu_t))``. The radius is
+    ``min_{t != y} r_t`` over *all* other classes (certifying only against the runner-up class
+    would be a targeted certificate: a lower logit with a steeper gradient can cross first).
+    ``K = 0`` gives the hyperplane distance ``mu / ||G||``.
+
+    Args:
+        model: maps a batch ``(N, ...)`` to logits ``(N, C)``, each sample independently; an
+            ``nn.Module`` must be in eval mode. The bounds must hold for this very map.
+        x: ``(N, ...)`` inputs.
+        target: ``(N,)`` integer labels.
+        curvature: either a scalar ``C`` bounding the Lipschitz constant of the Jacobian of
+            the whole logit map (then ``K_yt = sqrt(2) C``, as ``||e_y - e_t|| = sqrt 2``), or a
+            ``(C, C)`` tensor of pairwise bounds ``K_yt`` (row = true class; diagonal ignored),
+            e.g. from :func:`linear_head_pairwise_curvature`.
+        dtype: precision of the computation (default float64): a module is copied and cast
+            (the caller's module is left alone), ``x`` is cast; ``None`` keeps both as given.
+        chunk_size: samples per vectorized Jacobian call (memory ``~ chunk * C * D``).
+
+    Returns:
+        float64 ``(N,)`` radii; 0 for misclassified samples (ties count as misclassified),
+        ``+inf`` where every margin is positive with zero gradient and zero curvature.
+    """
+    if x.ndim < 1:
+        raise ValueError(f"x must have a batch axis, got shape {tuple(x.shape)}")
+    if x.shape[0] == 0:
+        _check_target(target, 0)
+        _curvature_tensor(curvature)
+        return torch.zeros(0, dtype=torch.float64, device=x.device)
+    p = _pairs(model, x, target, curvature, dtype, chunk_size)
+    radii = _radius(p.margin, p.grad_norm, p.k)
+    radii = radii.scatter(1, p.y[:, None], math.inf)  # t = y is no competitor
+    return radii.min(dim=1).values
+
+
+class _Pairs(NamedTuple):
+    fn: Callable[[Tensor], Tensor]  # the model in the working precision
+    x: Tensor  # inputs in the working precision
+    y: Tensor  # (N,) labels, long
+    margin: Tensor  # (N, C) float64 z_y - z_t
+    grad_norm: Tensor  # (N, C) float64 ||grad (z_y - z_t)||
+    k: Tensor  # (N, C) float64 K_{y t}
+
+
+def _pairs(
+    model: Callable[[Tensor], Tensor],
+    x: Tensor,
+    target: Tensor,
+    curvature: Tensor | float,
+    dtype: torch.dtype | None,
+    chunk_size: int | None,
+) -> _Pairs:
+    """Validated margins, margin-gradient norms and curvature bounds for every (sample, t).
+
+    Everything that can be checked without the model is checked before it runs.
+    """
+    _check_target(target, x.shape[0])
+    k = _curvature_tensor(curvature)
+    fn = _prepare_model(model, dtype)
+    xs = x.detach() if dtype is None else x.detach().to(dtype)
+    logits, jac = _logits_and_jacobian(fn, xs, chunk_size)
+    n, num_classes = logits.shape
+    _check_classes(target, n, num_classes)
+    if not bool(torch.isfinite(logits).all()) or not bool(torch.isfinite(jac).all()):
+        raise ValueError("the model produced non-finite logits or input gradients")
+    k = _pairwise_curvature(k, num_classes, logits.device)
+    y = target.to(logits.device).long()
+    z = logits.to(torch.float64)
+    jac = jac.to(torch.float64)
+    grad = jac[torch.arange(n, device=jac.device), y][:, None, :] - jac  # (N, C, D)
+    return _Pairs(fn, xs, y, z.gather(1, y[:, None]) - z,
+                  torch.linalg.vector_norm(grad, dim=2), k[y])
