@@ -9,41 +9,37 @@ linear layer (``M_A`` the ``2^d`` matricizations of its filter, ``k`` its kernel
 estimated during training by one power iteration per step on persistent vectors.
 
 The callback composes the parts in :mod:`lightning_spectral.regularizer` (``config``,
-``selection``, ``state``, ``penalty``, ``constraint``, ``monitor``; one job each), its
-validation and test hooks live in ``regularizer.evaluation``, and certification is the
-:class:`~lightning_spectral.certification.CertificationTracker`'s; its hooks delegate to them.
+``selection``, ``state``, ``penalty``, ``constraint``, ``monitor``, ``curvature``; one job
+each) and its hooks live in mixins there: ``regularizer.training`` (training batches, the
+penalty, the projection), ``regularizer.curvature_hooks`` (when the curvature is recorded or
+checked), ``regularizer.checkpoint`` (state key and state) and ``regularizer.evaluation``
+(validation and test); certification is the
+:class:`~lightning_spectral.certification.CertificationTracker`'s.
 """
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable
 from typing import Any
 
 import lightning.pytorch as pl
-import torch
-from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 from typing_extensions import override
 
-from .certification import CertificationTracker, default_batch_to_input_target
-from .lipschitz import CurvatureTape, network_curvature_bound, network_lipschitz_bound
-from .lipschitz.curvature import curvature_and_pairwise
-from .regularizer import monitor, selection, sharding
+from .certification import CertificationTracker
+from .lipschitz import network_lipschitz_bound
+from .regularizer import selection, sharding
+from .regularizer.checkpoint import CheckpointHooks
 from .regularizer.config import CertifyMethod, ConfigAttributes, Reduction, RegularizerConfig
 from .regularizer.constraint import AfterStep
 from .regularizer.curvature import CurvatureTerm
+from .regularizer.curvature_hooks import CurvatureHooks, whole_curvature
 from .regularizer.evaluation import EvaluationHooks
-from .regularizer.penalty import Penalty, unwrap_training_step, wrap_training_step
+from .regularizer.penalty import Penalty
 from .regularizer.state import LayerState
+from .regularizer.training import TrainingHooks
 
 __all__ = ["SpectralBoundRegularizer"]
-
-_MANUAL_OPTIMIZATION_HINT = (
-    "SpectralBoundRegularizer(beta > 0) with manual optimization: the callback cannot add the "
-    "penalty to your loss. In training_step write `loss = loss + regularizer.penalty(self)` "
-    "before `self.manual_backward(loss)`."
-)
 
 
 def _whole_lipschitz(pl_module: nn.Module, shape: tuple[int, ...]) -> Tensor:
@@ -52,13 +48,9 @@ def _whole_lipschitz(pl_module: nn.Module, shape: tuple[int, ...]) -> Tensor:
         return network_lipschitz_bound(pl_module, shape)
 
 
-def _whole_curvature(pl_module: nn.Module, shape: tuple[int, ...]) -> tuple[Tensor, Tensor]:
-    # The guaranteed curvature bound C and the pairwise bounds K, of the whole weights.
-    with sharding.full_weights(pl_module):
-        return curvature_and_pairwise(pl_module, shape)
-
-
-class SpectralBoundRegularizer(ConfigAttributes, EvaluationHooks):
+class SpectralBoundRegularizer(
+    ConfigAttributes, CheckpointHooks, TrainingHooks, CurvatureHooks, EvaluationHooks
+):
     r"""Regularize, constrain and monitor the spectral norms of convolution and linear layers.
 
     Adds ``beta * reduction(bounds)`` to the training loss, ``bounds`` the power-iteration
@@ -153,7 +145,7 @@ class SpectralBoundRegularizer(ConfigAttributes, EvaluationHooks):
         self.config = cfg = RegularizerConfig(**arguments)
         self._tracker = None if cfg.certify_epsilons is None else CertificationTracker(
             cfg.certify_epsilons, cfg.input_scale, cfg.batch_to_input_target, _whole_lipschitz,
-            method=cfg.certify_method, curvature_fn=_whole_curvature,
+            method=cfg.certify_method, curvature_fn=whole_curvature,
         )
         self._state = LayerState()
         self._penalty = Penalty()
@@ -183,13 +175,6 @@ class SpectralBoundRegularizer(ConfigAttributes, EvaluationHooks):
         """The estimates (detached, in the order of :attr:`layer_names`) of the last penalty."""
         self._check_ran_here()
         return self._penalty.last_estimates
-
-    @property
-    def curvature_tape(self) -> CurvatureTape | None:
-        """The network curvature bound as a function of the per-layer norms (in the order of
-        :attr:`layer_names`), recorded at the start of ``fit`` when ``curvature_beta > 0``:
-        the training penalty is ``curvature_beta * curvature_tape.replay(last_estimates)``."""
-        return self._curvature.tape
 
     def select_layers(self, pl_module: nn.Module) -> dict[str, nn.Module]:
         """The layers to act on, by name in model order; override to choose them otherwise.
@@ -221,52 +206,6 @@ class SpectralBoundRegularizer(ConfigAttributes, EvaluationHooks):
             self.config.warmup_power_iterations, after_batch=after_batch
         )
 
-    @property
-    @override
-    def state_key(self) -> str:
-        """Checkpoint key: the class name, plus the selection arguments when not the default.
-
-        Distinct selections (e.g. a penalty on the convolutions and a constraint on the head)
-        give distinct keys, so several instances can share one Trainer and its checkpoints.
-        """
-        cfg = self.config
-        chosen = {
-            "include": cfg.include if cfg.include not in (None, list(selection.DEFAULT_INCLUDE))
-            else None,
-            "exclude": cfg.exclude or None,
-            "include_frozen": cfg.include_frozen or None,
-        }
-        chosen = {k: v for k, v in chosen.items() if v is not None}
-        return self._generate_state_key(**chosen) if chosen else type(self).__qualname__
-
-    @property
-    @override
-    def _legacy_state_key(self) -> str:  # type: ignore[override]
-        # Lightning falls back to this key when ``state_key`` is not in a checkpoint: the class
-        # name, the key of every instance before the key named the selection.
-        return type(self).__qualname__
-
-    @override
-    def state_dict(self) -> dict[str, Any]:
-        """Per-layer singular vectors (keyed by layer name) and recorded input sizes.
-
-        Does not raise in the launching process of ``ddp_spawn`` (see :attr:`layer_names`), so
-        that a checkpoint of the weights can still be saved there; the state it holds is empty,
-        and resuming from it warns that the layers start from fresh vectors.
-        """
-        state = self._state.state_dict()
-        curvature = self._curvature.state_dict(self._state.layers)
-        if curvature is not None:
-            state["curvature"] = curvature
-        return state
-
-    @override
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self._sent_away = False
-        state_dict = dict(state_dict)
-        self._curvature.load_state_dict(state_dict.pop("curvature", None))
-        self._state.load_state_dict(state_dict)
-
     # ------------------------------------------------------------------ Lightning hooks
 
     @override
@@ -277,22 +216,8 @@ class SpectralBoundRegularizer(ConfigAttributes, EvaluationHooks):
         self.discover(pl_module)
         self._trainer = trainer
         self._state.record_input_sizes()
-        self._curvature.reset()
-        self._curvature_checked = False
-        if self.config.curvature_input_shape is not None:
-            self.prepare_curvature(pl_module, self.config.curvature_input_shape)
-        if pl_module.automatic_optimization:
-            if self._wrapped is None:
-                wrap_training_step(pl_module, functools.partial(self._loss_term, pl_module))
-                self._wrapped = pl_module
-        elif self.config.beta > 0 or self.config.curvature_beta > 0:
-            rank_zero_warn(_MANUAL_OPTIMIZATION_HINT)
-        if self.config.constraint is not None or self.config.check_finite:
-            self._after_step.register(trainer.optimizers, self._after_optimizer_step)
-        if self.config.constraint is not None and not self._state.lazy_pending:
-            # Lazy layers: first projected after the first optimizer step (their first forward
-            # necessarily runs with the initial weights).
-            self.project(pl_module)
+        self._start_curvature(pl_module)
+        self._hook_into_training(trainer, pl_module)
 
     @override
     def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -303,163 +228,7 @@ class SpectralBoundRegularizer(ConfigAttributes, EvaluationHooks):
 
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if self._wrapped is not None:
-            unwrap_training_step(self._wrapped)
-            self._wrapped = None
-        self._after_step.remove()
+        self._unhook_training()
         self._state.remove_size_hooks()
         self._state.pending = None
         self._trainer = None
-
-    @override
-    def on_train_batch_start(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
-    ) -> None:
-        self._penalty.estimated_this_batch = False
-        if not self._curvature_checked and self._needs_curvature():
-            x = (self.config.batch_to_input_target or default_batch_to_input_target)(batch)[0]
-            self.prepare_curvature(pl_module, tuple(x.shape[1:]))
-
-    @override
-    def on_train_batch_end(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
-        batch_idx: int,
-    ) -> None:
-        if not self._state.layers:
-            return
-        self._materialized(after_batch=True)
-        if not self._penalty.estimated_this_batch:
-            self._estimate_without_loss(pl_module)
-        self._state.remove_size_hooks()
-        if pl_module.automatic_optimization and trainer.fit_loop._should_accumulate():
-            return  # Lightning writes step logs only when the optimizer steps
-        if monitor.should_log(trainer, self.config.log_every_n_steps):
-            self._log_training_values(pl_module)
-
-    # ------------------------------------------------------------------ the penalty
-
-    def penalty(self, pl_module: nn.Module) -> Tensor:
-        """``beta * reduction(max(0, bounds - target))``, the term added to the loss (0-dim).
-
-        ``bounds`` are the power-iteration estimates of the Fantastic Four bound of every
-        selected layer; each call runs ``n_power_iterations`` iterations per layer, batched
-        over layers of equal shape, in float32 (float64 for float64 weights) outside autocast.
-        Differentiable w.r.t. the weights. Call it yourself only with manual optimization:
-        ``loss = loss + regularizer.penalty(self)``; with automatic optimization the callback
-        adds it.
-        """
-        state = self._state
-        if not state.ready:
-            if not state.layers and not state.lazy_pending:
-                self.discover(pl_module)
-            if not self._materialized() or not state.ready:
-                return torch.zeros(())
-        cfg = self.config
-        curvature = None
-        if cfg.curvature_beta > 0:
-            if self._curvature.tape is None:
-                raise RuntimeError(
-                    "SpectralBoundRegularizer(curvature_beta > 0): the curvature program is "
-                    "recorded at the start of fit; outside a Trainer call "
-                    "`regularizer.prepare_curvature(model, input_shape)` first")
-            curvature = self._curvature.replay
-        if torch.is_grad_enabled():
-            sharding.reshard(self._fsdp)  # the gradient must reach the sharded parameters
-        return self._penalty(state, cfg.beta, cfg.n_power_iterations, cfg.reduction, cfg.target,
-                             curvature, cfg.curvature_beta)
-
-    def _needs_curvature(self) -> bool:
-        return self.config.curvature_beta > 0 or (
-            self._tracker is not None and self.config.certify_method != "lipschitz")
-
-    def prepare_curvature(self, pl_module: nn.Module, input_shape: Any) -> None:
-        """Record the curvature program (``curvature_beta > 0``) and check that the network
-        has a curvature bound (``certify_method`` with curvature) at the per-sample
-        ``input_shape``; called at the start of ``fit``. Raises
-        :class:`~lightning_spectral.NonSmoothOperationError` naming the offending node."""
-        shape = tuple(int(s) for s in input_shape)
-        if self.config.curvature_beta > 0:
-            if not self._state.layers:
-                self.discover(pl_module)
-            if self._state.lazy_pending:
-                raise ValueError(
-                    "curvature_beta > 0 needs every selected layer materialized when fit "
-                    "starts: run one forward pass of the model before fit (lazy layers)")
-            self._curvature.prepare(pl_module, self._state.layers, shape)
-        elif self._needs_curvature():
-            with sharding.full_weights(pl_module):
-                network_curvature_bound(pl_module, shape)
-        self._curvature_checked = True
-
-    def _loss_term(self, pl_module: nn.Module) -> Tensor | None:
-        """What the wrapped ``training_step`` adds to the loss (``None``: nothing)."""
-        if not self._state.layers:
-            return None
-        if self.config.beta == 0 and self.config.curvature_beta == 0:
-            # Monitoring only: estimate, no graph, nothing added.
-            with torch.no_grad():
-                self.penalty(pl_module)
-            return None
-        return self.penalty(pl_module)
-
-    def _estimate_without_loss(self, pl_module: nn.Module) -> None:
-        # The step did not compute the penalty (manual optimization, a skipped batch): keep the
-        # vectors iterating and the logged values current, without a graph.
-        penalized = self.config.beta > 0 or self.config.curvature_beta > 0
-        if penalized and not pl_module.automatic_optimization:
-            raise RuntimeError(
-                "SpectralBoundRegularizer(beta > 0) with manual optimization: training_step "
-                "did not call `regularizer.penalty(self)`. Add it to your loss before "
-                "`self.manual_backward(loss)`, or set beta=0 to only monitor."
-            )
-        with torch.no_grad():
-            self.penalty(pl_module)
-
-    # ------------------------------------------------------------------ the constraint
-
-    def _after_optimizer_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
-        # Runs inside optimizer.step(), before Lightning's on_train_batch_end hooks, where
-        # ModelCheckpoint writes: a raise here keeps non-finite weights out of every checkpoint.
-        if not self._state.layers or not self._materialized():
-            return
-        sharding.reshard(self._fsdp)  # the projection rescales the sharded parameters
-        self._after_step.run(
-            self._state.layers, self._penalty.last_estimates, check=self.config.check_finite,
-            c=self.config.constraint, where=self._where(),
-        )
-
-    def _where(self) -> str:
-        trainer = self._trainer
-        return "outside fit" if trainer is None else f"global step {trainer.global_step}"
-
-    def project(self, pl_module: nn.Module) -> None:
-        """Rescale every selected layer whose guaranteed bound exceeds ``constraint``.
-
-        A layer with guaranteed bound ``b > c`` is multiplied by ``c / b`` (slightly less, so
-        that rounding cannot push it back above ``c``): afterwards its guaranteed bound is
-        ``<= c``. See :func:`lightning_spectral.regularizer.constraint.project` for the bound
-        used and its cost. Lazy layers not materialized yet are skipped.
-        """
-        c = self.config.constraint
-        if c is None:
-            return
-        if not self._state.layers:
-            layers = self.select_layers(pl_module)
-            sharding.refuse_flat_shards(pl_module, layers)
-            self._state.layers, self._fsdp = layers, sharding.fsdp_modules(pl_module)
-        sharding.reshard(self._fsdp)
-        self._after_step.project(self._state.layers, c, self._where())
-
-    # ------------------------------------------------------------------ monitoring
-
-    def _log_training_values(self, pl_module: pl.LightningModule) -> None:
-        p = self._penalty
-        if p.last_estimates is None or p.last_penalty is None:
-            return
-        has_constraint = self.config.constraint is not None
-        guaranteed = self._after_step.last_guaranteed_max if has_constraint else None
-        monitor.log_training_values(
-            pl_module, self.layer_names, p.last_penalty, p.last_estimates, guaranteed,
-            self.config.log_per_layer,
-            p.last_curvature if self.config.curvature_beta > 0 else None,
-        )

@@ -37,20 +37,24 @@ min(std)``, valid, slightly loose).
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
-from lightning.pytorch.utilities import rank_zero_warn
-from torch import Tensor, nn
+from torch import Tensor
 
+from ._certification_parts import (
+    Run,
+    checked_curvature,
+    checked_lipschitz,
+    curvature_radii,
+    eval_logits,
+    warn_if_low_precision,
+)
 from ._checks import check_reals
-from .functional import curvature_certified_radius
 from .functional.certify import certified_radius
 from .lipschitz import network_lipschitz_bound
 from .lipschitz.curvature import curvature_and_pairwise
-from .metrics import CertifiedRadius, CertifiedRobustAccuracy
 from .regularizer.monitor import float32_rounded_up
 
 __all__ = ["CertificationTracker", "default_batch_to_input_target"]
@@ -79,56 +83,10 @@ def default_batch_to_input_target(batch: Any) -> tuple[Tensor, Tensor]:
     )
 
 
-def _eps_name(eps: float) -> str:
-    return f"{eps:g}"
-
-
 def _check_input_scale(input_scale: Any) -> float:
     """The smallest std of a scalar or per-channel ``input_scale``, checked."""
     return min(check_reals("input_scale (one std, or one per channel)", input_scale, low=0.0,
                            strict=True))
-
-
-@contextlib.contextmanager
-def _eval_mode(module: nn.Module) -> Iterator[None]:
-    """Eval mode for the duration, every submodule's own flag restored afterwards.
-
-    The bound is for the network in eval mode; logits computed in train mode (dropout, batch
-    statistics) come from another map, and a train-mode BatchNorm would also update its
-    running statistics.
-    """
-    modes = [(m, m.training) for m in module.modules()]
-    module.eval()
-    try:
-        yield
-    finally:
-        for m, training in modes:
-            m.training = training
-
-
-class _Run:
-    """The state of one kind of run (validation or test), never shared with the other."""
-
-    def __init__(self, epsilons: list[float], prefix: str) -> None:
-        self.prefix = prefix
-        self.accuracy = CertifiedRobustAccuracy(epsilons)
-        self.radius = CertifiedRadius()
-        self.lipschitz: dict[tuple[int, ...], Tensor] = {}  # per-sample input shape -> L
-        self.curvature_accuracy = CertifiedRobustAccuracy(epsilons)
-        self.curvature_radius = CertifiedRadius()
-        # per-sample input shape -> (C, pairwise K), both in model-input units
-        self.curvature: dict[tuple[int, ...], tuple[Tensor, Tensor]] = {}
-        self.seen = False
-
-    def metrics(self) -> list[Any]:
-        return [self.accuracy, self.radius, self.curvature_accuracy, self.curvature_radius]
-
-    def reset(self) -> None:
-        for metric in self.metrics():
-            metric.reset()
-        self.lipschitz = {}  # the weights may have changed since the last run
-        self.curvature = {}
-        self.seen = False
 
 
 class CertificationTracker:
@@ -176,35 +134,20 @@ class CertificationTracker:
         self.lipschitz_fn = lipschitz_fn or network_lipschitz_bound
         self.method = method
         self.curvature_fn = curvature_fn or curvature_and_pairwise
-        self.runs = {stage: _Run(self.epsilons, prefix) for stage, prefix in _PREFIXES.items()}
+        self.runs = {stage: Run(self.epsilons, prefix) for stage, prefix in _PREFIXES.items()}
         self._warned_precision = False
 
-    def _run(self, stage: str) -> _Run:
+    def _run(self, stage: str) -> Run:
         if stage not in self.runs:
             raise ValueError(f"stage must be one of {sorted(self.runs)}, got {stage!r}")
         return self.runs[stage]
 
     def _compute_lipschitz(self, pl_module: Any, shape: tuple[int, ...]) -> Tensor:
-        try:
-            model_lip = self.lipschitz_fn(pl_module, shape)
-        except TypeError as exc:
-            raise TypeError(
-                f"certification traces {type(pl_module).__name__}.forward and could not bound "
-                f"it: {exc}. Make forward map the input to the logits with supported layers "
-                "(e.g. `return self.model(x)`), or register a rule with "
-                "lightning_spectral.register_lipschitz_rule."
-            ) from exc
-        lip = torch.as_tensor(model_lip, dtype=torch.float64).detach().cpu().reshape(())
-        if not bool(torch.isfinite(lip)) or bool(lip < 0):
-            raise ValueError(
-                f"the network Lipschitz bound of {type(pl_module).__name__} at input shape "
-                f"{shape} is {float(lip)}, not a finite number >= 0: no certificate can "
-                "follow from it (diverged or non-finite weights?)"
-            )
+        lip = checked_lipschitz(self.lipschitz_fn, pl_module, shape)
         # Lipschitz constant w.r.t. the raw input: ||delta / std|| <= ||delta|| / min(std).
         return lip / self.input_scale
 
-    def _lipschitz_for(self, run: _Run, pl_module: Any, x: Tensor) -> Tensor:
+    def _lipschitz_for(self, run: Run, pl_module: Any, x: Tensor) -> Tensor:
         shape = tuple(int(s) for s in x.shape[1:])
         if shape not in run.lipschitz:
             run.lipschitz[shape] = self._compute_lipschitz(pl_module, shape)
@@ -214,19 +157,10 @@ class CertificationTracker:
         """Forget the previous run of this kind: its metric states and its bounds."""
         self._run(stage).reset()
 
-    def _curvature_for(self, run: _Run, pl_module: Any, x: Tensor) -> tuple[Tensor, Tensor]:
+    def _curvature_for(self, run: Run, pl_module: Any, x: Tensor) -> tuple[Tensor, Tensor]:
         shape = tuple(int(s) for s in x.shape[1:])
         if shape not in run.curvature:
-            # NonSmoothOperationError (a ReLU, max pooling, ...) names the node: passed on.
-            c, k = (torch.as_tensor(v, dtype=torch.float64).detach().cpu()
-                    for v in self.curvature_fn(pl_module, shape))
-            if not (bool(torch.isfinite(c)) and bool(c >= 0) and bool(torch.isfinite(k).all())
-                    and bool((k >= 0).all())):
-                raise ValueError(
-                    f"the network curvature bound of {type(pl_module).__name__} at input shape "
-                    f"{shape} is {float(c)}, not a finite number >= 0: no certificate can "
-                    "follow from it (diverged or non-finite weights?)")
-            run.curvature[shape] = (c.reshape(()), k)
+            run.curvature[shape] = checked_curvature(self.curvature_fn, pl_module, shape)
         return run.curvature[shape]
 
     def update(self, stage: str, pl_module: Any, batch: Any) -> None:
@@ -236,27 +170,14 @@ class CertificationTracker:
         uses_lip, uses_curv = self.method != "curvature", self.method != "lipschitz"
         lip = self._lipschitz_for(run, pl_module, x) if uses_lip else None
         curvature = self._curvature_for(run, pl_module, x) if uses_curv else None
-        with torch.no_grad(), _eval_mode(pl_module):
-            logits = pl_module(x)
-        if not isinstance(logits, Tensor) or logits.ndim != 2:
-            raise TypeError(
-                f"{type(pl_module).__name__}(x) must return (N, C) logits for certification, "
-                f"got {getattr(logits, 'shape', type(logits))}"
-            )
-        if run.accuracy.device != logits.device:
-            for metric in run.metrics():
-                metric.to(logits.device)
+        logits = eval_logits(pl_module, x)
         self._warn_if_low_precision(logits)
         y = y.to(logits.device)
         if lip is not None:
-            radius = certified_radius(logits, y, lip.to(logits.device))
-            run.accuracy.update(logits, y, radius=radius)
-            run.radius.update(logits, y, radius=radius)
+            run.add(logits, y, certified_radius(logits, y, lip.to(logits.device)))
         if curvature is not None:
             radius = self.curvature_radii(pl_module, x, y, curvature[1])
-            radius = radius.to(logits.device)
-            run.curvature_accuracy.update(logits, y, radius=radius)
-            run.curvature_radius.update(logits, y, radius=radius)
+            run.add(logits, y, radius.to(logits.device), second_order=True)
         run.seen = True
 
     def curvature_radii(self, pl_module: Any, x: Tensor, y: Tensor,
@@ -268,29 +189,12 @@ class CertificationTracker:
         Gradients are needed (the input gradient of every margin), also inside Lightning's
         inference mode, which is left for this computation.
         """
-        with torch.inference_mode(False), torch.enable_grad(), _eval_mode(pl_module):
-            params = {name: t.detach().clone().double() if t.is_floating_point() else t
-                      for name, t in (*pl_module.named_parameters(),
-                                      *pl_module.named_buffers())}
-
-            def forward(v: Tensor) -> Tensor:
-                return torch.func.functional_call(pl_module, params, (v,))
-
-            radius = curvature_certified_radius(forward, x.detach().clone(), y.clone(),
-                                                pairwise.to(x.device))
+        radius = curvature_radii(pl_module, x, y, pairwise)
         return radius * self.input_scale
 
     def _warn_if_low_precision(self, logits: Tensor) -> None:
-        eps = torch.finfo(logits.dtype).eps
-        if self._warned_precision or eps <= torch.finfo(torch.float32).eps:
-            return
-        self._warned_precision = True
-        rank_zero_warn(
-            f"certifying {logits.dtype} logits: the certificate holds for the network evaluated "
-            "in exact arithmetic; the rounding of a half-precision forward (relative error ~"
-            f"{eps:.0e} per operation) is not accounted for, so samples with small margins may "
-            "be certified wrongly. Certify a float32 copy of the model for a guarantee."
-        )
+        if not self._warned_precision:
+            self._warned_precision = warn_if_low_precision(logits.dtype)
 
     def compute(self, stage: str = "validate") -> dict[str, Tensor]:
         """The values that are logged, by name (metrics synchronized across processes;
@@ -300,17 +204,11 @@ class CertificationTracker:
         p = run.prefix
         out: dict[str, Tensor] = {}
         if self.method != "curvature":
-            acc = run.accuracy.compute()
-            out.update({f"{p}certified/acc@{_eps_name(e)}": acc[i]
-                        for i, e in enumerate(self.epsilons)})
-            out[f"{p}certified/radius"] = run.radius.compute()
+            out.update(run.values(self.epsilons))
             if run.lipschitz:
                 out[f"{p}lipschitz/network"] = torch.stack(list(run.lipschitz.values())).max()
         if self.method != "lipschitz":
-            acc = run.curvature_accuracy.compute()
-            out.update({f"{p}certified_curvature/acc@{_eps_name(e)}": acc[i]
-                        for i, e in enumerate(self.epsilons)})
-            out[f"{p}certified_curvature/radius"] = run.curvature_radius.compute()
+            out.update(run.values(self.epsilons, second_order=True))
             if run.curvature:
                 # In input units: the Jacobian w.r.t. x / s changes by C / s^2 per unit of x.
                 c = torch.stack([c for c, _ in run.curvature.values()]).max()

@@ -1,0 +1,175 @@
+"""The parts of :class:`~lightning_spectral.certification.CertificationTracker`: per-run state,
+the checked bounds per input shape, and the second-order radii.
+
+Every bound that reaches a certificate passes a check here: finite and ``>= 0``, else no
+certificate can follow from it and the error says so. Logits and radii are computed for the
+eval-mode network, the one the bounds are for.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+from lightning.pytorch.utilities import rank_zero_warn
+from torch import Tensor, nn
+
+from .functional import curvature_certified_radius
+from .metrics import CertifiedRadius, CertifiedRobustAccuracy
+
+__all__ = [
+    "Run", "checked_curvature", "checked_lipschitz", "curvature_radii", "eval_logits", "eval_mode",
+    "warn_if_low_precision",
+]
+
+
+@contextlib.contextmanager
+def eval_mode(module: nn.Module) -> Iterator[None]:
+    """Eval mode for the duration, every submodule's own flag restored afterwards.
+
+    The bound is for the network in eval mode; logits computed in train mode (dropout, batch
+    statistics) come from another map, and a train-mode BatchNorm would also update its
+    running statistics.
+    """
+    modes = [(m, m.training) for m in module.modules()]
+    module.eval()
+    try:
+        yield
+    finally:
+        for m, training in modes:
+            m.training = training
+
+
+def eval_logits(pl_module: Any, x: Tensor) -> Tensor:
+    """``pl_module(x)`` under ``no_grad`` in eval mode, refused unless ``(N, C)`` logits."""
+    with torch.no_grad(), eval_mode(pl_module):
+        logits = pl_module(x)
+    if not isinstance(logits, Tensor) or logits.ndim != 2:
+        raise TypeError(
+            f"{type(pl_module).__name__}(x) must return (N, C) logits for certification, "
+            f"got {getattr(logits, 'shape', type(logits))}"
+        )
+    return logits
+
+
+def warn_if_low_precision(dtype: torch.dtype) -> bool:
+    """Warn that the certificate does not cover the rounding of a forward in ``dtype`` when it
+    is coarser than float32; returns whether it warned."""
+    eps = torch.finfo(dtype).eps
+    if eps <= torch.finfo(torch.float32).eps:
+        return False
+    rank_zero_warn(
+        f"certifying {dtype} logits: the certificate holds for the network evaluated "
+        "in exact arithmetic; the rounding of a half-precision forward (relative error ~"
+        f"{eps:.0e} per operation) is not accounted for, so samples with small margins may "
+        "be certified wrongly. Certify a float32 copy of the model for a guarantee."
+    )
+    return True
+
+
+class Run:
+    """The state of one kind of run (validation or test), never shared with the other."""
+
+    def __init__(self, epsilons: list[float], prefix: str) -> None:
+        self.prefix = prefix
+        self.accuracy = CertifiedRobustAccuracy(epsilons)
+        self.radius = CertifiedRadius()
+        self.lipschitz: dict[tuple[int, ...], Tensor] = {}  # per-sample input shape -> L
+        self.curvature_accuracy = CertifiedRobustAccuracy(epsilons)
+        self.curvature_radius = CertifiedRadius()
+        # per-sample input shape -> (C, pairwise K), both in model-input units
+        self.curvature: dict[tuple[int, ...], tuple[Tensor, Tensor]] = {}
+        self.seen = False
+
+    def metrics(self) -> list[Any]:
+        return [self.accuracy, self.radius, self.curvature_accuracy, self.curvature_radius]
+
+    def add(self, logits: Tensor, y: Tensor, radius: Tensor, second_order: bool = False) -> None:
+        """Feed one batch's certified radii to the first- or second-order metrics."""
+        if self.accuracy.device != logits.device:
+            for metric in self.metrics():
+                metric.to(logits.device)
+        if second_order:
+            self.curvature_accuracy.update(logits, y, radius=radius)
+            self.curvature_radius.update(logits, y, radius=radius)
+        else:
+            self.accuracy.update(logits, y, radius=radius)
+            self.radius.update(logits, y, radius=radius)
+
+    def values(self, epsilons: list[float], second_order: bool = False) -> dict[str, Tensor]:
+        """Certified accuracy at every epsilon and the radius, by logged name."""
+        family = "certified_curvature" if second_order else "certified"
+        accuracy = self.curvature_accuracy if second_order else self.accuracy
+        radius = self.curvature_radius if second_order else self.radius
+        acc = accuracy.compute()
+        out = {f"{self.prefix}{family}/acc@{e:g}": acc[i] for i, e in enumerate(epsilons)}
+        out[f"{self.prefix}{family}/radius"] = radius.compute()
+        return out
+
+    def reset(self) -> None:
+        for metric in self.metrics():
+            metric.reset()
+        self.lipschitz = {}  # the weights may have changed since the last run
+        self.curvature = {}
+        self.seen = False
+
+
+def checked_lipschitz(lipschitz_fn: Callable[[Any, tuple[int, ...]], Tensor], pl_module: Any,
+                      shape: tuple[int, ...]) -> Tensor:
+    """``lipschitz_fn(pl_module, shape)`` as a float64 CPU scalar, refused unless finite and
+    ``>= 0``; a forward the graph walk cannot bound raises a ``TypeError`` saying what to do."""
+    try:
+        model_lip = lipschitz_fn(pl_module, shape)
+    except TypeError as exc:
+        raise TypeError(
+            f"certification traces {type(pl_module).__name__}.forward and could not bound "
+            f"it: {exc}. Make forward map the input to the logits with supported layers "
+            "(e.g. `return self.model(x)`), or register a rule with "
+            "lightning_spectral.register_lipschitz_rule."
+        ) from exc
+    lip = torch.as_tensor(model_lip, dtype=torch.float64).detach().cpu().reshape(())
+    if not bool(torch.isfinite(lip)) or bool(lip < 0):
+        raise ValueError(
+            f"the network Lipschitz bound of {type(pl_module).__name__} at input shape "
+            f"{shape} is {float(lip)}, not a finite number >= 0: no certificate can "
+            "follow from it (diverged or non-finite weights?)"
+        )
+    return lip
+
+
+def checked_curvature(
+    curvature_fn: Callable[[Any, tuple[int, ...]], tuple[Tensor, Tensor]], pl_module: Any,
+    shape: tuple[int, ...],
+) -> tuple[Tensor, Tensor]:
+    """``(C, K) = curvature_fn(pl_module, shape)`` as float64 CPU tensors (``C`` 0-dim),
+    refused unless every entry is finite and ``>= 0``."""
+    # NonSmoothOperationError (a ReLU, max pooling, ...) names the node: passed on.
+    c, k = (torch.as_tensor(v, dtype=torch.float64).detach().cpu()
+            for v in curvature_fn(pl_module, shape))
+    if not (bool(torch.isfinite(c)) and bool(c >= 0) and bool(torch.isfinite(k).all())
+            and bool((k >= 0).all())):
+        raise ValueError(
+            f"the network curvature bound of {type(pl_module).__name__} at input shape "
+            f"{shape} is {float(c)}, not a finite number >= 0: no certificate can "
+            "follow from it (diverged or non-finite weights?)")
+    return c.reshape(()), k
+
+
+def curvature_radii(pl_module: Any, x: Tensor, y: Tensor, pairwise: Tensor) -> Tensor:
+    """``curvature_certified_radius`` of the eval-mode network in float64, for its input.
+
+    Gradients are needed (the input gradient of every margin), also inside Lightning's
+    inference mode, which is left for this computation.
+    """
+    with torch.inference_mode(False), torch.enable_grad(), eval_mode(pl_module):
+        params = {name: t.detach().clone().double() if t.is_floating_point() else t
+                  for name, t in (*pl_module.named_parameters(),
+                                  *pl_module.named_buffers())}
+
+        def forward(v: Tensor) -> Tensor:
+            return torch.func.functional_call(pl_module, params, (v,))
+
+        return curvature_certified_radius(forward, x.detach().clone(), y.clone(),
+                                          pairwise.to(x.device))
