@@ -4,7 +4,8 @@ check that the trace reproduces the model; the child-by-child fallback for an un
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
@@ -35,6 +36,27 @@ def _check_input_shape(input_shape: Sequence[int]) -> tuple[int, ...]:
     if not shape or any(s <= 0 for s in shape):
         raise ValueError(f"input_shape must be a non-empty tuple of positive sizes, got {shape}")
     return shape
+
+
+@contextlib.contextmanager
+def _evaluating(model: nn.Module) -> Iterator[None]:
+    """Eval mode without autograd for a walk; the caller's train/eval flags come back after."""
+    modes = {m: m.training for m in model.modules()}
+    model.eval()
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        for m, mode in modes.items():
+            m.train(mode)
+
+
+def _untraceable(model: nn.Module, exc: Exception, register: str) -> UnsupportedOperationError:
+    return UnsupportedOperationError(
+        f"torch.fx could not trace {type(model).__name__}: {exc!r}. Make forward traceable (no "
+        f"data-dependent control flow), or register a rule for the offending module type with "
+        f"{register}."
+    )
 
 
 def _dummy(model: nn.Module, shape: tuple[int, ...], batch: int = _BATCH) -> Tensor:
@@ -201,21 +223,11 @@ def network_lipschitz_bound(
     shape = _check_input_shape(input_shape)
     if layer_bound is None:
         from ..functional.bounds import layer_spectral_bound as layer_bound
-    modes = {m: m.training for m in model.modules()}
-    model.eval()
-    try:
-        with torch.no_grad():
-            try:
-                gm = _trace(model)
-            except Exception as exc:  # fx raises TraceError, TypeError, NotImplementedError...
-                if isinstance(model, nn.Sequential) and _behaves_as(model, nn.Sequential):
-                    return _not_nan(_sequential_bound(model, shape, layer_bound))
-                raise UnsupportedOperationError(
-                    f"torch.fx could not trace {type(model).__name__}: {exc!r}. Make forward "
-                    "traceable (no data-dependent control flow), or register a rule for the "
-                    "offending module type with register_lipschitz_rule."
-                ) from exc
-            return _graph_bound(model, gm, shape, layer_bound)
-    finally:
-        for m, mode in modes.items():
-            m.train(mode)
+    with _evaluating(model):
+        try:
+            gm = _trace(model)
+        except Exception as exc:  # fx raises TraceError, TypeError, NotImplementedError...
+            if isinstance(model, nn.Sequential) and _behaves_as(model, nn.Sequential):
+                return _not_nan(_sequential_bound(model, shape, layer_bound))
+            raise _untraceable(model, exc, "register_lipschitz_rule") from exc
+        return _graph_bound(model, gm, shape, layer_bound)

@@ -12,8 +12,8 @@ import torch.nn.functional as F
 from torch import Tensor, fx, nn
 
 from ..functional.curvature import linear_head_pairwise_curvature
-from .api import _check_input_shape, _graph_walk, _not_nan
-from .common import LayerBound, UnsupportedOperationError
+from .api import _check_input_shape, _evaluating, _graph_walk, _not_nan, _untraceable
+from .common import LayerBound
 from .ownership import _builtin_class, _curvature_rule, _user_rule
 from .tracing import _arg, _shape, _trace
 from .walk import _Walker
@@ -25,23 +25,13 @@ def _curvature_walk(model: nn.Module, input_shape: Sequence[int],
     shape = _check_input_shape(input_shape)
     if layer_bound is None:
         from ..functional.bounds import layer_spectral_bound as layer_bound
-    modes = {m: m.training for m in model.modules()}
-    model.eval()
-    try:
-        with torch.no_grad():
-            try:
-                gm = _trace(model)
-            except Exception as exc:  # fx raises TraceError, TypeError, NotImplementedError...
-                raise UnsupportedOperationError(
-                    f"torch.fx could not trace {type(model).__name__}: {exc!r}. Make forward "
-                    "traceable (no data-dependent control flow), or register a rule for the "
-                    "offending module type with register_curvature_rule."
-                ) from exc
-            return _graph_walk(model, gm, shape, layer_bound, curvature=True,
-                               walker_class=walker_class)
-    finally:
-        for m, mode in modes.items():
-            m.train(mode)
+    with _evaluating(model):
+        try:
+            gm = _trace(model)
+        except Exception as exc:  # fx raises TraceError, TypeError, NotImplementedError...
+            raise _untraceable(model, exc, "register_curvature_rule") from exc
+        return _graph_walk(model, gm, shape, layer_bound, curvature=True,
+                           walker_class=walker_class)
 
 
 def network_curvature_bound(
