@@ -35,6 +35,17 @@ def dataset(n: int = 64, seed: int = 0) -> TensorDataset:
     return TensorDataset(x, y)
 
 
+# Power-iteration settings under which the estimates have converged, for exact comparisons.
+CONVERGED = dict(n_power_iterations=100, warmup_power_iterations=300)
+
+
+def batches(batch_size: int, steps: int) -> list:
+    """The first ``steps`` batches of :func:`dataset`, in order."""
+    x, y = dataset().tensors
+    return [(x[i * batch_size:(i + 1) * batch_size], y[i * batch_size:(i + 1) * batch_size])
+            for i in range(steps)]
+
+
 def loader(batch_size: int, n: int = 64) -> DataLoader:
     return DataLoader(dataset(n), batch_size=batch_size, shuffle=False)
 

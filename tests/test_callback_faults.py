@@ -13,7 +13,15 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
-from callback_helpers import Module, dataset, hand_train, loader, quiet_trainer, tiny_net
+from callback_helpers import (
+    CONVERGED,
+    Module,
+    batches,
+    hand_train,
+    loader,
+    quiet_trainer,
+    tiny_net,
+)
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 from torch import nn
@@ -24,13 +32,6 @@ from lightning_spectral.functional.bounds import layer_spectral_bound
 warnings.filterwarnings("ignore", ".*does not have many workers.*")
 
 BETA = 0.5
-CONVERGED = dict(n_power_iterations=100, warmup_power_iterations=300)
-
-
-def _batches(batch_size: int, steps: int) -> list:
-    x, y = dataset().tensors
-    return [(x[i * batch_size:(i + 1) * batch_size], y[i * batch_size:(i + 1) * batch_size])
-            for i in range(steps)]
 
 
 def _bound(module: nn.Module) -> float:
@@ -104,7 +105,7 @@ def test_lazy_layers_are_penalized_exactly():
     quiet_trainer(max_steps=3, callbacks=[reg, initial]).fit(Module(net), loader(8))
     assert reg.layer_names == ["net.0", "net.2", "net.5"]
     reference = initial.net
-    hand_train(reference, _batches(8, 3), BETA)
+    hand_train(reference, batches(8, 3), BETA)
     for (name, p), q in zip(net.named_parameters(), reference.parameters(), strict=True):
         torch.testing.assert_close(p, q, atol=1e-4, rtol=1e-4, msg=name)
 

@@ -13,7 +13,16 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
-from callback_helpers import Module, dataset, hand_train, layers, loader, quiet_trainer, tiny_net
+from callback_helpers import (
+    CONVERGED,
+    Module,
+    batches,
+    hand_train,
+    layers,
+    loader,
+    quiet_trainer,
+    tiny_net,
+)
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.plugins import MixedPrecision
 
@@ -23,13 +32,6 @@ warnings.filterwarnings("ignore", ".*does not have many workers.*")
 
 
 BETA = 0.5
-CONVERGED = dict(n_power_iterations=100, warmup_power_iterations=300)
-
-
-def _batches(batch_size: int, steps: int) -> list:
-    x, y = dataset().tensors
-    return [(x[i * batch_size:(i + 1) * batch_size], y[i * batch_size:(i + 1) * batch_size])
-            for i in range(steps)]
 
 
 def _assert_close(a, b, atol=1e-4, rtol=1e-4):
@@ -47,8 +49,8 @@ def test_equals_hand_written_loop(output):
     net = tiny_net()
     reference, unpenalized = copy.deepcopy(net), copy.deepcopy(net)
     steps = 3
-    hand_train(reference, _batches(8, steps), BETA)
-    hand_train(unpenalized, _batches(8, steps), 0.0)
+    hand_train(reference, batches(8, steps), BETA)
+    hand_train(unpenalized, batches(8, steps), 0.0)
 
     reg = SpectralBoundRegularizer(beta=BETA, **CONVERGED)
     quiet_trainer(max_steps=steps, callbacks=[reg]).fit(Module(net, output=output), loader(8))
@@ -63,7 +65,7 @@ def test_equals_hand_written_loop(output):
 def test_gradient_accumulation():
     net = tiny_net()
     reference = copy.deepcopy(net)
-    hand_train(reference, _batches(8, 6), BETA, accumulate=3)
+    hand_train(reference, batches(8, 6), BETA, accumulate=3)
     reg = SpectralBoundRegularizer(beta=BETA, **CONVERGED)
     quiet_trainer(max_steps=2, accumulate_grad_batches=3, callbacks=[reg]).fit(
         Module(net), loader(8)
@@ -94,7 +96,7 @@ def test_mixed_precision(precision):
     net = tiny_net()
     reference = copy.deepcopy(net)
     dtype = torch.bfloat16 if precision == "bf16-mixed" else torch.float16
-    hand_train(reference, _batches(8, 3), BETA, autocast_dtype=dtype)
+    hand_train(reference, batches(8, 3), BETA, autocast_dtype=dtype)
     reg = SpectralBoundRegularizer(beta=BETA, **CONVERGED)
     check = _CheckFloat32(reg)
     # Trainer(precision="16-mixed") silently becomes bf16 on CPU; the plugin keeps float16 and
@@ -166,7 +168,7 @@ class _Manual(Module):
 def test_manual_optimization():
     net = tiny_net()
     reference = copy.deepcopy(net)
-    hand_train(reference, _batches(8, 3), BETA)
+    hand_train(reference, batches(8, 3), BETA)
     reg = SpectralBoundRegularizer(beta=BETA, **CONVERGED)
     with pytest.warns(UserWarning, match="manual optimization"):
         quiet_trainer(max_steps=3, callbacks=[reg]).fit(_Manual(net, reg, True), loader(8))
