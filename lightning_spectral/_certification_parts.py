@@ -77,6 +77,11 @@ class Run:
         self.accuracy = CertifiedRobustAccuracy(epsilons)
         self.radius = CertifiedRadius()
         self.lipschitz: dict[tuple[int, ...], Tensor] = {}  # per-sample input shape -> L
+        # per-sample input shape -> pairwise margin bounds K (None: only L is known)
+        self.pairwise: dict[tuple[int, ...], Tensor | None] = {}
+        # per-point max of the first- and second-order radii (certify_method="both")
+        self.best_accuracy = CertifiedRobustAccuracy(epsilons)
+        self.best_radius = CertifiedRadius()
         self.curvature_accuracy = CertifiedRobustAccuracy(epsilons)
         self.curvature_radius = CertifiedRadius()
         # per-sample input shape -> (C, pairwise K), both in model-input units
@@ -84,25 +89,32 @@ class Run:
         self.seen = False
 
     def metrics(self) -> list[Any]:
-        return [self.accuracy, self.radius, self.curvature_accuracy, self.curvature_radius]
+        return [self.accuracy, self.radius, self.curvature_accuracy, self.curvature_radius,
+                self.best_accuracy, self.best_radius]
 
-    def add(self, logits: Tensor, y: Tensor, radius: Tensor, second_order: bool = False) -> None:
-        """Feed one batch's certified radii to the first- or second-order metrics."""
+    def _family(self, family: str) -> tuple[CertifiedRobustAccuracy, CertifiedRadius]:
+        return {"certified": (self.accuracy, self.radius),
+                "certified_curvature": (self.curvature_accuracy, self.curvature_radius),
+                "certified_best": (self.best_accuracy, self.best_radius)}[family]
+
+    def add(self, logits: Tensor, y: Tensor, radius: Tensor, second_order: bool = False,
+            family: str | None = None) -> None:
+        """Feed one batch's certified radii to the first-order metrics (``"certified"``), the
+        second-order ones (``second_order`` or ``"certified_curvature"``) or the per-point
+        best of both (``"certified_best"``)."""
         if self.accuracy.device != logits.device:
             for metric in self.metrics():
                 metric.to(logits.device)
-        if second_order:
-            self.curvature_accuracy.update(logits, y, radius=radius)
-            self.curvature_radius.update(logits, y, radius=radius)
-        else:
-            self.accuracy.update(logits, y, radius=radius)
-            self.radius.update(logits, y, radius=radius)
+        family = family or ("certified_curvature" if second_order else "certified")
+        accuracy, radii = self._family(family)
+        accuracy.update(logits, y, radius=radius)
+        radii.update(logits, y, radius=radius)
 
-    def values(self, epsilons: list[float], second_order: bool = False) -> dict[str, Tensor]:
+    def values(self, epsilons: list[float], second_order: bool = False,
+               family: str | None = None) -> dict[str, Tensor]:
         """Certified accuracy at every epsilon and the radius, by logged name."""
-        family = "certified_curvature" if second_order else "certified"
-        accuracy = self.curvature_accuracy if second_order else self.accuracy
-        radius = self.curvature_radius if second_order else self.radius
+        family = family or ("certified_curvature" if second_order else "certified")
+        accuracy, radius = self._family(family)
         acc = accuracy.compute()
         out = {f"{self.prefix}{family}/acc@{e:g}": acc[i] for i, e in enumerate(epsilons)}
         out[f"{self.prefix}{family}/radius"] = radius.compute()
@@ -112,16 +124,19 @@ class Run:
         for metric in self.metrics():
             metric.reset()
         self.lipschitz = {}  # the weights may have changed since the last run
+        self.pairwise = {}
         self.curvature = {}
         self.seen = False
 
 
-def checked_lipschitz(lipschitz_fn: Callable[[Any, tuple[int, ...]], Tensor], pl_module: Any,
-                      shape: tuple[int, ...]) -> Tensor:
-    """``lipschitz_fn(pl_module, shape)`` as a float64 CPU scalar, refused unless finite and
-    ``>= 0``; a forward the graph walk cannot bound raises a ``TypeError`` saying what to do."""
+def checked_lipschitz(lipschitz_fn: Callable[[Any, tuple[int, ...]], Any], pl_module: Any,
+                      shape: tuple[int, ...]) -> tuple[Tensor, Tensor | None]:
+    """``lipschitz_fn(pl_module, shape)`` as ``(L, K)``: ``L`` a float64 CPU scalar and ``K``
+    the ``(C, C)`` pairwise margin bounds or ``None`` (when the function returns ``L`` alone),
+    refused unless finite and ``>= 0``; a forward the graph walk cannot bound raises a
+    ``TypeError`` saying what to do."""
     try:
-        model_lip = lipschitz_fn(pl_module, shape)
+        result = lipschitz_fn(pl_module, shape)
     except TypeError as exc:
         raise TypeError(
             f"certification traces {type(pl_module).__name__}.forward and could not bound "
@@ -129,14 +144,19 @@ def checked_lipschitz(lipschitz_fn: Callable[[Any, tuple[int, ...]], Tensor], pl
             "(e.g. `return self.model(x)`), or register a rule with "
             "lightning_spectral.register_lipschitz_rule."
         ) from exc
+    model_lip, pairwise = result if isinstance(result, tuple) else (result, None)
     lip = torch.as_tensor(model_lip, dtype=torch.float64).detach().cpu().reshape(())
-    if not bool(torch.isfinite(lip)) or bool(lip < 0):
+    k = None if pairwise is None else torch.as_tensor(
+        pairwise, dtype=torch.float64).detach().cpu()
+    finite = bool(torch.isfinite(lip)) and bool(lip >= 0) and (
+        k is None or (bool(torch.isfinite(k).all()) and bool((k >= 0).all())))
+    if not finite:
         raise ValueError(
             f"the network Lipschitz bound of {type(pl_module).__name__} at input shape "
             f"{shape} is {float(lip)}, not a finite number >= 0: no certificate can "
             "follow from it (diverged or non-finite weights?)"
         )
-    return lip
+    return lip, k
 
 
 def checked_curvature(

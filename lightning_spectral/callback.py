@@ -27,10 +27,17 @@ from torch import Tensor, nn
 from typing_extensions import override
 
 from .certification import CertificationTracker
-from .lipschitz import network_lipschitz_bound
+from .lipschitz.pairwise import certificate_bounds
 from .regularizer import selection, sharding
+from .regularizer.certified import CertifiedTerm
 from .regularizer.checkpoint import CheckpointHooks
-from .regularizer.config import CertifyMethod, ConfigAttributes, Reduction, RegularizerConfig
+from .regularizer.config import (
+    CertifiedLoss,
+    CertifyMethod,
+    ConfigAttributes,
+    Reduction,
+    RegularizerConfig,
+)
 from .regularizer.constraint import AfterStep
 from .regularizer.curvature import CurvatureTerm
 from .regularizer.curvature_hooks import CurvatureHooks, whole_curvature
@@ -42,10 +49,11 @@ from .regularizer.training import TrainingHooks
 __all__ = ["SpectralBoundRegularizer"]
 
 
-def _whole_lipschitz(pl_module: nn.Module, shape: tuple[int, ...]) -> Tensor:
-    # The certificate's bound, of the whole weights where they are sharded (collective).
+def _whole_lipschitz(pl_module: nn.Module, shape: tuple[int, ...]
+                     ) -> tuple[Tensor, Tensor | None]:
+    # The certificate's bounds, of the whole weights where they are sharded (collective).
     with sharding.full_weights(pl_module):
-        return network_lipschitz_bound(pl_module, shape)
+        return certificate_bounds(pl_module, shape)
 
 
 class SpectralBoundRegularizer(
@@ -114,6 +122,23 @@ class SpectralBoundRegularizer(
             ``"curvature"`` (second-order radius from the guaranteed curvature bound, logged
             as ``certified_curvature/*`` and ``curvature/network``) or ``"both"``. Needs
             ``certify_epsilons``; a non-smooth network is refused at the start of ``fit``.
+            With ``"both"`` the per-point maximum of the two radii is also logged
+            (``certified_best/*``; both radii are sound, so is their maximum).
+        certified_eps: train for a certificate at this l2 radius (input units, as
+            ``certify_epsilons``): adds ``certified_weight * term`` to the loss, ``term`` the
+            ``certified_loss`` on the logits of the step's call of the LightningModule's
+            forward, with the margin bounds ``K_yj`` of the network estimated every step (the
+            Lipschitz graph walk recorded once, replayed on power-iteration estimates of every
+            layer's operator norm; see :mod:`lightning_spectral.regularizer.certified`).
+            Certify at any radius with ``certify_epsilons``: always guaranteed bounds.
+        certified_loss: ``"gloro"`` (cross-entropy with GloRo's bottom logit
+            ``max_{j != y} z_j + eps K_yj``; Leino et al., ICML 2021), ``"trades"`` (the KL
+            term of GloRo's TRADES form, added to your loss) or ``"margin"`` (the
+            Lipschitz-margin loss of Tsuzuku et al. 2018 with margin ``eps max K``).
+        certified_weight: weight of the certified-training term.
+        certified_warmup_steps: the training radius rises linearly from
+            ``certified_eps / certified_warmup_steps`` to ``certified_eps`` over this many
+            optimizer steps (0: ``certified_eps`` from the start).
     """
 
 
@@ -138,6 +163,10 @@ class SpectralBoundRegularizer(
         curvature_beta: float = 0.0,
         curvature_input_shape: list[int] | None = None,
         certify_method: CertifyMethod = "lipschitz",
+        certified_eps: float | None = None,
+        certified_loss: CertifiedLoss = "gloro",
+        certified_weight: float = 1.0,
+        certified_warmup_steps: int = 0,
     ) -> None:
         # First statement: here locals() holds exactly the arguments (and self, __class__).
         arguments = {k: v for k, v in locals().items() if k not in ("self", "__class__")}
@@ -151,6 +180,7 @@ class SpectralBoundRegularizer(
         self._penalty = Penalty()
         self._after_step = AfterStep()
         self._curvature = CurvatureTerm()
+        self._certified = CertifiedTerm()
         self._curvature_checked = False  # smoothness checked / program recorded this fit
         self._trainer: pl.Trainer | None = None
         self._wrapped: nn.Module | None = None
@@ -217,6 +247,7 @@ class SpectralBoundRegularizer(
         self._trainer = trainer
         self._state.record_input_sizes()
         self._start_curvature(pl_module)
+        self._certified.reset()  # recorded anew at the first batch (the model may have changed)
         self._hook_into_training(trainer, pl_module)
 
     @override
@@ -229,6 +260,7 @@ class SpectralBoundRegularizer(
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._unhook_training()
+        self._certified.capture.remove()
         self._state.remove_size_hooks()
         self._state.pending = None
         self._trainer = None

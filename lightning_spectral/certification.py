@@ -52,9 +52,9 @@ from ._certification_parts import (
     warn_if_low_precision,
 )
 from ._checks import check_reals
-from .functional.certify import certified_radius
-from .lipschitz import network_lipschitz_bound
+from .functional.certify import certified_radius, pairwise_certified_radius
 from .lipschitz.curvature import curvature_and_pairwise
+from .lipschitz.pairwise import certificate_bounds
 from .regularizer.monitor import float32_rounded_up
 
 __all__ = ["CertificationTracker", "default_batch_to_input_target"]
@@ -101,9 +101,14 @@ class CertificationTracker:
             or the model normalizes inside its forward.
         batch_to_input_target: ``fn(batch) -> (x, y)`` for batch layouts other than
             ``(x, y)``; see :func:`default_batch_to_input_target`.
-        lipschitz_fn: ``fn(pl_module, input_shape) -> Tensor``, how ``L`` is computed for a
-            per-sample input shape (default :func:`lightning_spectral.network_lipschitz_bound`);
-            must be a guaranteed bound.
+        lipschitz_fn: ``fn(pl_module, input_shape) -> L`` or ``-> (L, K)``, how the network
+            Lipschitz bound ``L`` (and optionally the ``(C, C)`` bounds ``K_yj`` on the
+            Lipschitz constants of the margins ``z_y - z_j``) are computed for a per-sample
+            input shape; default
+            :func:`lightning_spectral.lipschitz.pairwise.certificate_bounds` (with a linear
+            head ``K_yj = min(sqrt(2) L, ||W_y - W_j|| L_g)``). Must be guaranteed bounds.
+            Each sample's radius is the larger of ``margin / (sqrt(2) L)`` and
+            ``min_{j != y} (z_y - z_j) / K_yj``: both are sound over all classes.
         method: ``"lipschitz"`` (the first-order radius above), ``"curvature"`` (the
             second-order radius of
             :func:`~lightning_spectral.functional.curvature_certified_radius`, with the
@@ -122,7 +127,7 @@ class CertificationTracker:
         epsilons: Sequence[float] | float,
         input_scale: float | Sequence[float] = 1.0,
         batch_to_input_target: BatchToInputTarget | None = None,
-        lipschitz_fn: Callable[[Any, tuple[int, ...]], Tensor] | None = None,
+        lipschitz_fn: Callable[[Any, tuple[int, ...]], Any] | None = None,
         method: str = "lipschitz",
         curvature_fn: CurvatureFn | None = None,
     ) -> None:
@@ -131,7 +136,7 @@ class CertificationTracker:
         self.epsilons = check_reals("epsilons", epsilons, low=0.0)
         self.input_scale = _check_input_scale(input_scale)
         self.batch_to_input_target = batch_to_input_target or default_batch_to_input_target
-        self.lipschitz_fn = lipschitz_fn or network_lipschitz_bound
+        self.lipschitz_fn = lipschitz_fn or certificate_bounds
         self.method = method
         self.curvature_fn = curvature_fn or curvature_and_pairwise
         self.runs = {stage: Run(self.epsilons, prefix) for stage, prefix in _PREFIXES.items()}
@@ -142,16 +147,14 @@ class CertificationTracker:
             raise ValueError(f"stage must be one of {sorted(self.runs)}, got {stage!r}")
         return self.runs[stage]
 
-    def _compute_lipschitz(self, pl_module: Any, shape: tuple[int, ...]) -> Tensor:
-        lip = checked_lipschitz(self.lipschitz_fn, pl_module, shape)
-        # Lipschitz constant w.r.t. the raw input: ||delta / std|| <= ||delta|| / min(std).
-        return lip / self.input_scale
-
-    def _lipschitz_for(self, run: Run, pl_module: Any, x: Tensor) -> Tensor:
+    def _lipschitz_for(self, run: Run, pl_module: Any, x: Tensor) -> tuple[Tensor, Tensor | None]:
         shape = tuple(int(s) for s in x.shape[1:])
         if shape not in run.lipschitz:
-            run.lipschitz[shape] = self._compute_lipschitz(pl_module, shape)
-        return run.lipschitz[shape]
+            lip, pairwise = checked_lipschitz(self.lipschitz_fn, pl_module, shape)
+            # Lipschitz constants w.r.t. the raw input: ||delta / std|| <= ||delta|| / min(std).
+            run.lipschitz[shape] = lip / self.input_scale
+            run.pairwise[shape] = None if pairwise is None else pairwise / self.input_scale
+        return run.lipschitz[shape], run.pairwise[shape]
 
     def start(self, stage: str) -> None:
         """Forget the previous run of this kind: its metric states and its bounds."""
@@ -173,11 +176,17 @@ class CertificationTracker:
         logits = eval_logits(pl_module, x)
         self._warn_if_low_precision(logits)
         y = y.to(logits.device)
+        first = second = None
         if lip is not None:
-            run.add(logits, y, certified_radius(logits, y, lip.to(logits.device)))
+            first = certified_radius(logits, y, lip[0].to(logits.device))
+            if lip[1] is not None:  # all-class pairwise certificate; both are sound
+                first = torch.maximum(first, pairwise_certified_radius(logits, y, lip[1]))
+            run.add(logits, y, first)
         if curvature is not None:
-            radius = self.curvature_radii(pl_module, x, y, curvature[1])
-            run.add(logits, y, radius.to(logits.device), second_order=True)
+            second = self.curvature_radii(pl_module, x, y, curvature[1]).to(logits.device)
+            run.add(logits, y, second, second_order=True)
+        if first is not None and second is not None:
+            run.add(logits, y, torch.maximum(first, second), family="certified_best")
         run.seen = True
 
     def curvature_radii(self, pl_module: Any, x: Tensor, y: Tensor,
@@ -207,6 +216,8 @@ class CertificationTracker:
             out.update(run.values(self.epsilons))
             if run.lipschitz:
                 out[f"{p}lipschitz/network"] = torch.stack(list(run.lipschitz.values())).max()
+        if self.method == "both":
+            out.update(run.values(self.epsilons, family="certified_best"))
         if self.method != "lipschitz":
             out.update(run.values(self.epsilons, second_order=True))
             if run.curvature:

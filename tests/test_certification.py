@@ -25,12 +25,18 @@ from lightning_spectral.lipschitz import network_lipschitz_bound
 from lightning_spectral.metrics import CertifiedRobustAccuracy
 
 
-def _reference(logits: torch.Tensor, target: torch.Tensor, lip: float, eps: list[float]):
-    """Certified accuracy per eps and the mean clamped radius, by loops over samples."""
+def _reference(logits: torch.Tensor, target: torch.Tensor, lip: float, eps: list[float],
+               pairwise: list[list[float]] | None = None):
+    """Certified accuracy per eps and the mean clamped radius, by loops over samples: the
+    larger of the global radius and, with ``pairwise`` bounds, the all-class pairwise one."""
     radii, correct = [], []
     for z, y in zip(logits.double().tolist(), target.tolist(), strict=True):
         other = max(v for j, v in enumerate(z) if j != y)
-        radii.append((z[y] - other) / (math.sqrt(2) * lip))
+        radius = (z[y] - other) / (math.sqrt(2) * lip)
+        if pairwise is not None:
+            radius = max(radius, min((z[y] - z[j]) / pairwise[y][j]
+                                     for j in range(len(z)) if j != y))
+        radii.append(radius)
         correct.append(max(range(len(z)), key=lambda j: (z[j], -j)) == y)
     acc = [sum(c and r >= e for c, r in zip(correct, radii, strict=True)) / len(radii)
            for e in eps]
@@ -88,11 +94,22 @@ def _last(rows: list[dict[str, float]], key: str) -> float:
     return values[-1]
 
 
+def _bounds(module: _Net, shape: tuple[int, ...]) -> tuple[float, list[list[float]]]:
+    """``L`` and the head's pairwise margin bounds ``||W_y - W_j||`` times the bound of the
+    features (the network minus its head), by loops."""
+    lip = float(network_lipschitz_bound(module, shape))
+    features = float(network_lipschitz_bound(module.model[:-1], shape))
+    w = module.model[-1].weight.detach().double()
+    pairwise = [[min(math.sqrt(2) * lip, float((w[i] - w[j]).norm()) * features)
+                 for j in range(w.shape[0])] for i in range(w.shape[0])]
+    return lip, pairwise
+
+
 def _expected(module: _Net, data: TensorDataset, eps: list[float]):
     x, y = data.tensors
-    lip = float(network_lipschitz_bound(module, tuple(x.shape[1:])))
+    lip, pairwise = _bounds(module, tuple(x.shape[1:]))
     with torch.no_grad():
-        acc, mean = _reference(module(x), y, lip, eps)
+        acc, mean = _reference(module(x), y, lip, eps, pairwise)
     return lip, acc, mean
 
 
@@ -132,8 +149,8 @@ def test_bound_is_computed_for_each_input_shape(tmp_path: Path) -> None:
     """Batches of 16x16 and 4x4 images: each is certified with the bound at its own size."""
     module, eps = _Net(), [0.0, 0.02, 0.05, 0.1]
     big, small = _data(40, 16, 2), _data(40, 4, 3)
-    lip_big = float(network_lipschitz_bound(module, (1, 16, 16)))
-    lip_small = float(network_lipschitz_bound(module, (1, 4, 4)))
+    lip_big, k_big = _bounds(module, (1, 16, 16))
+    lip_small, k_small = _bounds(module, (1, 4, 4))
     assert lip_small > 2 * lip_big  # a global average over 16 vs 256 positions
     batches = [big.tensors, small.tensors, big.tensors]
     trainer = _trainer(tmp_path, SpectralBoundRegularizer(certify_epsilons=eps))
@@ -141,9 +158,9 @@ def test_bound_is_computed_for_each_input_shape(tmp_path: Path) -> None:
     with torch.no_grad():
         logits = torch.cat([module(x) for x, _ in batches])
     target = torch.cat([y for _, y in batches])
-    lips = torch.tensor([lip_big] * 40 + [lip_small] * 40 + [lip_big] * 40)
-    radii = [_reference(logits[i:i + 1], target[i:i + 1], float(lips[i]), eps) for i in
-             range(120)]
+    bounds = [(lip_big, k_big)] * 40 + [(lip_small, k_small)] * 40 + [(lip_big, k_big)] * 40
+    radii = [_reference(logits[i:i + 1], target[i:i + 1], bounds[i][0], eps, bounds[i][1])
+             for i in range(120)]
     acc = [sum(r[0][k] for r in radii) / 120 for k in range(len(eps))]
     rows = _logged(trainer)
     for e, a in zip(eps, acc, strict=True):
@@ -336,12 +353,13 @@ def test_two_ddp_processes_with_different_input_sizes(tmp_path: Path) -> None:
     results = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
     module = _Net()
     module.load_state_dict(results[0]["state"])
-    lips = [float(network_lipschitz_bound(module, (1, s, s))) for s in SIZES]
+    bounds = [_bounds(module, (1, s, s)) for s in SIZES]
+    lips = [lip for lip, _ in bounds]
     accs, radii = [], []
     for rank in range(2):
         x, y = rank_loader(rank).dataset.tensors
         with torch.no_grad():
-            acc, mean = _reference(module(x), y, lips[rank], [0.0, 0.05])
+            acc, mean = _reference(module(x), y, lips[rank], [0.0, 0.05], bounds[rank][1])
         accs.append(acc)
         radii.append(mean)
     for result in results:

@@ -21,12 +21,18 @@ from lightning_spectral.metrics import CertifiedRadius, CertifiedRobustAccuracy
 EPS = [0.0, 0.05, 0.2, 1.0]
 
 
-def _reference(logits: torch.Tensor, target: torch.Tensor, lip: float, eps: list[float]):
-    """Per-eps certified accuracy and mean clamped radius by plain Python loops."""
+def _reference(logits: torch.Tensor, target: torch.Tensor, lip: float, eps: list[float],
+               pairwise: list[list[float]] | None = None):
+    """Per-eps certified accuracy and mean clamped radius by plain Python loops (the larger of
+    the global and, given ``pairwise`` margin bounds, the all-class pairwise radius)."""
     radii = []
     for z, y in zip(logits.double().tolist(), target.tolist(), strict=True):
         other = max(v for j, v in enumerate(z) if j != y)
-        radii.append((z[y] - other) / (math.sqrt(2) * lip))
+        radius = (z[y] - other) / (math.sqrt(2) * lip)
+        if pairwise is not None:
+            radius = max(radius, min((z[y] - z[j]) / pairwise[y][j]
+                                     for j in range(len(z)) if j != y))
+        radii.append(radius)
     correct = (logits.argmax(1) == target).tolist()
     acc = [sum(c and r >= e for c, r in zip(correct, radii, strict=True)) / len(radii)
            for e in eps]
@@ -171,7 +177,8 @@ def test_tracker_logs_certified_accuracy_in_a_real_trainer(input_scale) -> None:
         y = module(x).argmax(1)  # mostly correct, so radii are positive
     y[:5] = (y[:5] + 1) % 3
     eps = [0.0, 0.005, 0.05]
-    tracker = CertificationTracker(eps, input_scale=input_scale)
+    tracker = CertificationTracker(eps, input_scale=input_scale,
+                                   lipschitz_fn=network_lipschitz_bound)  # global radius only
     trainer = pl.Trainer(callbacks=[_Harness(tracker)], logger=False, enable_progress_bar=False,
                          enable_checkpointing=False, enable_model_summary=False,
                          num_sanity_val_steps=0, accelerator="cpu", devices=1)
@@ -236,8 +243,13 @@ def test_spectral_bound_regularizer_logs_the_certificates() -> None:
     logged = trainer.callback_metrics
     lip = float(network_lipschitz_bound(module, (1, 4, 4)))
     assert abs(float(logged["lipschitz/network"]) - lip) < 1e-4 * lip
+    # The head's margins: ||W_y - W_j|| times the bound of the features before it.
+    features = float(network_lipschitz_bound(module.model[:-1], (1, 4, 4)))
+    w = module.model[-1].weight.detach().double()
+    pairwise = [[min(math.sqrt(2) * lip, float((w[i] - w[j]).norm()) * features)
+                 for j in range(3)] for i in range(3)]
     with torch.no_grad():
-        acc, mean, _ = _reference(module(x), y, lip, [0.0, 0.01])
+        acc, mean, _ = _reference(module(x), y, lip, [0.0, 0.01], pairwise)
     assert abs(float(logged["certified/acc@0"]) - acc[0]) < 1e-6
     assert abs(float(logged["certified/acc@0.01"]) - acc[1]) < 1e-6
     assert abs(float(logged["certified/radius"]) - mean) < 1e-6

@@ -17,19 +17,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..functional.certified_losses import lipschitz_margin_loss
+
 __all__ = ["ImageClassifier", "lipschitz_margin_loss"]
-
-
-def lipschitz_margin_loss(
-    logits: Tensor, target: Tensor, margin: float, temperature: float
-) -> Tensor:
-    """``CE(temperature * (logits + margin * (1 - onehot(target))), target)`` (Tsuzuku et al.).
-
-    Zero only in the limit where the true logit leads every other one by more than ``margin``;
-    with ``margin = 0`` and ``temperature = 1`` it is plain cross-entropy.
-    """
-    wrong = 1.0 - F.one_hot(target, logits.shape[1]).to(logits.dtype)
-    return F.cross_entropy(temperature * (logits + margin * wrong), target)
 
 
 def _check_loss(loss: str, margin: float, temperature: float) -> None:

@@ -166,3 +166,33 @@ def certified_radius(
         pair_radii = pair_radii.scatter(1, target[:, None].long(), math.inf)
         radii.append(pair_radii.min(dim=1).values)
     return radii[0] if len(radii) == 1 else torch.maximum(radii[0], radii[1])
+
+
+def pairwise_certified_radius(logits: Tensor, target: Tensor, pairwise: Tensor) -> Tensor:
+    """``min_{j != y} (f_y - f_j) / K[y, j]``: the radius from pairwise margin bounds.
+
+    ``K[y, j]`` must bound the l2 Lipschitz constant of the margin ``f_y - f_j`` as a function
+    of the input (e.g. :func:`lightning_spectral.network_pairwise_lipschitz`). Then for
+    ``||delta|| < r`` every margin stays positive: ``f_y - f_j`` moves by at most
+    ``K[y, j] ||delta|| < f_y - f_j``. Over all classes, not only the runner-up.
+
+    Args:
+        logits: ``(N, C)`` outputs at the inputs (finite).
+        target: ``(N,)`` integer labels.
+        pairwise: ``(C, C)`` non-negative finite bounds (the diagonal is not read).
+
+    Returns:
+        float64 ``(N,)`` radii, with the conventions of :func:`certified_radius` (negative
+        when misclassified, 0 on ties, ``+inf`` where every relevant ``K`` is 0).
+    """
+    margins = logit_margins(logits, target)
+    n, num_classes = margins.shape
+    k = torch.as_tensor(pairwise).detach().to(device=margins.device, dtype=torch.float64)
+    if k.shape != (num_classes, num_classes):
+        raise ValueError(f"pairwise must have shape ({num_classes}, {num_classes}), got "
+                         f"{tuple(k.shape)}")
+    off = ~torch.eye(num_classes, dtype=torch.bool, device=k.device)
+    if not (bool(torch.isfinite(k[off]).all()) and bool((k[off] >= 0).all())):
+        raise ValueError("pairwise bounds must be finite and >= 0")
+    radii = _safe_divide(margins, k[target.long()])
+    return radii.scatter(1, target[:, None].long(), math.inf).min(dim=1).values

@@ -113,20 +113,25 @@ def curvature_and_pairwise(
     return _not_nan(walker.curv[walker.output], "curvature"), _pairwise(walker)
 
 
-def _pairwise(walker: _Walker) -> Tensor:
-    """The ``(C, C)`` pairwise bounds of a walked graph's logits."""
+def _pairwise(walker: _Walker, first_order: bool = False) -> Tensor:
+    """The ``(C, C)`` pairwise bounds of a walked graph's logits: of the margins' gradients
+    (curvature), or of the margins themselves (``first_order``: the Lipschitz bounds)."""
+    table = walker.lip if first_order else walker.curv
+    name = "Lipschitz" if first_order else "curvature"
     out = walker.output
     shape = _shape(out)
     if len(shape) != 2 or shape[1] < 2:
-        raise ValueError(f"pairwise curvature needs logits of shape (N, C) with C >= 2, the "
-                         f"model outputs {tuple(shape)}")
-    total = _not_nan(walker.curv[out], "curvature")
+        raise ValueError(f"pairwise {name} bounds need logits of shape (N, C) with C >= 2, "
+                         f"the model outputs {tuple(shape)}")
+    total = _not_nan(table[out], name)
     off_diagonal = 1.0 - torch.eye(shape[1], dtype=torch.float64)
     pairwise = math.sqrt(2.0) * total * off_diagonal
     head = _linear_head(walker, out)
     if head is not None:
         weight, features = head
-        folded = linear_head_pairwise_curvature(weight, walker.curv[features])
+        # ||W_y - W_t|| times the bound of the features: the same formula for the margins
+        # (Lipschitz) and for their gradients (curvature).
+        folded = linear_head_pairwise_curvature(weight, table[features])
         pairwise = torch.minimum(pairwise, folded)
     return pairwise
 

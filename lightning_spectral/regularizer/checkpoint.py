@@ -16,6 +16,7 @@ from lightning.pytorch.callbacks import Callback
 from typing_extensions import override
 
 from . import selection
+from .certified import CertifiedTerm
 from .config import RegularizerConfig
 from .curvature import CurvatureTerm
 from .state import LayerState
@@ -29,6 +30,7 @@ class CheckpointHooks(Callback):
     config: RegularizerConfig
     _state: LayerState
     _curvature: CurvatureTerm
+    _certified: CertifiedTerm
     _sent_away: bool
 
     @property
@@ -68,6 +70,9 @@ class CheckpointHooks(Callback):
         curvature = self._curvature.state_dict(self._state.layers)
         if curvature is not None:
             state["curvature"] = curvature
+        certified = self._certified.state_dict()
+        if certified is not None:
+            state["certified"] = certified
         return state
 
     @override
@@ -75,4 +80,5 @@ class CheckpointHooks(Callback):
         self._sent_away = False
         state_dict = dict(state_dict)
         self._curvature.load_state_dict(state_dict.pop("curvature", None))
+        self._certified.load_state_dict(state_dict.pop("certified", None))
         self._state.load_state_dict(state_dict)

@@ -19,6 +19,10 @@ CertifyMethod = Literal["lipschitz", "curvature", "both"]
 
 CERTIFY_METHODS = ("lipschitz", "curvature", "both")
 
+CertifiedLoss = Literal["gloro", "trades", "margin"]
+
+CERTIFIED_LOSSES = ("gloro", "trades", "margin")
+
 
 def _optional(check: Callable[..., Any], name: str, value: Any, **kwargs: Any) -> Any:
     return None if value is None else check(name, value, **kwargs)
@@ -69,6 +73,10 @@ class RegularizerConfig:
     curvature_beta: float = 0.0
     curvature_input_shape: list[int] | None = None
     certify_method: CertifyMethod = "lipschitz"
+    certified_eps: float | None = None
+    certified_loss: CertifiedLoss = "gloro"
+    certified_weight: float = 1.0
+    certified_warmup_steps: int = 0
 
     def __post_init__(self) -> None:
         for name, value in self._checked().items():
@@ -87,7 +95,15 @@ class RegularizerConfig:
         if self.certify_method != "lipschitz" and self.certify_epsilons is None:
             raise ValueError(f"certify_method={self.certify_method!r} certifies at "
                              "certify_epsilons: pass them (e.g. certify_epsilons=[0.1])")
+        if self.certified_loss not in CERTIFIED_LOSSES:
+            raise ValueError("certified_loss must be 'gloro', 'trades' or 'margin', got "
+                             f"{self.certified_loss!r}")
         return {
+            "certified_eps": _optional(check_real, "certified_eps", self.certified_eps,
+                                       low=0.0, strict=True),
+            "certified_weight": check_real("certified_weight", self.certified_weight, low=0.0),
+            "certified_warmup_steps": check_int("certified_warmup_steps",
+                                                self.certified_warmup_steps, low=0),
             "beta": check_real("beta", self.beta, low=0.0),
             "curvature_beta": check_real("curvature_beta", self.curvature_beta, low=0.0),
             "curvature_input_shape": _check_shape(self.curvature_input_shape),
@@ -139,6 +155,10 @@ class ConfigAttributes:
     curvature_beta: float
     curvature_input_shape: list[int] | None
     certify_method: CertifyMethod
+    certified_eps: float | None
+    certified_loss: CertifiedLoss
+    certified_weight: float
+    certified_warmup_steps: int
 
 
 def _config_property(name: str) -> property:

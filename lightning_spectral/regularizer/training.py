@@ -21,7 +21,9 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 from typing_extensions import override
 
+from ..certification import default_batch_to_input_target
 from . import monitor, sharding
+from .certified import CertifiedTerm, scheduled_eps
 from .config import RegularizerConfig
 from .constraint import AfterStep
 from .penalty import Penalty, unwrap_training_step, wrap_training_step
@@ -52,6 +54,7 @@ class TrainingHooks(Callback):
     _materialized: Callable[..., bool]
     _curvature_on_first_batch: Callable[[nn.Module, Any], None]
     _curvature_replay: Callable[[], Callable[[Tensor], Tensor] | None]
+    _certified: CertifiedTerm
 
     def _hook_into_training(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # At the start of fit: the loss term into training_step, the post-step hook into the
@@ -60,6 +63,11 @@ class TrainingHooks(Callback):
             if self._wrapped is None:
                 wrap_training_step(pl_module, functools.partial(self._loss_term, pl_module))
                 self._wrapped = pl_module
+        elif self.config.certified_eps is not None:
+            raise ValueError(
+                "SpectralBoundRegularizer(certified_eps=...) replaces nothing in a manual "
+                "optimization loop: it adds its term to the loss training_step returns, so it "
+                "needs automatic optimization")
         elif self.config.beta > 0 or self.config.curvature_beta > 0:
             rank_zero_warn(_MANUAL_OPTIMIZATION_HINT)
         if self.config.constraint is not None or self.config.check_finite:
@@ -81,6 +89,25 @@ class TrainingHooks(Callback):
     ) -> None:
         self._penalty.estimated_this_batch = False
         self._curvature_on_first_batch(pl_module, batch)
+        self._certified_on_batch(pl_module, batch)
+
+    def _certified_on_batch(self, pl_module: nn.Module, batch: Any) -> None:
+        # Before training_step: the program is recorded at the first batch's per-sample shape,
+        # the labels kept and the forward's logits captured for the loss term.
+        cfg = self.config
+        if cfg.certified_eps is None or not self._state.layers:
+            return
+        x, y = (cfg.batch_to_input_target or default_batch_to_input_target)(batch)
+        term = self._certified
+        if term.program is None:
+            if not self._materialized():
+                raise ValueError(
+                    "certified_eps needs every selected layer materialized when fit starts: "
+                    "run one forward pass of the model before fit (lazy layers)")
+            term.prepare(pl_module, self._state.layers, tuple(int(s) for s in x.shape[1:]),
+                         cfg.warmup_power_iterations)
+        term.target = y
+        term.capture.install(pl_module)
 
     @override
     def on_train_batch_end(
@@ -127,12 +154,29 @@ class TrainingHooks(Callback):
         """What the wrapped ``training_step`` adds to the loss (``None``: nothing)."""
         if not self._state.layers:
             return None
+        certified = self._certified_loss(pl_module)
         if self.config.beta == 0 and self.config.curvature_beta == 0:
             # Monitoring only: estimate, no graph, nothing added.
             with torch.no_grad():
                 self.penalty(pl_module)
+            return certified
+        penalty = self.penalty(pl_module)
+        return penalty if certified is None else penalty + certified
+
+    def _certified_loss(self, pl_module: nn.Module) -> Tensor | None:
+        cfg = self.config
+        if cfg.certified_eps is None or self._certified.program is None:
             return None
-        return self.penalty(pl_module)
+        step = self._trainer.global_step if self._trainer is not None else 0
+        eps = scheduled_eps(cfg.certified_eps, step, cfg.certified_warmup_steps)
+        term = self._certified.loss(cfg.certified_loss, eps, cfg.n_power_iterations,
+                                    cfg.input_scale)
+        if isinstance(pl_module, pl.LightningModule) and pl_module._current_fx_name:
+            pl_module.log("certified_train/eps", eps, on_step=True, on_epoch=False)
+            pl_module.log("certified_train/lipschitz_estimate",
+                          self._certified.last_lipschitz.float(), on_step=True, on_epoch=False)
+            pl_module.log("certified_train/loss", term.detach(), on_step=True, on_epoch=True)
+        return cfg.certified_weight * term
 
     def _estimate_without_loss(self, pl_module: nn.Module) -> None:
         # The step did not compute the penalty (manual optimization, a skipped batch): keep the
