@@ -30,6 +30,8 @@ _LAZY = {
     "linear_head_pairwise_curvature": "lightning_spectral.functional.curvature",
     "SmoothSoftplus": "lightning_spectral.functional.curvature",
     "NonSmoothActivationError": "lightning_spectral.functional.curvature",
+    "GroupSort": "lightning_spectral.activations",
+    "MaxMin": "lightning_spectral.activations",
 }
 
 __all__ = ["__version__", *_LAZY]

@@ -30,6 +30,14 @@ def _check_dim(dim: object) -> int:
     return dim
 
 
+def _channels(x: Tensor, dim: int, name: str) -> int:
+    """The size of ``dim`` (a proxy under torch.fx tracing), with a clear out-of-range error."""
+    try:
+        return x.shape[dim]
+    except IndexError:
+        raise IndexError(f"{name}: dim={dim} is out of range for a {x.ndim}-d input") from None
+
+
 class GroupSort(nn.Module):
     """Sort consecutive groups of ``group_size`` entries along ``dim`` (ascending).
 
@@ -51,13 +59,17 @@ class GroupSort(nn.Module):
         self.dim = _check_dim(dim)
 
     def forward(self, x: Tensor) -> Tensor:
-        size = x.shape[self.dim]
-        if size % self.group_size:
-            raise ValueError(f"GroupSort({self.group_size}): dimension {self.dim} has size "
-                             f"{size}, not a multiple of the group size")
-        dim = self.dim % x.ndim
-        grouped = x.unflatten(dim, (size // self.group_size, self.group_size))
-        return grouped.sort(dim=dim + 1).values.flatten(dim, dim + 1)
+        size = _channels(x, self.dim, "GroupSort")
+        # Under torch.fx tracing (a subclass traced into) ``size`` is a proxy: no Python test.
+        if isinstance(size, int) and size % self.group_size:
+            raise ValueError(
+                f"GroupSort({self.group_size}): dimension {self.dim} has size {size}, not a "
+                "multiple of the group size"
+            )
+        # After unflattening, the entries of a group lie along ``inner``.
+        inner = self.dim + 1 if self.dim >= 0 else self.dim
+        grouped = x.unflatten(self.dim, (size // self.group_size, self.group_size))
+        return grouped.sort(dim=inner).values.flatten(inner - 1, inner)
 
     def extra_repr(self) -> str:
         return f"group_size={self.group_size}, dim={self.dim}"
@@ -80,10 +92,17 @@ class MaxMin(nn.Module):
         self.dim = _check_dim(dim)
 
     def forward(self, x: Tensor) -> Tensor:
-        size = x.shape[self.dim]
-        if size % 2:
+        size = _channels(x, self.dim, "MaxMin")
+        if isinstance(size, int) and size % 2:  # not checked under torch.fx tracing
             raise ValueError(f"MaxMin: dimension {self.dim} has odd size {size}")
-        a, b = x.split(size // 2, dim=self.dim)
+        half = size // 2
+        # Plain slicing (not split/chunk): traced into (a subclass), the graph walk bounds it.
+        if self.dim >= 0:
+            lead = (slice(None),) * self.dim
+            a, b = x[(*lead, slice(None, half))], x[(*lead, slice(half, None))]
+        else:
+            tail = (slice(None),) * (-1 - self.dim)
+            a, b = x[(..., slice(None, half), *tail)], x[(..., slice(half, None), *tail)]
         return torch.cat([torch.maximum(a, b), torch.minimum(a, b)], dim=self.dim)
 
     def extra_repr(self) -> str:

@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..activations import GroupSort, MaxMin
+
 __all__ = ["NonSmoothActivationError", "SmoothSoftplus", "activation_curvature"]
 
 # ----------------------------------------------------------------------------------------
@@ -149,6 +151,12 @@ _NONSMOOTH: dict[str, str] = {
     "abs": "its derivative jumps from -1 to 1 at 0",
     "clamp": "its derivative jumps at the clipping points",
     "max_pool": "max pooling switches between window entries, so its Jacobian jumps",
+    "maximum": "its derivative jumps from one argument to the other where they tie",
+    "minimum": "its derivative jumps from one argument to the other where they tie",
+    "group_sort": "its Jacobian jumps from one permutation matrix to another where two "
+    "entries of a group tie",
+    "max_min": "its Jacobian jumps from one permutation matrix to another where the two "
+    "entries of a pair tie",
 }
 
 # Module types -> (table name, how to read its parameters).
@@ -183,6 +191,8 @@ _MODULES: dict[type[nn.Module], tuple[str, Callable[[Any], dict[str, Any]]]] = {
     nn.AdaptiveMaxPool1d: ("max_pool", lambda m: {}),
     nn.AdaptiveMaxPool2d: ("max_pool", lambda m: {}),
     nn.AdaptiveMaxPool3d: ("max_pool", lambda m: {}),
+    GroupSort: ("group_sort", lambda m: {}),
+    MaxMin: ("max_min", lambda m: {}),
 }
 
 _FUNCTIONS: dict[Any, str] = {
@@ -199,6 +209,7 @@ _FUNCTIONS: dict[Any, str] = {
     F.adaptive_max_pool1d: "max_pool", F.adaptive_max_pool2d: "max_pool",
     F.adaptive_max_pool3d: "max_pool", torch.max_pool1d: "max_pool",
     torch.max_pool2d: "max_pool", torch.max_pool3d: "max_pool",
+    torch.maximum: "maximum", torch.minimum: "minimum",
 }
 
 
@@ -246,7 +257,9 @@ def activation_curvature(
         NonSmoothActivationError: (a ``ValueError``) for activations whose derivative jumps
             (ReLU, ReLU6, LeakyReLU, PReLU, RReLU, Hardtanh, Hardswish, Hardsigmoid, SELU,
             Hardshrink, Softshrink, Threshold, abs, clamp, ELU with ``alpha != 1``, max
-            pooling, and ``nn.Softplus`` with a finite ``threshold``, i.e. the default one).
+            pooling, ``torch.maximum`` / ``torch.minimum``, the sorting activations
+            :class:`~lightning_spectral.GroupSort` and :class:`~lightning_spectral.MaxMin`,
+            and ``nn.Softplus`` with a finite ``threshold``, i.e. the default one).
         ValueError: for invalid parameters.
 
     Derivations (``s^{(k)}`` the k-th derivative; extremes of ``s''`` are roots of ``s'''``):

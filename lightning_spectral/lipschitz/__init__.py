@@ -28,7 +28,9 @@ matrices, whose norm is the product of their norms (computed exactly); a max poo
 into (``|max_W x - max_W x'| <= ||(x - x')_W||``, and summing the squares over windows counts
 each position at most ``c`` times); it is 1 when windows do not overlap. A global average over
 ``N`` positions gives ``1 / sqrt(N)``. ``F.pad`` copies entries: ``sqrt`` of the largest number
-of copies of one entry.
+of copies of one entry. The sorting activations :class:`~lightning_spectral.GroupSort` and
+:class:`~lightning_spectral.MaxMin` are 1-Lipschitz (a permutation on each cone of a finite
+cover, continuous across the cones); ``torch.maximum(u, w)`` gets ``sqrt(L_u^2 + L_w^2)``.
 
 What a rule may assume. A module gets a built-in (or registered) rule only when it computes
 what the rule's class computes: a subclass that redefines ``forward`` (or another method of

@@ -8,6 +8,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
+from ..activations import GroupSort, MaxMin
 from ..functional.curvature import NonSmoothActivationError, SmoothSoftplus
 
 LipschitzRule = Callable[[nn.Module, list[torch.Size]], "Tensor | float"]
@@ -53,9 +54,11 @@ _CONST_LIP: dict[type, float] = {
     nn.Mish: _MISH_LIP, nn.SELU: _SELU_LIP, nn.Hardswish: _HARDSWISH_LIP,
 }
 _ACTIVATIONS: tuple[type, ...] = (*_ONE_LIP, *_CONST_LIP, nn.LeakyReLU, nn.PReLU, nn.ELU)
+# Sorting within groups of channels: 1-Lipschitz, not elementwise (proof in ..activations).
+_SORTS: tuple[type, ...] = (GroupSort, MaxMin)
 _BUILTIN: frozenset[type] = frozenset(
     (*_LAYER_TYPES, *_BN_TYPES, *_AVG_POOLS, *_MAX_POOLS, *_ADAPTIVE_AVG, *_ADAPTIVE_MAX,
-     *_ACTIVATIONS)
+     *_ACTIVATIONS, *_SORTS)
 )
 # Modules that may return their input itself or a view of it (in eval mode).
 _ALIASING_MODULES: tuple[type, ...] = (

@@ -41,6 +41,7 @@ _RELU_LIKE = {
 _SIMPLE = {torch.sigmoid: 0.25, F.sigmoid: 0.25, F.gelu: _GELU_LIP, F.silu: _SILU_LIP,
            F.mish: _MISH_LIP, F.selu: _SELU_LIP, F.hardswish: _HARDSWISH_LIP,
            F.hardsigmoid: 1.0 / 6.0, "sigmoid": 0.25}
+_MAX_MIN = {torch.maximum, torch.minimum, "maximum", "minimum"}
 _DROPOUTS = {F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout}
 
 
@@ -85,6 +86,16 @@ def _simple(w: _Walker, node: fx.Node, t: Any) -> Tensor:
     return _elementwise(w, node, _SIMPLE[t])
 
 
+def _max_min(w: _Walker, node: fx.Node, t: Any) -> Tensor:
+    """Entrywise ``max(a, b)`` / ``min(a, b)``, both operands possibly input-dependent:
+    ``|max(a, b) - max(a', b')| <= max(|a - a'|, |b - b'|)``, whose square is at most
+    ``(a - a')^2 + (b - b')^2``; summed over the output, an entry that broadcasting repeats
+    ``r`` times counts ``r`` times: ``sqrt(r_a L_a^2 + r_b L_b^2)``."""
+    a, b = _arg(node, 0, "input"), _arg(node, 1, "other")
+    parts = [w.L(a) * w.spread(a, node), w.L(b) * w.spread(b, node)]
+    return torch.stack(parts).square().sum().sqrt()
+
+
 def _dropout(w: _Walker, node: fx.Node, t: Any) -> Tensor:
     if bool(_static(_arg(node, 2, "training", True))):
         raise _refuse(node, "dropout with training=True is random")
@@ -123,5 +134,5 @@ def _mul(w: _Walker, node: fx.Node, t: Any) -> Tensor:
 TABLE = {
     **dict.fromkeys(_ADDS, _add), **dict.fromkeys(_NEGS, _neg), **dict.fromkeys(_MULS, _mul),
     **dict.fromkeys(_RELU_LIKE, _relu_like), **dict.fromkeys(_SIMPLE, _simple),
-    **dict.fromkeys(_DROPOUTS, _dropout),
+    **dict.fromkeys(_DROPOUTS, _dropout), **dict.fromkeys(_MAX_MIN, _max_min),
 }

@@ -22,6 +22,7 @@ from .common import (
     _LAYER_TYPES,
     _MAX_POOLS,
     _ONE_LIP,
+    _SORTS,
     LayerBound,
     UnsupportedOperationError,
     _check_softplus,
@@ -59,6 +60,18 @@ def _activation_lip(module: nn.Module) -> float:
     if isinstance(module, nn.ELU):  # slope alpha * exp(x) for x < 0
         return max(1.0, abs(module.alpha))
     return _CONST_LIP[_owner(module, _CONST_LIP)]
+
+
+def _sort_lip(module: nn.Module, in_shape: torch.Size) -> Tensor:
+    """GroupSort / MaxMin: 1 (a permutation on each of finitely many cones covering the
+    space, continuous across them; see :mod:`lightning_spectral.activations`), provided the
+    channel axis is not the batch axis (sorting across samples is not a per-sample map)."""
+    if module.dim % len(in_shape) == 0:
+        raise UnsupportedOperationError(
+            f"{type(module).__name__}(dim={module.dim}) sorts along the batch axis: it mixes "
+            "the samples"
+        )
+    return _f64(1.0)
 
 
 def _layer_bound_of(module: nn.Module, in_shape: torch.Size, layer_bound: LayerBound) -> Tensor:
@@ -121,6 +134,9 @@ MODULE_RULES: dict[type, ModuleRule] = {
     **dict.fromkeys(_ADAPTIVE_AVG, _sizes_only(_adaptive_lip, "linear")),
     **dict.fromkeys(_ADAPTIVE_MAX, _sizes_only(_adaptive_lip, None)),
     **dict.fromkeys(_ACTIVATIONS, _ACTIVATION_RULE),
+    # Not differentiable where entries tie: refused by the curvature bound.
+    **dict.fromkeys(_SORTS, ModuleRule(
+        lambda module, in_shape, out_shape, layer_bound: _sort_lip(module, in_shape))),
     # Identity, flattening and (eval) dropout are linear: they only move entries.
     **dict.fromkeys(_ALIASING_MODULES, ModuleRule(_ACTIVATION_RULE.lipschitz, "linear")),
 }

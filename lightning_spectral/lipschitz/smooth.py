@@ -150,8 +150,8 @@ def module_curvature(w: _Walker, node: fx.Node) -> Tensor:
     kind = MODULE_RULES[klass].curvature
     if kind == "linear":
         return w.in_curvature(w.visit_module, node)
-    if kind is None:
-        raise refusal(node, why_refused(module))
+    if kind is None:  # max pooling, GroupSort, MaxMin: the activation table says why
+        raise refusal(node, why_refused(_without_hooks(module)))
     g, h = _module_constants(node, module)
     return _compose(g, h, w.lipschitz(args), w.C(args))
 
