@@ -25,8 +25,7 @@ import torch.nn.functional as F
 from lightning.pytorch.loggers import CSVLogger
 from torch import Tensor, nn
 
-from lightning_spectral import SpectralBoundRegularizer
-from lightning_spectral.activations import MaxMin
+from lightning_spectral import MaxMin, SpectralBoundRegularizer
 from lightning_spectral.demos import MNISTDataModule
 
 EPSILONS = [0.5, 1.0, 1.58]
