@@ -21,10 +21,15 @@ from lightning_spectral import (
 )
 from lightning_spectral.callback import SpectralBoundRegularizer
 from lightning_spectral.certification import CertificationTracker
-from lightning_spectral.functional import layer_spectral_bound
+from lightning_spectral.functional import (
+    certified_radius,
+    layer_spectral_bound,
+    pairwise_certified_radius,
+)
 from lightning_spectral.lipschitz import (
     NonSmoothOperationError,
     UnsupportedOperationError,
+    lipschitz_and_pairwise,
     record_curvature,
 )
 
@@ -411,3 +416,35 @@ def test_a_selected_layer_the_forward_does_not_call_is_reported():
     with pytest.warns(UserWarning, match=r"\['spare'\]"):
         quiet_trainer(max_steps=1, callbacks=[reg]).fit(_Unused(_smooth_net()), _loader())
     assert reg.curvature_tape.missing == [3]
+
+
+def test_both_methods_log_the_per_point_maximum_of_the_two_radii():
+    torch.manual_seed(0)
+    net = _smooth_net().double().eval()
+    with torch.no_grad():
+        net[-1].weight.mul_(20)
+    x = _data(24).tensors[0].double()
+    with torch.no_grad():
+        y = net(x).argmax(1)
+    y[:4] = (y[:4] + 1) % 3  # some misclassified points (negative radii)
+    tracker = CertificationTracker([0.0, 0.05], method="both")
+    module = Module(net)
+    tracker.update("validate", module, (x, y))
+    values = tracker.compute("validate")
+    # The two radii computed on their own, then the maximum per point.
+    lip, k = lipschitz_and_pairwise(module, (1, 8, 8))
+    with torch.no_grad():
+        logits = net(x)
+    first = torch.maximum(certified_radius(logits, y, lip),
+                          pairwise_certified_radius(logits, y, k))
+    second = tracker.curvature_radii(module, x, y, network_pairwise_curvature(net, (1, 8, 8)))
+    best = torch.maximum(first, second)
+    correct = logits.argmax(1) == y
+    for eps in (0.0, 0.05):
+        expected = float((correct & (best >= eps)).double().mean())
+        assert float(values[f"certified_best/acc@{eps:g}"]) == pytest.approx(expected, abs=1e-6)
+    assert float(values["certified_best/radius"]) == pytest.approx(
+        float(best.clamp_min(0).mean()), rel=1e-6)
+    assert float(values["certified_best/radius"]) >= max(
+        float(values["certified/radius"]), float(values["certified_curvature/radius"]))
+    assert bool((first > second).any()) or bool((second > first).any())

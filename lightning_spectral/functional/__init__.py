@@ -9,7 +9,14 @@ from .bounds import (
     layer_bounds,
     layer_spectral_bound,
 )
-from .certify import certified_radius, logit_margins
+from .certified_losses import (
+    gloro_logits,
+    gloro_loss,
+    gloro_trades_kl,
+    gloro_trades_loss,
+    lipschitz_margin_loss,
+)
+from .certify import certified_radius, logit_margins, pairwise_certified_radius
 from .curvature import (
     NonSmoothActivationError,
     SmoothSoftplus,
@@ -21,6 +28,7 @@ from .curvature import (
 from .exact import conv_spectral_norm, operator_matrix
 from .matricize import grouped_weight, matricize, row_subsets, spatial_dims
 from .norms import gram_iteration_bound, spectral_norm_exact
+from .operator_power import operator_norm_estimate, operator_vector
 from .power import fantastic_four_estimate, init_singular_vectors, power_iteration_
 from .threads import limit_threads
 
@@ -31,6 +39,14 @@ __all__ = [
     "layer_spectral_bound",
     "certified_radius",
     "logit_margins",
+    "pairwise_certified_radius",
+    "gloro_logits",
+    "gloro_loss",
+    "gloro_trades_kl",
+    "gloro_trades_loss",
+    "lipschitz_margin_loss",
+    "operator_norm_estimate",
+    "operator_vector",
     "NonSmoothActivationError",
     "SmoothSoftplus",
     "activation_curvature",

@@ -56,6 +56,7 @@ from .api import _sequential_bound as _sequential_bound  # the Sequential fallba
 from .api import network_lipschitz_bound
 from .common import LipschitzRule, NonSmoothOperationError, UnsupportedOperationError
 from .curvature import network_curvature_bound, network_pairwise_curvature
+from .lipschitz_tape import LipschitzProgram, record_lipschitz
 from .ownership import (
     CurvatureRule,
     register_curvature_rule,
@@ -63,18 +64,23 @@ from .ownership import (
     unregister_curvature_rule,
     unregister_lipschitz_rule,
 )
+from .pairwise import lipschitz_and_pairwise, network_pairwise_lipschitz
 from .tape import CurvatureTape, record_curvature
 
 __all__ = [
     "CurvatureRule",
     "CurvatureTape",
+    "LipschitzProgram",
     "LipschitzRule",
     "NonSmoothOperationError",
     "UnsupportedOperationError",
     "network_curvature_bound",
+    "lipschitz_and_pairwise",
     "network_lipschitz_bound",
+    "network_pairwise_lipschitz",
     "network_pairwise_curvature",
     "record_curvature",
+    "record_lipschitz",
     "register_curvature_rule",
     "register_lipschitz_rule",
     "unregister_curvature_rule",
