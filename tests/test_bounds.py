@@ -399,3 +399,31 @@ def test_polyphase_bound_is_exact_for_non_overlapping_windows() -> None:
     assert bounds["polyphase_fantastic_four"].item() == pytest.approx(exact, rel=1e-9)
     assert bounds["fantastic_four"].item() > exact * 1.05
     assert layer_spectral_bound(layer).item() == pytest.approx(exact, rel=1e-9)
+
+
+@settings(max_examples=20, deadline=None, derandomize=True)
+@given(cin=st.integers(1, 3), cout=st.integers(1, 3), k=st.integers(1, 3),
+       stride=st.integers(1, 2), dilation=st.integers(1, 2), size=st.integers(3, 6),
+       mode=st.sampled_from(["zeros", "circular", "reflect", "replicate"]),
+       transposed=st.booleans(), groups=st.sampled_from([1, 3]))
+def test_explicit_matrix_bound_of_small_layers_is_the_exact_norm(
+        cin, cout, k, stride, dilation, size, mode, transposed, groups) -> None:
+    """For small layers at a given input size ``layer_bounds`` holds the norm of the explicit
+    operator matrix: at least the exact norm, above it by the rounding margin only."""
+    cin, cout = cin * groups, cout * groups
+    if transposed:
+        layer = nn.ConvTranspose2d(cin, cout, k, stride=stride, dilation=dilation,
+                                   groups=groups)
+    else:
+        layer = nn.Conv2d(cin, cout, k, stride=stride, dilation=dilation, padding=1,
+                          padding_mode=mode, groups=groups)
+    layer = layer.double()
+    exact = torch.linalg.matrix_norm(operator_matrix(layer, (size, size)), 2)
+    bounds = layer_bounds(layer, (size, size))
+    assert "operator_matrix" in bounds
+    value = bounds["operator_matrix"]
+    assert float(value) >= float(exact)
+    assert float(value) == pytest.approx(float(exact), rel=1e-12)
+    assert float(layer_spectral_bound(layer, (size, size))) <= float(value)
+    (grad,) = torch.autograd.grad(value, layer.weight)
+    assert bool(torch.isfinite(grad).all()) and float(grad.norm()) > 0

@@ -56,6 +56,7 @@ from .bounds_gram import gram_kernel_bound, gram_step_cost
 from .bounds_matricize import fantastic_four, tap_sum_bound
 from .geometry import SUPPORTED_LAYERS, Geometry, polyphase_filter
 from .matricize import row_subsets
+from .operator_power import layer_operator
 from .opnorm import opnorm, opnorm_cost
 from .padding import padding_factor
 from .symbol import grid_nodes
@@ -181,7 +182,10 @@ def layer_bounds(
     ``polyphase_<name>`` (see :func:`polyphase_filter`). With
     ``input_size`` (the spatial size of the layer's input) the padding factor is exact for
     that size and ``fft`` (the exact norm of ``C_N``, equal to the layer's norm for
-    circular same-size stride-1 layers) joins when it fits.
+    circular same-size stride-1 layers) joins when it fits, and so does ``operator_matrix``
+    for small layers: the norm of the layer's explicit matrix at that size, built from the
+    layer's own map on the basis vectors (exact up to the rounding margin of every matrix
+    norm here).
 
     Cost cap: each optional bound is computed only if its multiply-add count (an ``m x n``
     SVD counts ``min(m,n)^2 max(m,n)``, a complex one 4 times that) is at most
@@ -209,7 +213,38 @@ def layer_bounds(
         out["fft"] = circular_grid_norm(w, grid, groups=g, dilation=geo.dilation)
     if factor != 1.0:
         out = {name: value * factor for name, value in out.items()}
+    if size is not None:
+        explicit = _explicit_norm(module, size, budget)
+        if explicit is not None:
+            out["operator_matrix"] = explicit
     return out
+
+
+def _explicit_norm(module: nn.Module, size: tuple[int, ...], budget: float) -> Tensor | None:
+    """``opnorm`` of the layer's explicit matrix at ``size``, when building and factoring it
+    fits ``budget``: the norm itself (no padding factor, no symbol), for small layers.
+
+    The matrix is the layer's own map (stride, dilation, groups, padding mode) applied to the
+    ``n`` basis vectors of its input in float64, differentiable in the weight; its norm is
+    computed as every other matrix norm here, raised by the rounding margin of ``opnorm``.
+    """
+    channels = module.weight.shape[0] if isinstance(
+        module, nn.modules.conv._ConvTransposeNd) else module.weight.shape[1] * module.groups
+    n_in = channels * math.prod(size)
+    with torch.no_grad():
+        probe = layer_operator(module)(
+            torch.zeros(1, channels, *size, dtype=module.weight.dtype,
+                        device=module.weight.device), module.weight)
+    n_out = probe.numel()
+    # Building: n_in convolutions of cost n_out * taps * c_in / groups each, bounded by the
+    # dense product n_in * n_out * c_in; factoring: the Gram eigenproblem.
+    build = float(n_in) * n_out * max(1, module.weight.shape[1])
+    if build + opnorm_cost(n_out, n_in) > budget:
+        return None
+    eye = torch.eye(n_in, dtype=torch.float64, device=module.weight.device)
+    out = layer_operator(module)(eye.reshape(n_in, channels, *size),
+                                 module.weight.to(torch.float64))
+    return opnorm(out.reshape(n_in, n_out))
 
 
 @with_bound_threads(module_side)
