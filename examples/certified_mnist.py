@@ -25,27 +25,12 @@ import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.loggers import CSVLogger
-from torch import Tensor, nn
+from torch import Tensor
 
-from lightning_spectral import MaxMin, SpectralBoundRegularizer
-from lightning_spectral.demos import MNISTDataModule
+from lightning_spectral import SpectralBoundRegularizer
+from lightning_spectral.demos import MaxMinCNN, MNISTDataModule
 
 EPSILONS = [0.5, 1.0, 1.58]
-
-
-def conv_net(width: int = 32, dense: int = 512) -> nn.Sequential:
-    """GloRo's 4C3F layout with MaxMin activations (28x28 -> 14 -> 7)."""
-    w = width
-    return nn.Sequential(
-        nn.Conv2d(1, w, 3, padding=1), MaxMin(),
-        nn.Conv2d(w, w, 4, stride=2, padding=1), MaxMin(),
-        nn.Conv2d(w, 2 * w, 3, padding=1), MaxMin(),
-        nn.Conv2d(2 * w, 2 * w, 4, stride=2, padding=1), MaxMin(),
-        nn.Flatten(),
-        nn.Linear(2 * w * 49, dense), MaxMin(),
-        nn.Linear(dense, dense), MaxMin(),
-        nn.Linear(dense, 10),
-    )
 
 
 class Classifier(pl.LightningModule):
@@ -55,7 +40,7 @@ class Classifier(pl.LightningModule):
                  epochs: int = 10) -> None:
         super().__init__()
         self.save_hyperparameters()
-        self.net = conv_net(width, dense)
+        self.net = MaxMinCNN(width=width, dense=dense)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.net(x)

@@ -228,3 +228,21 @@ def test_results_page_shows_the_committed_tables() -> None:
     assert len(rows) >= 8
     for row in rows:
         assert row in page.splitlines(), row
+
+
+def test_certified_training_config_trains_and_certifies(data_dirs, tmp_path: Path) -> None:
+    config = ROOT / "examples" / "certified_mnist.yaml"
+    raw = yaml.safe_load(config.read_text())
+    args = _args(config, data_dirs["mnist"], tmp_path) + ["--trainer.log_every_n_steps=1"]
+    cli = _cli_main()(args, run=False)
+    reg = _regularizer(cli)
+    for name, value in raw["trainer"]["callbacks"][0]["init_args"].items():
+        assert getattr(reg, name) == value, name
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        cli.trainer.fit(cli.model, cli.datamodule)
+        metrics = dict(cli.trainer.callback_metrics)
+        test = cli.trainer.test(cli.model, cli.datamodule, verbose=False)[0]
+    assert cli.trainer.global_step == 2
+    assert {"certified_train/eps", "certified_train/lipschitz_estimate"} <= set(metrics)
+    assert {"test/acc", "test/lipschitz/network", "test/certified/acc@1.58"} <= set(test)

@@ -13,13 +13,14 @@ this module gathers them under one name.
 """
 
 from .classifier import ImageClassifier, lipschitz_margin_loss
-from .models_digits import MnistCNN, SmallCNN
+from .models_digits import MaxMinCNN, MnistCNN, SmallCNN
 from .models_resnet import BasicBlock, CifarResNet, ZeroPadShortcut, resnet32
 
 __all__ = [
     "BasicBlock",
     "CifarResNet",
     "ImageClassifier",
+    "MaxMinCNN",
     "MnistCNN",
     "SmallCNN",
     "ZeroPadShortcut",

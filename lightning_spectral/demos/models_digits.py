@@ -10,6 +10,8 @@ from collections.abc import Sequence
 
 from torch import nn
 
+from ..activations import MaxMin
+
 __all__ = ["MnistCNN", "SmallCNN"]
 
 
@@ -94,3 +96,39 @@ class MnistCNN(nn.Sequential):
         self.relu3 = nn.ReLU()
         self.fc2 = nn.Linear(hidden, num_classes)
 
+
+
+class MaxMinCNN(nn.Sequential):
+    """GloRo's "4C3F" layout for ``28 x 28`` MNIST with MaxMin activations (certified training).
+
+    Four convolutions (``3x3``, then ``4x4`` stride 2, twice: ``28 -> 14 -> 7``) with ``width``,
+    ``width``, ``2 width``, ``2 width`` channels, then two dense layers of ``dense`` units and
+    the linear head; every activation is :class:`~lightning_spectral.MaxMin`, which keeps
+    gradient norms, so a network trained for a Lipschitz certificate keeps its capacity
+    (Leino, Wang & Fredrikson, ICML 2021). A plain chain: its Lipschitz bound is the product of
+    the layer bounds, and the head is an ``nn.Linear`` (pairwise certificates).
+
+    Args:
+        in_channels: channels of the input image.
+        num_classes: number of logits.
+        width: channels of the first two convolutions (even).
+        dense: units of the two dense layers (even).
+    """
+
+    def __init__(self, in_channels: int = 1, num_classes: int = 10, width: int = 16,
+                 dense: int = 256) -> None:
+        for name, value in (("width", width), ("dense", dense)):
+            if value < 2 or value % 2:
+                raise ValueError(f"{name} must be a positive even number (MaxMin pairs), got "
+                                 f"{value!r}")
+        w = width
+        super().__init__(
+            nn.Conv2d(in_channels, w, 3, padding=1), MaxMin(),
+            nn.Conv2d(w, w, 4, stride=2, padding=1), MaxMin(),
+            nn.Conv2d(w, 2 * w, 3, padding=1), MaxMin(),
+            nn.Conv2d(2 * w, 2 * w, 4, stride=2, padding=1), MaxMin(),
+            nn.Flatten(),
+            nn.Linear(2 * w * 49, dense), MaxMin(),
+            nn.Linear(dense, dense), MaxMin(),
+            nn.Linear(dense, num_classes),
+        )
