@@ -446,3 +446,20 @@ class Branchy(nn.Module):
 def test_untraceable_models_are_refused() -> None:
     with pytest.raises(UnsupportedOperationError, match="could not trace Branchy"):
         network_curvature_bound(Branchy(), (3,))
+
+
+@pytest.mark.parametrize("fn", [
+    lambda h: torch.tanh(h) * h.shape[0],
+    lambda h: torch.tanh(h) / h.size(0) ** -1,
+    lambda h: torch.tanh(h * h.size(0)),
+], ids=["shape", "size", "inside"])
+def test_a_constant_read_from_the_batch_size_is_refused_by_the_curvature_bound(fn) -> None:
+    with pytest.raises(UnsupportedOperationError, match="at node '.*batch size"):
+        network_curvature_bound(Fn(fn), (4,))
+
+
+def test_reshapes_keeping_the_batch_axis_keep_their_curvature_bound() -> None:
+    net = Fn(torch.tanh)
+    plain = network_curvature_bound(net, (4,))
+    net.fn = lambda h: torch.tanh(h.view(h.size(0), -1))
+    assert float(network_curvature_bound(net, (4,))) == float(plain)

@@ -35,7 +35,10 @@ what the rule's class computes: a subclass that redefines ``forward`` (or anothe
 that class) is traced into instead, and its inside bounded operation by operation. An in-place
 operation is bounded as its out-of-place counterpart only when nothing else reads the tensor
 it overwrites (nor a view of it). An input-dependent integer or boolean tensor (casts,
-comparisons, ``argmax``) is refused: a step function has no Lipschitz constant. Finally the
+comparisons, ``argmax``) is refused: a step function has no Lipschitz constant. The graph
+runs at two batch sizes; a constant whose value a rule reads must be the same at both, so a
+number taken from the batch size (``h * x.shape[0]``) is refused, while sizes passed on to a
+reshape that keeps the batch axis (``x.view(x.size(0), -1)``) are fine. Finally the
 traced graph must reproduce the model's output on a random input, and forward hooks must not
 change what their module returns.
 

@@ -89,6 +89,9 @@ def _check_faithful(model: nn.Module, x: Tensor, traced: Any) -> None:
 
 
 class _RecordShapes(fx.Interpreter):
+    """Shapes at another batch size, and the values of the nodes whose value the first run
+    recorded (``ls_value``) as ``ls_other``: ``_static`` refuses a value that changed."""
+
     def __init__(self, gm: fx.GraphModule) -> None:
         super().__init__(gm)
         self.shapes: dict[fx.Node, torch.Size] = {}
@@ -97,13 +100,16 @@ class _RecordShapes(fx.Interpreter):
         result = super().run_node(n)
         if isinstance(result, Tensor):
             self.shapes[n] = result.shape
+        if "ls_value" in n.meta:
+            n.meta["ls_other"] = result.detach() if isinstance(result, Tensor) else result
         return result
 
 
 def _other_batch_shapes(gm: fx.GraphModule, shape: tuple[int, ...]) -> dict[fx.Node, torch.Size]:
     """Shapes at a batch of ``_BATCH + 1``: an input-dependent tensor whose shape does not
     follow the batch size mixes samples with other axes (``x.view(2, -1)``, a Linear applied
-    across the batch after the features were reduced away, ...)."""
+    across the batch after the features were reduced away, ...). Also records the constants'
+    values there, so that a constant read from the batch size is refused (see ``_static``)."""
     recorder = _RecordShapes(gm)
     try:
         recorder.run(_dummy(gm, shape, _BATCH + 1))

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor, fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
-from .common import UnsupportedOperationError
+from .common import _BATCH, UnsupportedOperationError
 from .ownership import _has_rule, _overrides_a_rule
 
 # Methods that read only sizes, never values.
@@ -145,12 +145,40 @@ def _arg(node: fx.Node, index: int, name: str, default: Any = None) -> Any:
     return node.args[index] if len(node.args) > index else default
 
 
+class _BatchDependent(Exception):
+    """A constant whose recorded value differs between the two traced batch sizes. Not an
+    :class:`UnsupportedOperationError`: the walk turns it into one naming the node that reads
+    the value (:meth:`_Walker.run`)."""
+
+
+def _brief(value: Any) -> str:
+    if isinstance(value, Tensor):
+        if value.numel() == 1:
+            return f"{value.item():g}"
+        return f"a tensor of shape {tuple(value.shape)}"
+    return repr(value)
+
+
 def _static(value: Any) -> Any:
-    """The value of a non-input-dependent argument (literal or recorded node value)."""
+    """The value of a non-input-dependent argument (literal or recorded node value).
+
+    A node's value is recorded at both traced batch sizes (``_BATCH`` and ``_BATCH + 1``,
+    ``ls_value`` and ``ls_other``); a value that differs between them depends on the batch
+    size (``x.shape[0]`` used as a number) and raises :class:`_BatchDependent`: a bound read
+    from it at the traced batch would be false at another batch size (``h * x.shape[0]`` is
+    64 times ``h`` at a batch of 64)."""
     if isinstance(value, fx.Node):
         if "ls_value" not in value.meta:
             raise KeyError(value.name)
-        return value.meta["ls_value"]
+        result = value.meta["ls_value"]
+        if "ls_other" in value.meta and not _same(result, value.meta["ls_other"]):
+            raise _BatchDependent(
+                f"the constant '{value.name}' is {_brief(result)} at a batch of {_BATCH} "
+                f"but {_brief(value.meta['ls_other'])} at a batch of {_BATCH + 1}: it "
+                "depends on the batch size (e.g. x.shape[0] or x.size(0) used as a number), "
+                "and the bound is for one sample at every batch size"
+            )
+        return result
     if isinstance(value, (tuple, list)):
         return type(value)(_static(v) for v in value)
     return value

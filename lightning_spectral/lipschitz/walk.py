@@ -17,7 +17,7 @@ from .common import _BATCH, LayerBound, UnsupportedOperationError, _f64
 from .inplace import _RANDOM, check_inplace, inplace_target
 from .modules import _foldable, _folded_layer, _layer_bound_of, _module_lip
 from .rules import RULES, node_bounds
-from .tracing import _dtypes, _metadata_only, _refuse, _shape, _static
+from .tracing import _BatchDependent, _dtypes, _metadata_only, _refuse, _shape, _static
 
 
 class _Walker:
@@ -92,7 +92,11 @@ class _Walker:
         try:
             return torch.as_tensor(_static(value)).detach().to("cpu", torch.float64)
         except KeyError as exc:
-            raise _refuse(node, f"cannot evaluate the constant {exc}") from exc
+            raise _refuse(node, f"cannot evaluate the constant {exc}: a tensor built from the "
+                                "input's sizes (e.g. torch.full(..., x.shape[0])) may depend "
+                                "on the batch size") from exc
+        except _BatchDependent as exc:
+            raise _refuse(node, str(exc)) from exc
 
     def run(self) -> Tensor:
         nodes = list(self.gm.graph.nodes)
@@ -114,10 +118,13 @@ class _Walker:
                     )
                 self.output = out
                 return self.lip[out]
-            if self.curv is None:
-                self.lip[node] = self.visit(node, fold)
-            else:
-                self.lip[node], self.curv[node] = node_bounds(self, node, fold)
+            try:
+                if self.curv is None:
+                    self.lip[node] = self.visit(node, fold)
+                else:
+                    self.lip[node], self.curv[node] = node_bounds(self, node, fold)
+            except _BatchDependent as exc:  # a rule read a constant taken from the batch size
+                raise _refuse(node, str(exc)) from exc
             self.check_batch(node)
         raise RuntimeError("graph without output")  # pragma: no cover
 
