@@ -28,7 +28,8 @@ matrices, whose norm is the product of their norms (computed exactly); a max poo
 into (``|max_W x - max_W x'| <= ||(x - x')_W||``, and summing the squares over windows counts
 each position at most ``c`` times); it is 1 when windows do not overlap. A global average over
 ``N`` positions gives ``1 / sqrt(N)``. ``F.pad`` copies entries: ``sqrt`` of the largest number
-of copies of one entry.
+of copies of one entry; a padding module (``nn.ZeroPad2d``, ``nn.ReflectionPad1d``, ...) is
+``F.pad`` in its mode.
 
 What a rule may assume. A module gets a built-in (or registered) rule only when it computes
 what the rule's class computes: a subclass that redefines ``forward`` (or another method of

@@ -40,7 +40,8 @@ _RELU_LIKE = {
 }
 _SIMPLE = {torch.sigmoid: 0.25, F.sigmoid: 0.25, F.gelu: _GELU_LIP, F.silu: _SILU_LIP,
            F.mish: _MISH_LIP, F.selu: _SELU_LIP, F.hardswish: _HARDSWISH_LIP,
-           F.hardsigmoid: 1.0 / 6.0, "sigmoid": 0.25}
+           F.hardsigmoid: 1.0 / 6.0, "sigmoid": 0.25, torch.special.expit: 0.25,
+           F.logsigmoid: 1.0}  # logsigmoid(x) = -softplus(-x): derivative sigmoid(-x) in (0, 1)
 _DROPOUTS = {F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout}
 
 
