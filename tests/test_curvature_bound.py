@@ -507,3 +507,20 @@ class _Pad(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.pad(x, self.padding, self.mode)
+
+
+def test_softplus_with_negative_beta_is_smooth_or_refused_by_name() -> None:
+    """``log(1 + exp(beta x)) / beta`` for ``beta < 0``: ``s' = sigmoid(beta x)`` in (0, 1),
+    ``|s''| <= |beta| / 4``; with a finite threshold it switches to ``x`` where
+    ``beta x > threshold``, as for ``beta > 0``, and is refused."""
+    net = Fn(lambda h: F.softplus(h, beta=-2.0, threshold=math.inf)).double()
+    n = float(exact_layer_bound(net.lin, None))
+    got = float(network_curvature_bound(net, (4,), layer_bound=exact_layer_bound))
+    assert got == pytest.approx(0.5 * n**2, rel=1e-12)
+    for seed in range(3):
+        x = 3 * torch.randn(4, generator=torch.Generator().manual_seed(seed), dtype=D64)
+        assert curvature_seen(net, (4,), x)["logit"] <= got
+    with pytest.raises(NonSmoothOperationError, match="node 'softplus'"):
+        network_curvature_bound(Fn(lambda h: F.softplus(h, beta=-1)), (4,))
+    with pytest.raises(UnsupportedOperationError, match="node 'softplus'.*beta=0"):
+        network_curvature_bound(Fn(lambda h: F.softplus(h, beta=0.0, threshold=math.inf)), (4,))

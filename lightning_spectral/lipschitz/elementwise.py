@@ -21,6 +21,7 @@ from .common import (
     _MISH_LIP,
     _SELU_LIP,
     _SILU_LIP,
+    UnsupportedOperationError,
     _check_softplus,
     _f64,
 )
@@ -71,8 +72,11 @@ def _relu_like_lip(node: fx.Node, t: Any) -> float:
         if not alpha > 0:
             raise _refuse(node, f"celu with alpha={alpha} <= 0 is not Lipschitz")
     if t is F.softplus:
-        _check_softplus(float(_static(_arg(node, 1, "beta", 1.0))),
-                        float(_static(_arg(node, 2, "threshold", 20.0))))
+        try:
+            _check_softplus(float(_static(_arg(node, 1, "beta", 1.0))),
+                            float(_static(_arg(node, 2, "threshold", 20.0))))
+        except UnsupportedOperationError as exc:
+            raise _refuse(node, str(exc)) from exc
     if t is F.leaky_relu:
         return max(1.0, abs(float(_static(_arg(node, 1, "negative_slope", 0.01)))))
     return 1.0
