@@ -524,3 +524,14 @@ def test_softplus_with_negative_beta_is_smooth_or_refused_by_name() -> None:
         network_curvature_bound(Fn(lambda h: F.softplus(h, beta=-1)), (4,))
     with pytest.raises(UnsupportedOperationError, match="node 'softplus'.*beta=0"):
         network_curvature_bound(Fn(lambda h: F.softplus(h, beta=0.0, threshold=math.inf)), (4,))
+
+
+def test_curvature_walk_unwraps_torch_compile_and_warns_on_half_casts() -> None:
+    net = Fn(torch.tanh)
+    expected = float(network_curvature_bound(net, (4,)))
+    assert float(network_curvature_bound(torch.compile(net), (4,))) == expected
+    net.fn = lambda h: torch.tanh(h.to(torch.bfloat16)).float()
+    with pytest.warns(UserWarning, match="node 'to' computes in torch.bfloat16"):
+        assert float(network_curvature_bound(net, (4,))) == expected
+    with pytest.raises(ValueError, match=r"input_shape.*entry 0 is 4.5"):
+        network_curvature_bound(net, (4.5,))

@@ -496,3 +496,32 @@ def test_logsigmoid_and_expit_have_lipschitz_rules(act, constant: float) -> None
     assert float(grad.abs().max()) <= constant
     net = act if isinstance(act, nn.Module) else _Fn(act)
     assert float(network_lipschitz_bound(net, (3,))) == constant
+
+
+def test_a_torch_compiled_model_is_bounded_as_the_module_it_wraps() -> None:
+    """``torch.compile`` wraps a module in an ``OptimizedModule`` (``_orig_mod``): the same
+    map, bounded as the module itself, at top level or nested; nothing is compiled."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(1, 2, 3), nn.Tanh(), nn.Flatten(), nn.Linear(8, 3))
+    expected = float(network_lipschitz_bound(net, (1, 4, 4)))
+    assert float(network_lipschitz_bound(torch.compile(net), (1, 4, 4))) == expected
+
+    class Outer(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.body = torch.compile(net)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return 2 * self.body(x)
+
+    assert float(network_lipschitz_bound(Outer(), (1, 4, 4))) == 2 * expected
+
+
+@pytest.mark.parametrize(("shape", "entry"), [
+    ((1.5, 4, 4), "entry 0 is 1.5"), ((1, 4.0, 4), "entry 1 is 4.0"), ((3, True), "entry 1"),
+])
+def test_non_integer_input_shape_entries_are_refused_not_truncated(shape, entry: str) -> None:
+    with pytest.raises(ValueError, match=f"input_shape.*{entry}"):
+        network_lipschitz_bound(nn.Flatten(), shape)
+    assert float(network_lipschitz_bound(nn.Flatten(), torch.Size([1, 4, 4]))) == 1.0
+    assert float(network_lipschitz_bound(nn.Flatten(), (torch.tensor(3),))) == 1.0

@@ -227,7 +227,8 @@ def test_float_casts_keep_the_bound() -> None:
 
     net = Net()
     expected = float(torch.linalg.matrix_norm(net.fc.weight.detach().double(), ord=2))
-    assert float(network_lipschitz_bound(net, (4,))) >= expected
+    with pytest.warns(UserWarning, match="node 'to' computes in torch.float16"):
+        assert float(network_lipschitz_bound(net, (4,))) >= expected
 
 
 @pytest.mark.parametrize(
@@ -583,3 +584,38 @@ def test_reshapes_that_keep_the_batch_axis_still_bound(flatten) -> None:
     reference = nn.Sequential(conv, nn.Flatten(), fc)
     assert float(network_lipschitz_bound(Net(), (1, 4, 4))) == pytest.approx(
         float(network_lipschitz_bound(reference, (1, 4, 4))), rel=1e-12)
+
+
+@pytest.mark.parametrize(("cast", "dtype"), [
+    (lambda h: h.to(torch.bfloat16), "bfloat16"),
+    (lambda h: h.half(), "float16"),
+    (lambda h: h.bfloat16(), "bfloat16"),
+    (lambda h: h.to(dtype=torch.float16), "float16"),
+], ids=["to_bf16", "half", "bfloat16", "to_dtype_f16"])
+def test_a_low_precision_cast_inside_forward_warns(cast, dtype: str) -> None:
+    """The bound is of the exact-arithmetic map (a cast is the identity there); the rounding
+    of half-precision operations is not covered, which the walk says."""
+    torch.manual_seed(0)
+    fc1, fc2 = nn.Linear(4, 4), nn.Linear(4, 3)
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc1, self.fc2 = fc1, fc2
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.fc2(torch.tanh(cast(self.fc1(x))).float())
+
+    plain = float(network_lipschitz_bound(nn.Sequential(fc1, nn.Tanh(), fc2), (4,)))
+    with pytest.warns(UserWarning, match=f"computes in torch.{dtype}.*rounding"):
+        assert float(network_lipschitz_bound(Net(), (4,))) == plain
+
+
+def test_float32_and_float64_casts_do_not_warn() -> None:
+    import warnings
+
+    net = nn.Sequential(nn.Linear(4, 4))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        network_lipschitz_bound(_Fn(lambda m, x: m.fc1(x.double().float()).double()), (4,))
+        network_lipschitz_bound(net, (4,))

@@ -50,7 +50,10 @@ take the root sum of squares; non-smooth nodes (ReLU, max pooling, ...) are refu
 
 Anything without a rule raises :class:`UnsupportedOperationError` naming it; register rules for
 your own module types with :func:`register_lipschitz_rule`. Floating-point rounding of the
-float64 products themselves is not accounted for (relative error ~1e-15 per layer).
+float64 products themselves is not accounted for (relative error ~1e-15 per layer). The bound
+is of the network in exact arithmetic: a forward that computes in float16 / bfloat16 (a cast
+inside it, half-precision weights) warns, naming the node, that its rounding is not covered.
+A ``torch.compile``d model or submodule is bounded as the module it wraps (``_orig_mod``).
 """
 
 

@@ -20,6 +20,12 @@ class _Tracer(fx.Tracer):
     """Stops at modules with a rule (built-in or registered); descends into the others,
     including rule classes whose method the module redefines."""
 
+    def call_module(self, m: nn.Module, forward: Any, args: tuple, kwargs: dict) -> Any:
+        inner = _compiled_inner(m)
+        if inner is not None:  # a torch.compile'd submodule: trace what it wraps
+            return inner(*args, **kwargs)
+        return super().call_module(m, forward, args, kwargs)
+
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         if _has_rule(m):
             return True
@@ -88,6 +94,22 @@ class _Propagate(ShapeProp):
         elif n not in self.depends:
             n.meta["ls_value"] = result.detach()
         return result
+
+
+def _compiled_inner(module: nn.Module) -> nn.Module | None:
+    """The module a ``torch.compile`` wrapper (``OptimizedModule``) holds as ``_orig_mod``:
+    the wrapper computes what it computes (compilation changes how, not what)."""
+    inner = getattr(module, "_orig_mod", None)
+    if type(module).__name__ == "OptimizedModule" and isinstance(inner, nn.Module):
+        return inner
+    return None
+
+
+def _uncompiled(model: nn.Module) -> nn.Module:
+    """``model`` without its ``torch.compile`` wrappers (nested ones included)."""
+    while (inner := _compiled_inner(model)) is not None:
+        model = inner
+    return model
 
 
 def _trace(model: nn.Module) -> fx.GraphModule:
