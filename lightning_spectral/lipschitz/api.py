@@ -15,7 +15,14 @@ from torch import Tensor, fx, nn
 from .common import _BATCH, LayerBound, UnsupportedOperationError, _f64
 from .modules import _foldable, _folded_layer, _layer_bound_of, _module_lip
 from .ownership import _behaves_as, _has_rule
-from .tracing import _check_hooks, _has_hooks, _Propagate, _trace, _uncompiled
+from .tracing import (
+    _check_hooks,
+    _compiled_inner,
+    _has_hooks,
+    _Propagate,
+    _trace,
+    _uncompiled,
+)
 from .walk import _Walker
 
 
@@ -51,11 +58,13 @@ def _check_input_shape(input_shape: Sequence[int]) -> tuple[int, ...]:
     return shape
 
 
-def _eager() -> contextlib.AbstractContextManager:
-    """``torch.compile``d parts run as plain eager code while the walk calls the model (no
-    compilation for a check run)."""
+def _eager(model: nn.Module) -> contextlib.AbstractContextManager:
+    """``torch.compile``d submodules run as plain eager code while the walk calls the model
+    (no compilation for a check run). Only then: ``set_stance`` imports dynamo (seconds)."""
     set_stance = getattr(torch.compiler, "set_stance", None)
-    return set_stance("force_eager") if set_stance is not None else contextlib.nullcontext()
+    if set_stance is None or not any(_compiled_inner(m) is not None for m in model.modules()):
+        return contextlib.nullcontext()
+    return set_stance("force_eager")
 
 
 @contextlib.contextmanager
@@ -65,7 +74,7 @@ def _evaluating(model: nn.Module) -> Iterator[None]:
     modes = {m: m.training for m in model.modules()}
     model.eval()
     try:
-        with torch.no_grad(), _eager():
+        with torch.no_grad(), _eager(model):
             yield
     finally:
         for m, mode in modes.items():
