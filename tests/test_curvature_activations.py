@@ -22,6 +22,7 @@ SMOOTH_MODULES = [
     SmoothSoftplus(beta=0.5),
     SmoothSoftplus(beta=3.0),
     nn.Softplus(beta=2.0, threshold=math.inf),
+    nn.Softplus(beta=-1.5, threshold=math.inf),  # -softplus(-1.5 x) / 1.5: (1, 1.5 / 4)
     nn.GELU(),
     nn.GELU(approximate="tanh"),
     nn.SiLU(),

@@ -446,3 +446,92 @@ class Branchy(nn.Module):
 def test_untraceable_models_are_refused() -> None:
     with pytest.raises(UnsupportedOperationError, match="could not trace Branchy"):
         network_curvature_bound(Branchy(), (3,))
+
+
+@pytest.mark.parametrize("fn", [
+    lambda h: torch.tanh(h) * h.shape[0],
+    lambda h: torch.tanh(h) / h.size(0) ** -1,
+    lambda h: torch.tanh(h * h.size(0)),
+], ids=["shape", "size", "inside"])
+def test_a_constant_read_from_the_batch_size_is_refused_by_the_curvature_bound(fn) -> None:
+    with pytest.raises(UnsupportedOperationError, match="at node '.*batch size"):
+        network_curvature_bound(Fn(fn), (4,))
+
+
+def test_reshapes_keeping_the_batch_axis_keep_their_curvature_bound() -> None:
+    net = Fn(torch.tanh)
+    plain = network_curvature_bound(net, (4,))
+    net.fn = lambda h: torch.tanh(h.view(h.size(0), -1))
+    assert float(network_curvature_bound(net, (4,))) == float(plain)
+
+
+@pytest.mark.parametrize(("fn", "same_as"), [
+    (nn.LogSigmoid(), SmoothSoftplus()),  # both (1, 1/4)
+    (F.logsigmoid, SmoothSoftplus()),
+    (torch.special.expit, nn.Sigmoid()),
+], ids=["LogSigmoid", "logsigmoid", "expit"])
+def test_logsigmoid_and_expit_have_curvature_rules(fn, same_as: nn.Module) -> None:
+    net = Fn(fn).double()
+    n = float(exact_layer_bound(net.lin, None))
+    got = network_curvature_bound(net, (4,), layer_bound=exact_layer_bound)
+    g, h = activation_curvature(same_as)
+    assert float(got) == pytest.approx(h * n**2, rel=1e-12)
+    assert float(network_lipschitz_bound(net, (4,), layer_bound=exact_layer_bound)) == (
+        pytest.approx(g * n, rel=1e-12))
+    for seed in range(3):
+        x = 3 * torch.randn(4, generator=torch.Generator().manual_seed(seed), dtype=D64)
+        assert curvature_seen(net, (4,), x)["logit"] <= float(got)
+
+
+@pytest.mark.parametrize("pad", [
+    nn.ZeroPad1d((1, 2)), nn.ConstantPad1d(2, 0.5), nn.ReflectionPad1d(2),
+    nn.ReplicationPad1d((0, 3)), nn.CircularPad1d(1),
+], ids=lambda p: type(p).__name__)
+def test_padding_modules_are_linear_in_the_curvature_bound(pad: nn.Module) -> None:
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv1d(1, 2, 3), nn.Tanh(), pad, nn.Flatten(), nn.Linear(
+        2 * (4 + sum(pad.padding)), 2)).double()
+    got = float(network_curvature_bound(net, (1, 6)))
+    mode = {nn.ReflectionPad1d: "reflect", nn.ReplicationPad1d: "replicate",
+            nn.CircularPad1d: "circular"}.get(type(pad), "constant")
+    functional = nn.Sequential(net[0], net[1], _Pad(pad.padding, mode), net[3], net[4])
+    assert got == float(network_curvature_bound(functional, (1, 6)))
+    x = torch.randn(6, dtype=D64)
+    assert curvature_seen(net, (1, 6), x)["logit"] <= got
+
+
+class _Pad(nn.Module):
+    def __init__(self, padding, mode: str) -> None:
+        super().__init__()
+        self.padding, self.mode = padding, mode
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.pad(x, self.padding, self.mode)
+
+
+def test_softplus_with_negative_beta_is_smooth_or_refused_by_name() -> None:
+    """``log(1 + exp(beta x)) / beta`` for ``beta < 0``: ``s' = sigmoid(beta x)`` in (0, 1),
+    ``|s''| <= |beta| / 4``; with a finite threshold it switches to ``x`` where
+    ``beta x > threshold``, as for ``beta > 0``, and is refused."""
+    net = Fn(lambda h: F.softplus(h, beta=-2.0, threshold=math.inf)).double()
+    n = float(exact_layer_bound(net.lin, None))
+    got = float(network_curvature_bound(net, (4,), layer_bound=exact_layer_bound))
+    assert got == pytest.approx(0.5 * n**2, rel=1e-12)
+    for seed in range(3):
+        x = 3 * torch.randn(4, generator=torch.Generator().manual_seed(seed), dtype=D64)
+        assert curvature_seen(net, (4,), x)["logit"] <= got
+    with pytest.raises(NonSmoothOperationError, match="node 'softplus'"):
+        network_curvature_bound(Fn(lambda h: F.softplus(h, beta=-1)), (4,))
+    with pytest.raises(UnsupportedOperationError, match="node 'softplus'.*beta=0"):
+        network_curvature_bound(Fn(lambda h: F.softplus(h, beta=0.0, threshold=math.inf)), (4,))
+
+
+def test_curvature_walk_unwraps_torch_compile_and_warns_on_half_casts() -> None:
+    net = Fn(torch.tanh)
+    expected = float(network_curvature_bound(net, (4,)))
+    assert float(network_curvature_bound(torch.compile(net), (4,))) == expected
+    net.fn = lambda h: torch.tanh(h.to(torch.bfloat16)).float()
+    with pytest.warns(UserWarning, match="node 'to' computes in torch.bfloat16"):
+        assert float(network_curvature_bound(net, (4,))) == expected
+    with pytest.raises(ValueError, match=r"input_shape.*entry 0 is 4.5"):
+        network_curvature_bound(net, (4.5,))

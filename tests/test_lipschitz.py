@@ -448,3 +448,80 @@ def test_input_shape_is_validated(shape) -> None:
 def test_wrong_input_shape_says_batch_is_excluded() -> None:
     with pytest.raises(ValueError, match="excludes the batch axis"):
         network_lipschitz_bound(nn.Conv2d(3, 2, 1), (1, 3, 4, 4))
+
+
+_PADS = [
+    (nn.ZeroPad1d((1, 2)), "constant", (2, 5)),
+    (nn.ZeroPad2d((1, 0, 2, 1)), "constant", (2, 4, 5)),
+    (nn.ZeroPad3d(1), "constant", (2, 3, 3, 3)),
+    (nn.ConstantPad1d(2, 3.5), "constant", (2, 5)),
+    (nn.ConstantPad2d((0, 1, 1, 2), -1.0), "constant", (2, 4, 5)),
+    (nn.ConstantPad3d(1, 0.5), "constant", (2, 3, 3, 3)),
+    (nn.ReflectionPad1d((2, 3)), "reflect", (2, 5)),
+    (nn.ReflectionPad2d((1, 2, 3, 0)), "reflect", (2, 4, 5)),
+    (nn.ReflectionPad3d(2), "reflect", (2, 3, 3, 3)),
+    (nn.ReplicationPad1d((3, 1)), "replicate", (2, 5)),
+    (nn.ReplicationPad2d(3), "replicate", (2, 4, 5)),
+    (nn.ReplicationPad3d((1, 2, 0, 1, 2, 2)), "replicate", (2, 3, 3, 3)),
+    (nn.CircularPad1d((2, 4)), "circular", (2, 5)),
+    (nn.CircularPad2d((1, 3, 2, 2)), "circular", (2, 4, 5)),
+    (nn.CircularPad3d(1), "circular", (2, 3, 3, 3)),
+]
+
+
+@pytest.mark.parametrize(("pad", "mode", "shape"), _PADS,
+                         ids=[type(p).__name__ for p, _, _ in _PADS])
+def test_padding_modules_bound_as_functional_pad(pad: nn.Module, mode: str, shape) -> None:
+    """A padding module computes ``F.pad`` with its mode: the same (exact) bound, the norm of
+    its 0/1 Jacobian, ``sqrt`` of the most copies of one entry."""
+    value = getattr(pad, "value", 0.0)
+
+    def functional(x: torch.Tensor) -> torch.Tensor:
+        if mode == "constant":
+            return F.pad(x, pad.padding, mode, value).flatten(1)
+        return F.pad(x, pad.padding, mode).flatten(1)
+
+    bound = float(network_lipschitz_bound(nn.Sequential(pad, nn.Flatten()), shape))
+    assert bound == float(network_lipschitz_bound(_Fn(functional), shape))
+    x = torch.randn(shape, dtype=torch.float64)
+    assert bound == pytest.approx(jacobian_norm(nn.Sequential(pad, nn.Flatten()), x), rel=1e-12)
+
+
+@pytest.mark.parametrize(("act", "constant"), [
+    (nn.LogSigmoid(), 1.0), (F.logsigmoid, 1.0), (torch.special.expit, 0.25),
+], ids=["LogSigmoid", "logsigmoid", "expit"])
+def test_logsigmoid_and_expit_have_lipschitz_rules(act, constant: float) -> None:
+    x = torch.linspace(-30, 30, 600_001, dtype=torch.float64, requires_grad=True)
+    (grad,) = torch.autograd.grad(act(x).sum(), x)
+    assert float(grad.abs().max()) <= constant
+    net = act if isinstance(act, nn.Module) else _Fn(act)
+    assert float(network_lipschitz_bound(net, (3,))) == constant
+
+
+def test_a_torch_compiled_model_is_bounded_as_the_module_it_wraps() -> None:
+    """``torch.compile`` wraps a module in an ``OptimizedModule`` (``_orig_mod``): the same
+    map, bounded as the module itself, at top level or nested; nothing is compiled."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(1, 2, 3), nn.Tanh(), nn.Flatten(), nn.Linear(8, 3))
+    expected = float(network_lipschitz_bound(net, (1, 4, 4)))
+    assert float(network_lipschitz_bound(torch.compile(net), (1, 4, 4))) == expected
+
+    class Outer(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.body = torch.compile(net)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return 2 * self.body(x)
+
+    assert float(network_lipschitz_bound(Outer(), (1, 4, 4))) == 2 * expected
+
+
+@pytest.mark.parametrize(("shape", "entry"), [
+    ((1.5, 4, 4), "entry 0 is 1.5"), ((1, 4.0, 4), "entry 1 is 4.0"), ((3, True), "entry 1"),
+])
+def test_non_integer_input_shape_entries_are_refused_not_truncated(shape, entry: str) -> None:
+    with pytest.raises(ValueError, match=f"input_shape.*{entry}"):
+        network_lipschitz_bound(nn.Flatten(), shape)
+    assert float(network_lipschitz_bound(nn.Flatten(), torch.Size([1, 4, 4]))) == 1.0
+    assert float(network_lipschitz_bound(nn.Flatten(), (torch.tensor(3),))) == 1.0

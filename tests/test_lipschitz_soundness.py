@@ -227,7 +227,8 @@ def test_float_casts_keep_the_bound() -> None:
 
     net = Net()
     expected = float(torch.linalg.matrix_norm(net.fc.weight.detach().double(), ord=2))
-    assert float(network_lipschitz_bound(net, (4,))) >= expected
+    with pytest.warns(UserWarning, match="node 'to' computes in torch.float16"):
+        assert float(network_lipschitz_bound(net, (4,))) >= expected
 
 
 @pytest.mark.parametrize(
@@ -517,3 +518,104 @@ def test_out_arguments_are_refused() -> None:
 
     with pytest.raises(UnsupportedOperationError, match="out="):
         network_lipschitz_bound(_Fn(fn), (4,))
+
+
+class _BatchScaled(nn.Module):
+    """A linear layer whose output is scaled by a number read from the batch size."""
+
+    def __init__(self, scale) -> None:
+        super().__init__()
+        self.fc, self.scale = nn.Linear(4, 3), scale
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.scale(self.fc(x), x)
+
+
+def _batch_jacobian_norm(model: nn.Module, batch: int) -> float:
+    """Norm of d out[0] / d x[0] at a batch of ``batch`` (the per-sample map there)."""
+    x = torch.randn(batch, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+
+    def first(v: torch.Tensor) -> torch.Tensor:
+        return model(torch.cat([v[None], x[1:]]))[0]
+
+    jac = torch.autograd.functional.jacobian(first, x[0])
+    return float(torch.linalg.matrix_norm(jac, ord=2))
+
+
+@pytest.mark.parametrize("scale", [
+    lambda h, x: h * x.shape[0],
+    lambda h, x: h * x.size(0),
+    lambda h, x: h / (1.0 / x.size(0)),
+    lambda h, x: x.shape[0] * h,
+    lambda h, x: torch.mul(h, x.size()[0]),
+    lambda h, x: torch.add(h, h, alpha=x.size(0)),
+    lambda h, x: h * torch.full((1,), x.shape[0], dtype=h.dtype),
+], ids=["shape_mul", "size_mul", "size_div", "shape_rmul", "size_tuple", "alpha", "full"])
+def test_a_constant_read_from_the_batch_size_is_refused(scale) -> None:
+    """The walk traces at one batch size: a number taken from it (``x.shape[0]``) would be
+    read at that batch only, while the model scales by 64 at a batch of 64."""
+    torch.manual_seed(0)
+    model = _BatchScaled(scale).double()
+    assert _batch_jacobian_norm(model, 64) > 10 * _batch_jacobian_norm(model, 2)
+    with pytest.raises(UnsupportedOperationError, match="batch size") as info:
+        network_lipschitz_bound(model, (4,))
+    assert "at node '" in str(info.value)
+
+
+@pytest.mark.parametrize("flatten", [
+    lambda x: x.view(x.size(0), -1),
+    lambda x: x.flatten(1),
+    lambda x: x.reshape(x.shape[0], -1),
+    lambda x: x.view(x.shape[0], x.shape[1], -1).flatten(1),
+    lambda x: torch.reshape(x, (x.size(0), -1)),
+], ids=["view_size", "flatten", "reshape_shape", "view_two", "torch_reshape"])
+def test_reshapes_that_keep_the_batch_axis_still_bound(flatten) -> None:
+    conv = nn.Conv2d(1, 2, 3, padding=1).double()
+    fc = nn.Linear(2 * 4 * 4, 3).double()
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv, self.fc = conv, fc
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.fc(flatten(self.conv(x)))
+
+    reference = nn.Sequential(conv, nn.Flatten(), fc)
+    assert float(network_lipschitz_bound(Net(), (1, 4, 4))) == pytest.approx(
+        float(network_lipschitz_bound(reference, (1, 4, 4))), rel=1e-12)
+
+
+@pytest.mark.parametrize(("cast", "dtype"), [
+    (lambda h: h.to(torch.bfloat16), "bfloat16"),
+    (lambda h: h.half(), "float16"),
+    (lambda h: h.bfloat16(), "bfloat16"),
+    (lambda h: h.to(dtype=torch.float16), "float16"),
+], ids=["to_bf16", "half", "bfloat16", "to_dtype_f16"])
+def test_a_low_precision_cast_inside_forward_warns(cast, dtype: str) -> None:
+    """The bound is of the exact-arithmetic map (a cast is the identity there); the rounding
+    of half-precision operations is not covered, which the walk says."""
+    torch.manual_seed(0)
+    fc1, fc2 = nn.Linear(4, 4), nn.Linear(4, 3)
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc1, self.fc2 = fc1, fc2
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.fc2(torch.tanh(cast(self.fc1(x))).float())
+
+    plain = float(network_lipschitz_bound(nn.Sequential(fc1, nn.Tanh(), fc2), (4,)))
+    with pytest.warns(UserWarning, match=f"computes in torch.{dtype}.*rounding"):
+        assert float(network_lipschitz_bound(Net(), (4,))) == plain
+
+
+def test_float32_and_float64_casts_do_not_warn() -> None:
+    import warnings
+
+    net = nn.Sequential(nn.Linear(4, 4))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        network_lipschitz_bound(_Fn(lambda m, x: m.fc1(x.double().float()).double()), (4,))
+        network_lipschitz_bound(net, (4,))

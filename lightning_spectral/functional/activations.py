@@ -77,19 +77,20 @@ def _refuse(name: str, why: str, fix: str = _REPLACEMENTS) -> NonSmoothActivatio
 
 
 def _softplus(beta: float = 1.0, threshold: float = 20.0) -> tuple[float, float]:
-    if not (math.isfinite(beta) and beta > 0):
-        raise ValueError(f"Softplus: curvature constants need a finite beta > 0, got {beta}")
+    if not (math.isfinite(beta) and beta != 0):
+        raise ValueError(f"Softplus: curvature constants need a finite beta != 0, got {beta}")
     if math.isfinite(threshold):
         jump = 1.0 / (1.0 + math.exp(threshold))  # 1 - sigmoid(threshold)
+        side = ">" if beta > 0 else "<"
         raise _refuse(
             f"Softplus(beta={beta}, threshold={threshold})",
-            f"it returns x itself for x > threshold / beta = {threshold / beta:g}, where its "
+            f"it returns x itself for x {side} threshold / beta = {threshold / beta:g}, where its "
             f"derivative jumps from sigmoid(threshold) to 1 (by {jump:.3g}) and its value by "
             "log1p(exp(-threshold)) / beta",
             f"lightning_spectral.functional.SmoothSoftplus(beta={beta}) (the same formula with "
             "no switch to the identity)",
         )
-    return 1.0, beta / 4.0  # division by 4 is exact in binary floating point
+    return 1.0, abs(beta) / 4.0  # division by 4 is exact in binary floating point
 
 
 def _elu(alpha: float = 1.0) -> tuple[float, float]:
@@ -272,7 +273,9 @@ def activation_curvature(
       ``s''' = p(1 - p)(1 - 6p + 6p^2)``, zero at ``p = (3 +- sqrt 3)/6``
       (``x = ln(2 +- sqrt 3) = +-1.316958``): ``h = 1 / (6 sqrt 3) = 0.0962250``.
     * softplus ``log(1 + exp(beta x)) / beta``: ``s' = p(beta x) in (0, 1)``,
-      ``s'' = beta p(1 - p) <= beta / 4`` (at 0): ``(1, beta / 4)``. ``nn.Softplus`` and
+      ``s'' = beta p(1 - p)``, ``|s''| <= |beta| / 4`` (at 0): ``(1, |beta| / 4)``, for either
+      sign of ``beta`` (for ``beta < 0`` it is the concave mirror image
+      ``-softplus_{|beta|}(-x)``). ``nn.Softplus`` and
       ``F.softplus`` however return ``x`` itself for ``beta x > threshold``. At
       ``x0 = threshold / beta`` the derivative jumps from ``p(threshold)`` to 1, by
       ``1 - p(threshold) = 2.06e-9`` for the default 20, and the value drops by

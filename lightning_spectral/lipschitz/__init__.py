@@ -28,7 +28,8 @@ matrices, whose norm is the product of their norms (computed exactly); a max poo
 into (``|max_W x - max_W x'| <= ||(x - x')_W||``, and summing the squares over windows counts
 each position at most ``c`` times); it is 1 when windows do not overlap. A global average over
 ``N`` positions gives ``1 / sqrt(N)``. ``F.pad`` copies entries: ``sqrt`` of the largest number
-of copies of one entry. The sorting activations :class:`~lightning_spectral.GroupSort` and
+of copies of one entry; a padding module (``nn.ZeroPad2d``, ``nn.ReflectionPad1d``, ...) is
+``F.pad`` in its mode. The sorting activations :class:`~lightning_spectral.GroupSort` and
 :class:`~lightning_spectral.MaxMin` are 1-Lipschitz (a permutation on each cone of a finite
 cover, continuous across the cones); ``torch.maximum(u, w)`` gets ``sqrt(L_u^2 + L_w^2)``.
 
@@ -37,7 +38,10 @@ what the rule's class computes: a subclass that redefines ``forward`` (or anothe
 that class) is traced into instead, and its inside bounded operation by operation. An in-place
 operation is bounded as its out-of-place counterpart only when nothing else reads the tensor
 it overwrites (nor a view of it). An input-dependent integer or boolean tensor (casts,
-comparisons, ``argmax``) is refused: a step function has no Lipschitz constant. Finally the
+comparisons, ``argmax``) is refused: a step function has no Lipschitz constant. The graph
+runs at two batch sizes; a constant whose value a rule reads must be the same at both, so a
+number taken from the batch size (``h * x.shape[0]``) is refused, while sizes passed on to a
+reshape that keeps the batch axis (``x.view(x.size(0), -1)``) are fine. Finally the
 traced graph must reproduce the model's output on a random input, and forward hooks must not
 change what their module returns.
 
@@ -48,7 +52,10 @@ take the root sum of squares; non-smooth nodes (ReLU, max pooling, ...) are refu
 
 Anything without a rule raises :class:`UnsupportedOperationError` naming it; register rules for
 your own module types with :func:`register_lipschitz_rule`. Floating-point rounding of the
-float64 products themselves is not accounted for (relative error ~1e-15 per layer).
+float64 products themselves is not accounted for (relative error ~1e-15 per layer). The bound
+is of the network in exact arithmetic: a forward that computes in float16 / bfloat16 (a cast
+inside it, half-precision weights) warns, naming the node, that its rounding is not covered.
+A ``torch.compile``d model or submodule is bounded as the module it wraps (``_orig_mod``).
 """
 
 

@@ -5,6 +5,7 @@ check that the trace reproduces the model; the child-by-child fallback for an un
 from __future__ import annotations
 
 import contextlib
+import operator
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -14,7 +15,14 @@ from torch import Tensor, fx, nn
 from .common import _BATCH, LayerBound, UnsupportedOperationError, _f64
 from .modules import _foldable, _folded_layer, _layer_bound_of, _module_lip
 from .ownership import _behaves_as, _has_rule
-from .tracing import _check_hooks, _has_hooks, _Propagate, _trace
+from .tracing import (
+    _check_hooks,
+    _compiled_inner,
+    _has_hooks,
+    _Propagate,
+    _trace,
+    _uncompiled,
+)
 from .walk import _Walker
 
 
@@ -27,24 +35,46 @@ def _dependents(gm: fx.GraphModule) -> set[fx.Node]:
 
 
 def _check_input_shape(input_shape: Sequence[int]) -> tuple[int, ...]:
+    """The per-sample shape as a tuple of ints; an entry that is not an integer (``1.5``, but
+    also ``4.0`` or ``True``) is refused rather than truncated."""
     if isinstance(input_shape, int):
         input_shape = (input_shape,)
     try:
-        shape = tuple(int(s) for s in input_shape)
-    except (TypeError, ValueError) as exc:
+        entries = list(input_shape)
+    except TypeError as exc:
         raise TypeError(f"input_shape must be a sequence of ints, got {input_shape!r}") from exc
+    shape = []
+    for i, s in enumerate(entries):
+        try:
+            if isinstance(s, bool):
+                raise TypeError
+            shape.append(operator.index(s))
+        except TypeError as exc:
+            raise ValueError(f"input_shape must be a sequence of ints: entry {i} is {s!r} in "
+                             f"{input_shape!r}") from exc
+    shape = tuple(shape)
     if not shape or any(s <= 0 for s in shape):
         raise ValueError(f"input_shape must be a non-empty tuple of positive sizes, got {shape}")
     return shape
 
 
+def _eager(model: nn.Module) -> contextlib.AbstractContextManager:
+    """``torch.compile``d submodules run as plain eager code while the walk calls the model
+    (no compilation for a check run). Only then: ``set_stance`` imports dynamo (seconds)."""
+    set_stance = getattr(torch.compiler, "set_stance", None)
+    if set_stance is None or not any(_compiled_inner(m) is not None for m in model.modules()):
+        return contextlib.nullcontext()
+    return set_stance("force_eager")
+
+
 @contextlib.contextmanager
 def _evaluating(model: nn.Module) -> Iterator[None]:
-    """Eval mode without autograd for a walk; the caller's train/eval flags come back after."""
+    """Eval mode without autograd for a walk (compiled parts run eagerly); the caller's
+    train/eval flags come back after."""
     modes = {m: m.training for m in model.modules()}
     model.eval()
     try:
-        with torch.no_grad():
+        with torch.no_grad(), _eager(model):
             yield
     finally:
         for m, mode in modes.items():
@@ -89,6 +119,9 @@ def _check_faithful(model: nn.Module, x: Tensor, traced: Any) -> None:
 
 
 class _RecordShapes(fx.Interpreter):
+    """Shapes at another batch size, and the values of the nodes whose value the first run
+    recorded (``ls_value``) as ``ls_other``: ``_static`` refuses a value that changed."""
+
     def __init__(self, gm: fx.GraphModule) -> None:
         super().__init__(gm)
         self.shapes: dict[fx.Node, torch.Size] = {}
@@ -97,13 +130,16 @@ class _RecordShapes(fx.Interpreter):
         result = super().run_node(n)
         if isinstance(result, Tensor):
             self.shapes[n] = result.shape
+        if "ls_value" in n.meta:
+            n.meta["ls_other"] = result.detach() if isinstance(result, Tensor) else result
         return result
 
 
 def _other_batch_shapes(gm: fx.GraphModule, shape: tuple[int, ...]) -> dict[fx.Node, torch.Size]:
     """Shapes at a batch of ``_BATCH + 1``: an input-dependent tensor whose shape does not
     follow the batch size mixes samples with other axes (``x.view(2, -1)``, a Linear applied
-    across the batch after the features were reduced away, ...)."""
+    across the batch after the features were reduced away, ...). Also records the constants'
+    values there, so that a constant read from the batch size is refused (see ``_static``)."""
     recorder = _RecordShapes(gm)
     try:
         recorder.run(_dummy(gm, shape, _BATCH + 1))
@@ -203,7 +239,9 @@ def network_lipschitz_bound(
     Args:
         model: any module ``torch.fx`` can trace whose forward takes one tensor and returns
             one tensor (e.g. torchvision's ResNets, a LightningModule whose forward calls its
-            network); an untraceable plain ``nn.Sequential`` is handled child by child.
+            network); an untraceable plain ``nn.Sequential`` is handled child by child. A
+            ``torch.compile``d model or submodule (an ``OptimizedModule``) is bounded as the
+            module it wraps (its ``_orig_mod``): compiling changes how, not what, it computes.
         input_shape: the shape of ONE sample, without the batch axis, e.g. ``(1, 8, 8)`` for
             ``(C, H, W)`` images. The bound is for the per-sample map and depends on the input
             size (pooling, and the layer bounds when they use it).
@@ -221,6 +259,7 @@ def network_lipschitz_bound(
         ValueError: ``input_shape`` invalid or the model fails on it.
     """
     shape = _check_input_shape(input_shape)
+    model = _uncompiled(model)
     if layer_bound is None:
         from ..functional.bounds import layer_spectral_bound as layer_bound
     with _evaluating(model):

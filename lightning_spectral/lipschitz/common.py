@@ -43,11 +43,12 @@ _AVG_POOLS: tuple[type, ...] = (nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d)
 _MAX_POOLS: tuple[type, ...] = (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d)
 _ADAPTIVE_AVG: tuple[type, ...] = (nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d)
 _ADAPTIVE_MAX: tuple[type, ...] = (nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d)
-# Tanhshrink x - tanh(x) has derivative tanh(x)^2 <= 1; Softsign 1 / (1 + |x|)^2 <= 1.
+# Tanhshrink x - tanh(x) has derivative tanh(x)^2 <= 1; Softsign 1 / (1 + |x|)^2 <= 1;
+# LogSigmoid log(sigmoid(x)) = -softplus(-x) has derivative sigmoid(-x) in (0, 1).
 _ONE_LIP: tuple[type, ...] = (
     nn.ReLU, nn.ReLU6, nn.Tanh, nn.Softplus, nn.Identity, nn.Flatten, nn.Unflatten,
     nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.Hardtanh,
-    nn.CELU, nn.Softsign, nn.Tanhshrink, SmoothSoftplus,
+    nn.CELU, nn.Softsign, nn.Tanhshrink, SmoothSoftplus, nn.LogSigmoid,
 )
 _CONST_LIP: dict[type, float] = {
     nn.Sigmoid: 0.25, nn.Hardsigmoid: 1.0 / 6.0, nn.GELU: _GELU_LIP, nn.SiLU: _SILU_LIP,
@@ -56,9 +57,15 @@ _CONST_LIP: dict[type, float] = {
 _ACTIVATIONS: tuple[type, ...] = (*_ONE_LIP, *_CONST_LIP, nn.LeakyReLU, nn.PReLU, nn.ELU)
 # Sorting within groups of channels: 1-Lipschitz, not elementwise (proof in ..activations).
 _SORTS: tuple[type, ...] = (GroupSort, MaxMin)
+# Padding modules: their forward is ``F.pad(x, self.padding, mode)`` with this mode.
+_PAD_MODES: dict[type, str] = {
+    **{getattr(nn, f"{kind}Pad{d}d"): mode for d in (1, 2, 3) for kind, mode in (
+        ("Zero", "constant"), ("Constant", "constant"), ("Reflection", "reflect"),
+        ("Replication", "replicate"), ("Circular", "circular"))},
+}
 _BUILTIN: frozenset[type] = frozenset(
     (*_LAYER_TYPES, *_BN_TYPES, *_AVG_POOLS, *_MAX_POOLS, *_ADAPTIVE_AVG, *_ADAPTIVE_MAX,
-     *_ACTIVATIONS, *_SORTS)
+     *_ACTIVATIONS, *_SORTS, *_PAD_MODES)
 )
 # Modules that may return their input itself or a view of it (in eval mode).
 _ALIASING_MODULES: tuple[type, ...] = (

@@ -15,7 +15,7 @@ from ..functional.curvature import linear_head_pairwise_curvature
 from .api import _check_input_shape, _evaluating, _graph_walk, _not_nan, _untraceable
 from .common import LayerBound
 from .ownership import _builtin_class, _curvature_rule, _user_rule
-from .tracing import _arg, _shape, _trace
+from .tracing import _arg, _shape, _trace, _uncompiled
 from .walk import _Walker
 
 
@@ -23,6 +23,7 @@ def _curvature_walk(model: nn.Module, input_shape: Sequence[int],
                     layer_bound: LayerBound | None,
                     walker_class: type[_Walker] = _Walker) -> _Walker:
     shape = _check_input_shape(input_shape)
+    model = _uncompiled(model)
     if layer_bound is None:
         from ..functional.bounds import layer_spectral_bound as layer_bound
     with _evaluating(model):
@@ -56,7 +57,8 @@ def network_curvature_bound(
     of squares of both. A node with no such rule is refused.
 
     Args:
-        model: as for :func:`network_lipschitz_bound` (an untraceable model is refused).
+        model: as for :func:`network_lipschitz_bound` (an untraceable model is refused; a
+            ``torch.compile``d one is bounded as its ``_orig_mod``).
         input_shape: the shape of ONE sample, without the batch axis.
         layer_bound: as for :func:`network_lipschitz_bound`.
 

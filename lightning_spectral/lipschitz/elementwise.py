@@ -21,6 +21,7 @@ from .common import (
     _MISH_LIP,
     _SELU_LIP,
     _SILU_LIP,
+    UnsupportedOperationError,
     _check_softplus,
     _f64,
 )
@@ -40,7 +41,8 @@ _RELU_LIKE = {
 }
 _SIMPLE = {torch.sigmoid: 0.25, F.sigmoid: 0.25, F.gelu: _GELU_LIP, F.silu: _SILU_LIP,
            F.mish: _MISH_LIP, F.selu: _SELU_LIP, F.hardswish: _HARDSWISH_LIP,
-           F.hardsigmoid: 1.0 / 6.0, "sigmoid": 0.25}
+           F.hardsigmoid: 1.0 / 6.0, "sigmoid": 0.25, torch.special.expit: 0.25,
+           F.logsigmoid: 1.0}  # logsigmoid(x) = -softplus(-x): derivative sigmoid(-x) in (0, 1)
 _MAX_MIN = {torch.maximum, torch.minimum, "maximum", "minimum"}
 _DROPOUTS = {F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout}
 
@@ -71,8 +73,11 @@ def _relu_like_lip(node: fx.Node, t: Any) -> float:
         if not alpha > 0:
             raise _refuse(node, f"celu with alpha={alpha} <= 0 is not Lipschitz")
     if t is F.softplus:
-        _check_softplus(float(_static(_arg(node, 1, "beta", 1.0))),
-                        float(_static(_arg(node, 2, "threshold", 20.0))))
+        try:
+            _check_softplus(float(_static(_arg(node, 1, "beta", 1.0))),
+                            float(_static(_arg(node, 2, "threshold", 20.0))))
+        except UnsupportedOperationError as exc:
+            raise _refuse(node, str(exc)) from exc
     if t is F.leaky_relu:
         return max(1.0, abs(float(_static(_arg(node, 1, "negative_slope", 0.01)))))
     return 1.0

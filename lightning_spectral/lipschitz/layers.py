@@ -14,6 +14,7 @@ from torch import Tensor, fx, nn
 
 from .common import _ADAPTIVE_AVG, _ADAPTIVE_MAX, _AVG_POOLS, _MAX_POOLS, _NORM_MARGIN, _opnorm
 from .modules import _layer_bound_of, _module_lip, _plain_layer
+from .pooling import _pad_lip
 from .tracing import _arg, _refuse, _shape, _static
 
 if TYPE_CHECKING:
@@ -94,12 +95,7 @@ def _pad(w: _Walker, node: fx.Node, t: Any) -> Tensor:
     xs = _shape(x)
     if len(pad) // 2 >= len(xs) or not w.keeps_batch(node):
         raise _refuse(node, "pads the batch axis")
-    sample = xs[1:]
-    index = torch.arange(1, math.prod(sample) + 1, dtype=torch.float64).reshape(1, *sample)
-    padded = F.pad(index, pad) if mode == "constant" else F.pad(index, pad, mode=mode)
-    counts = torch.bincount(padded.flatten().round().long())[1:]  # 0: the pad value
-    most = int(counts.max()) if counts.numel() else 0
-    return math.sqrt(most) * w.L(x)
+    return _pad_lip(xs, pad, mode) * w.L(x)
 
 
 def _batch_norm(w: _Walker, node: fx.Node, t: Any) -> Tensor:

@@ -22,6 +22,7 @@ from .common import (
     _LAYER_TYPES,
     _MAX_POOLS,
     _ONE_LIP,
+    _PAD_MODES,
     _SORTS,
     LayerBound,
     UnsupportedOperationError,
@@ -29,7 +30,7 @@ from .common import (
     _f64,
 )
 from .ownership import _builtin_class, _owner, _user_rule
-from .pooling import _adaptive_lip, _avg_pool_lip, _max_pool_lip
+from .pooling import _adaptive_lip, _avg_pool_lip, _max_pool_lip, _pad_lip
 
 
 def _bn_scale(bn: nn.Module) -> Tensor:
@@ -119,6 +120,15 @@ def _sizes_only(pool: Callable[[nn.Module, torch.Size, torch.Size], Tensor],
         module, in_shape, out_shape), curvature)
 
 
+def _pad_module_lip(module: nn.Module, in_shape: torch.Size, out_shape: torch.Size) -> Tensor:
+    """A padding module is ``F.pad(x, module.padding, mode)`` (``mode`` from its class): the
+    rule of ``F.pad``."""
+    pad = [int(p) for p in module.padding]
+    if len(pad) // 2 >= len(in_shape):
+        raise UnsupportedOperationError(f"{type(module).__name__} pads the batch axis")
+    return _f64(_pad_lip(in_shape, pad, _PAD_MODES[_builtin_class(module)]))
+
+
 _ACTIVATION_RULE = ModuleRule(
     lambda module, in_shape, out_shape, layer_bound: _f64(_activation_lip(module)), "smooth")
 
@@ -137,6 +147,7 @@ MODULE_RULES: dict[type, ModuleRule] = {
     # Not differentiable where entries tie: refused by the curvature bound.
     **dict.fromkeys(_SORTS, ModuleRule(
         lambda module, in_shape, out_shape, layer_bound: _sort_lip(module, in_shape))),
+    **dict.fromkeys(_PAD_MODES, _sizes_only(_pad_module_lip, "linear")),
     # Identity, flattening and (eval) dropout are linear: they only move entries.
     **dict.fromkeys(_ALIASING_MODULES, ModuleRule(_ACTIVATION_RULE.lipschitz, "linear")),
 }

@@ -105,3 +105,15 @@ def _adaptive_lip(module: nn.Module, in_shape: torch.Size, out_shape: torch.Size
         return _f64(math.sqrt(_max_count(inds)))
     # Each window is averaged: rows of the indicator divided by their lengths (Kronecker again).
     return _f64(math.prod(_spectral(ind / ind.sum(1, keepdim=True)) for ind in inds))
+
+
+def _pad_lip(in_shape: torch.Size, pad: Sequence[int], mode: str) -> float:
+    """``F.pad(x, pad, mode)`` of a batched ``in_shape``: every output entry is a constant or
+    a copy of an input entry, so the per-sample map's norm is ``sqrt`` of the largest number
+    of copies of one entry, counted by padding a tensor of distinct indices. The caller
+    checks that ``pad`` misses the batch axis."""
+    sample = in_shape[1:]
+    index = torch.arange(1, math.prod(sample) + 1, dtype=torch.float64).reshape(1, *sample)
+    padded = F.pad(index, list(pad)) if mode == "constant" else F.pad(index, list(pad), mode=mode)
+    counts = torch.bincount(padded.flatten().round().long())[1:]  # 0: the pad value
+    return math.sqrt(int(counts.max()) if counts.numel() else 0)

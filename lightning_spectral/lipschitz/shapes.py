@@ -15,10 +15,12 @@ from .tracing import _arg, _refuse, _shape, _static
 if TYPE_CHECKING:
     from .walk import _Walker
 
-# Moves entries around (or only changes dtype/device/memory): never repeats one.
+# Moves entries around (or only changes dtype/device/memory): never repeats one. A cast to a
+# coarser float (half, bfloat16) is the identity in exact arithmetic; the walk warns that
+# the rounding it brings is not accounted for (``_Walker.check_dtypes``).
 _SHAPE_METHODS = {"view", "reshape", "flatten", "contiguous", "squeeze", "unsqueeze",
                   "permute", "transpose", "view_as", "reshape_as", "clone", "float", "double",
-                  "to"}
+                  "to", "half", "bfloat16"}
 
 
 def _getitem(w: _Walker, node: fx.Node, t: Any) -> Tensor:

@@ -28,13 +28,19 @@ import torch.nn.functional as F
 from torch import Tensor, fx, nn
 
 from ..functional.curvature import NonSmoothActivationError, activation_curvature
-from .common import _ADAPTIVE_MAX, _MAX_POOLS, NonSmoothOperationError, _f64
+from .common import (
+    _ADAPTIVE_MAX,
+    _MAX_POOLS,
+    NonSmoothOperationError,
+    UnsupportedOperationError,
+    _f64,
+)
 from .elementwise import _ADDS, _DROPOUTS, _MULS, _NEGS, _RELU_LIKE, _SIMPLE
 from .layers import _CONV_FUNCS, _MATMULS, _POOL_FUNCS, _pool
 from .modules import MODULE_RULES
 from .ownership import _builtin_class, _curvature_rule, _user_rule
 from .shapes import _SHAPE_FUNCS, _SHAPE_METHODS
-from .tracing import _arg, _describe, _shape, _static
+from .tracing import _arg, _BatchDependent, _describe, _shape, _static
 
 if TYPE_CHECKING:
     from .walk import _Walker
@@ -69,10 +75,10 @@ def why_refused(target: Any) -> str:
     return _jump(target) or "no curvature rule for it"
 
 
-def _jump(target: Any) -> str | None:
+def _jump(target: Any, **params: Any) -> str | None:
     """The activation table's refusal of a target whose derivative jumps, else None."""
     try:
-        activation_curvature(target)
+        activation_curvature(target, **params)
     except NonSmoothActivationError as err:
         return str(err)
     except (ValueError, TypeError):
@@ -87,16 +93,28 @@ def known_jump(w: _Walker, node: fx.Node) -> str | None:
         return _jump(_without_hooks(w.gm.get_submodule(node.target)))
     if node.op == "call_method":
         return _jump(node.target.rstrip("_"))
-    return _jump(node.target) if node.op == "call_function" else None
+    if node.op != "call_function":
+        return None
+    try:  # the node's own parameters: softplus(beta=0) is invalid, not the default's jump
+        params = _params(node, node.target)
+    except (KeyError, _BatchDependent):
+        return None
+    return _jump(node.target, **params)
+
+
+def _params(node: fx.Node, t: Any) -> dict[str, Any]:
+    return {name: _static(_arg(node, i, name, default))
+            for i, (name, default) in enumerate(_PARAMS.get(t, ()), start=1)}
 
 
 def _constants(node: fx.Node, t: Any) -> tuple[float, float]:
-    params = {name: _static(_arg(node, i, name, default))
-              for i, (name, default) in enumerate(_PARAMS.get(t, ()), start=1)}
     try:
-        constants = activation_curvature(t, **params)
+        constants = activation_curvature(t, **_params(node, t))
     except NonSmoothActivationError as err:
         raise refusal(node, str(err)) from err
+    except ValueError as err:  # invalid parameters (beta = 0, ...)
+        raise UnsupportedOperationError(
+            f"no curvature bound for {_describe(node)} at node '{node.name}': {err}") from err
     if constants is None:
         raise refusal(node, "no curvature constants are known for it")
     return constants
@@ -170,6 +188,9 @@ def _module_constants(node: fx.Node, module: nn.Module) -> tuple[float, float]:
         constants = activation_curvature(_without_hooks(module))
     except NonSmoothActivationError as err:
         raise refusal(node, str(err)) from err
+    except ValueError as err:  # invalid parameters
+        raise UnsupportedOperationError(
+            f"no curvature bound for {_describe(node)} at node '{node.name}': {err}") from err
     if constants is None:
         raise refusal(node, f"no curvature constants for {type(module).__name__}")
     return constants

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor, fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
-from .common import UnsupportedOperationError
+from .common import _BATCH, UnsupportedOperationError
 from .ownership import _has_rule, _overrides_a_rule
 
 # Methods that read only sizes, never values.
@@ -19,6 +19,12 @@ _CONST_METHODS = {"size", "dim", "numel"}
 class _Tracer(fx.Tracer):
     """Stops at modules with a rule (built-in or registered); descends into the others,
     including rule classes whose method the module redefines."""
+
+    def call_module(self, m: nn.Module, forward: Any, args: tuple, kwargs: dict) -> Any:
+        inner = _compiled_inner(m)
+        if inner is not None:  # a torch.compile'd submodule: trace what it wraps
+            return inner(*args, **kwargs)
+        return super().call_module(m, forward, args, kwargs)
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         if _has_rule(m):
@@ -90,6 +96,22 @@ class _Propagate(ShapeProp):
         return result
 
 
+def _compiled_inner(module: nn.Module) -> nn.Module | None:
+    """The module a ``torch.compile`` wrapper (``OptimizedModule``) holds as ``_orig_mod``:
+    the wrapper computes what it computes (compilation changes how, not what)."""
+    inner = getattr(module, "_orig_mod", None)
+    if type(module).__name__ == "OptimizedModule" and isinstance(inner, nn.Module):
+        return inner
+    return None
+
+
+def _uncompiled(model: nn.Module) -> nn.Module:
+    """``model`` without its ``torch.compile`` wrappers (nested ones included)."""
+    while (inner := _compiled_inner(model)) is not None:
+        model = inner
+    return model
+
+
 def _trace(model: nn.Module) -> fx.GraphModule:
     tracer = _Tracer()
     graph = tracer.trace(model)
@@ -145,12 +167,40 @@ def _arg(node: fx.Node, index: int, name: str, default: Any = None) -> Any:
     return node.args[index] if len(node.args) > index else default
 
 
+class _BatchDependent(Exception):
+    """A constant whose recorded value differs between the two traced batch sizes. Not an
+    :class:`UnsupportedOperationError`: the walk turns it into one naming the node that reads
+    the value (:meth:`_Walker.run`)."""
+
+
+def _brief(value: Any) -> str:
+    if isinstance(value, Tensor):
+        if value.numel() == 1:
+            return f"{value.item():g}"
+        return f"a tensor of shape {tuple(value.shape)}"
+    return repr(value)
+
+
 def _static(value: Any) -> Any:
-    """The value of a non-input-dependent argument (literal or recorded node value)."""
+    """The value of a non-input-dependent argument (literal or recorded node value).
+
+    A node's value is recorded at both traced batch sizes (``_BATCH`` and ``_BATCH + 1``,
+    ``ls_value`` and ``ls_other``); a value that differs between them depends on the batch
+    size (``x.shape[0]`` used as a number) and raises :class:`_BatchDependent`: a bound read
+    from it at the traced batch would be false at another batch size (``h * x.shape[0]`` is
+    64 times ``h`` at a batch of 64)."""
     if isinstance(value, fx.Node):
         if "ls_value" not in value.meta:
             raise KeyError(value.name)
-        return value.meta["ls_value"]
+        result = value.meta["ls_value"]
+        if "ls_other" in value.meta and not _same(result, value.meta["ls_other"]):
+            raise _BatchDependent(
+                f"the constant '{value.name}' is {_brief(result)} at a batch of {_BATCH} "
+                f"but {_brief(value.meta['ls_other'])} at a batch of {_BATCH + 1}: it "
+                "depends on the batch size (e.g. x.shape[0] or x.size(0) used as a number), "
+                "and the bound is for one sample at every batch size"
+            )
+        return result
     if isinstance(value, (tuple, list)):
         return type(value)(_static(v) for v in value)
     return value

@@ -7,6 +7,7 @@ the rule's curvature part."""
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -17,7 +18,7 @@ from .common import _BATCH, LayerBound, UnsupportedOperationError, _f64
 from .inplace import _RANDOM, check_inplace, inplace_target
 from .modules import _foldable, _folded_layer, _layer_bound_of, _module_lip
 from .rules import RULES, node_bounds
-from .tracing import _dtypes, _metadata_only, _refuse, _shape, _static
+from .tracing import _BatchDependent, _dtypes, _metadata_only, _refuse, _shape, _static
 
 
 class _Walker:
@@ -33,6 +34,8 @@ class _Walker:
         self.curv: dict[fx.Node, Tensor] | None = {} if curvature else None
         self.output: fx.Node | None = None
         self._read = self.lip  # the table L() reads (see in_curvature)
+        # The first input-dependent node computed in float16 / bfloat16, with its dtype.
+        self.low_precision: tuple[fx.Node, torch.dtype] | None = None
 
     def L(self, value: Any) -> Tensor:
         """Lipschitz bound of an argument (nested args allowed: root-sum-square). Inside
@@ -92,7 +95,11 @@ class _Walker:
         try:
             return torch.as_tensor(_static(value)).detach().to("cpu", torch.float64)
         except KeyError as exc:
-            raise _refuse(node, f"cannot evaluate the constant {exc}") from exc
+            raise _refuse(node, f"cannot evaluate the constant {exc}: a tensor built from the "
+                                "input's sizes (e.g. torch.full(..., x.shape[0])) may depend "
+                                "on the batch size") from exc
+        except _BatchDependent as exc:
+            raise _refuse(node, str(exc)) from exc
 
     def run(self) -> Tensor:
         nodes = list(self.gm.graph.nodes)
@@ -113,13 +120,34 @@ class _Walker:
                         "the model must return a single tensor (the logits)"
                     )
                 self.output = out
+                self.warn_low_precision()
                 return self.lip[out]
-            if self.curv is None:
-                self.lip[node] = self.visit(node, fold)
-            else:
-                self.lip[node], self.curv[node] = node_bounds(self, node, fold)
+            try:
+                if self.curv is None:
+                    self.lip[node] = self.visit(node, fold)
+                else:
+                    self.lip[node], self.curv[node] = node_bounds(self, node, fold)
+            except _BatchDependent as exc:  # a rule read a constant taken from the batch size
+                raise _refuse(node, str(exc)) from exc
             self.check_batch(node)
         raise RuntimeError("graph without output")  # pragma: no cover
+
+    def warn_low_precision(self) -> None:
+        """The bound is of the network in exact arithmetic (casts are the identity). A forward
+        that computes in float16 / bfloat16 (a cast inside it, or half-precision weights)
+        rounds with a relative error of ~1e-3 per operation, which no Lipschitz bound of the
+        exact map covers: warned, not refused, as low-precision logits are elsewhere."""
+        if self.low_precision is None:
+            return
+        node, dtype = self.low_precision
+        warnings.warn(
+            f"node '{node.name}' computes in {dtype}: the bound holds for the network in exact "
+            f"arithmetic; the rounding of {dtype} operations (relative error ~"
+            f"{torch.finfo(dtype).eps:.0e} each) is not accounted for. Compute in float32 "
+            "or float64 for a bound of what the network evaluates.",
+            UserWarning,
+            stacklevel=4,
+        )
 
     def find_folds(self, nodes: list[fx.Node]) -> dict[fx.Node, fx.Node]:
         """BatchNorm node -> the conv/linear node folded into it."""
@@ -150,7 +178,13 @@ class _Walker:
                                 f"{_BATCH + 1}: it mixes the samples")
 
     def check_dtypes(self, node: fx.Node) -> None:
+        """Refuses an integer or boolean output; notes the first one in a float type coarser
+        than float32 (:meth:`warn_low_precision`)."""
         for dtype in _dtypes(node.meta.get("tensor_meta")):
+            if dtype.is_floating_point and self.low_precision is None and (
+                torch.finfo(dtype).eps > torch.finfo(torch.float32).eps
+            ):
+                self.low_precision = (node, dtype)
             if not dtype.is_floating_point:
                 raise _refuse(node, f"its output dtype {dtype} is not floating point: a step "
                                     "function of the input has no Lipschitz constant")
