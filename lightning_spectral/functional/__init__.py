@@ -10,6 +10,7 @@ from .bounds import (
     layer_spectral_bound,
 )
 from .certify import certified_radius, logit_margins
+from .crc_attack import CurvatureAttack, curvature_attack
 from .curvature import (
     NonSmoothActivationError,
     SmoothSoftplus,
@@ -31,6 +32,8 @@ __all__ = [
     "layer_spectral_bound",
     "certified_radius",
     "logit_margins",
+    "CurvatureAttack",
+    "curvature_attack",
     "NonSmoothActivationError",
     "SmoothSoftplus",
     "activation_curvature",
