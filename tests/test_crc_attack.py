@@ -354,3 +354,35 @@ def test_default_training_is_unchanged_and_bad_attack_options_are_refused() -> N
         CurvatureRegularizedClassifier(crt_network("mlp2", width=8), attack="pgd")
     with pytest.raises(ValueError, match="rho"):
         CurvatureRegularizedClassifier(crt_network("mlp2", width=8), attack="curvature", rho=-1.0)
+
+
+def test_example_trains_on_the_attack(tmp_path: Path) -> None:
+    from test_crt import _example, _fake_mnist
+
+    crt = _example()
+    _fake_mnist(tmp_path / "data", n_train=128, n_test=10)
+    out = tmp_path / "runs"
+    results = crt.main(
+        [
+            "--data-dir",
+            str(tmp_path / "data"),
+            "--gamma",
+            "0.01",
+            "--epochs",
+            "1",
+            "--attack",
+            "curvature",
+            "--rho",
+            "0.5",
+            "--test-samples",
+            "10",
+            "--out-dir",
+            str(out),
+        ]
+    )
+    saved = (out / "mlp2_gamma0.01_crt0.5_epochs1.json").read_text()
+    assert '"attack": "curvature"' in saved and results["rho"] == 0.5
+    hparams = (out / "mlp2_gamma0.01_crt0.5" / "version_0" / "hparams.yaml").read_text()
+    assert "attack: curvature" in hparams and "rho: 0.5" in hparams
+    with pytest.raises(SystemExit, match="--rho"):
+        crt.parse_args(["--data-dir", str(tmp_path / "data"), "--rho", "-1"])
