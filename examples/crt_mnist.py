@@ -12,6 +12,10 @@ Adam, lr 1e-3, batch 64, pixels in [0, 1] with no normalization), then certifies
   linear-head ``||W_y - W_t|| C_features``); optionally ``crc_certified_radius`` (pairwise) on
   the first ``--crc-samples`` images.
 
+With ``--attack curvature --rho R`` the network trains on the points of the curvature-based
+attack at l2 radius ``R`` (``curvature_attack``, runner-up class) instead of the clean images:
+CRT proper.
+
 Every certificate is taken over ALL classes ``t != y``. The guaranteed bounds come from the
 graph walk: ``network_lipschitz_bound``, ``network_curvature_bound`` and
 ``network_pairwise_curvature``.
@@ -61,6 +65,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--data-dir", required=True, help="folder holding MNIST/raw/*-ubyte")
     p.add_argument("--arch", choices=ARCHITECTURES, default="mlp2")
     p.add_argument("--gamma", type=float, default=0.01, help="curvature penalty weight")
+    p.add_argument("--attack", choices=("none", "curvature"), default="none",
+                   help="train on clean images or on curvature-attack points")
+    p.add_argument("--rho", type=float, default=1.58, help="l2 radius of the attack")
     p.add_argument("--epochs", type=int, default=1)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--lr", type=float, default=1e-3)
@@ -85,6 +92,8 @@ def _check_args(args: argparse.Namespace) -> None:
     """Bad values stop the run before any data is read or any step is trained."""
     if not (math.isfinite(args.gamma) and args.gamma >= 0):
         raise SystemExit(f"--gamma must be finite and >= 0, got {args.gamma}")
+    if not (math.isfinite(args.rho) and args.rho >= 0):
+        raise SystemExit(f"--rho must be finite and >= 0, got {args.rho}")
     if args.epochs < 0 or args.batch_size < 1 or args.threads < 1:
         raise SystemExit("--epochs must be >= 0, --batch-size and --threads >= 1")
     if args.test_samples < 1 or args.crc_samples < 0:
@@ -108,7 +117,7 @@ def train(args: argparse.Namespace, module: CurvatureRegularizedClassifier,
     limit = args.limit_train_batches
     trainer = pl.Trainer(
         max_epochs=args.epochs, accelerator="cpu", devices=1,
-        logger=CSVLogger(args.out_dir, name=f"{args.arch}_gamma{args.gamma:g}"),
+        logger=CSVLogger(args.out_dir, name=f"{args.arch}_gamma{args.gamma:g}{_suffix(args)}"),
         limit_train_batches=int(limit) if limit > 1 else limit, limit_val_batches=0,
         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
         log_every_n_steps=50,
@@ -116,6 +125,11 @@ def train(args: argparse.Namespace, module: CurvatureRegularizedClassifier,
     start = time.perf_counter()
     trainer.fit(module, datamodule=datamodule)
     return time.perf_counter() - start
+
+
+def _suffix(args: argparse.Namespace) -> str:
+    """``""`` for clean training (the historical file names), ``_crt<rho>`` with the attack."""
+    return f"_crt{args.rho:g}" if args.attack == "curvature" else ""
 
 
 def test_tensors(datamodule: MNISTDataModule, n: int) -> tuple[Tensor, Tensor]:
@@ -201,7 +215,8 @@ def certify(model: nn.Sequential, x: Tensor, y: Tensor, eps: Sequence[float],
 
 
 def _report(results: dict, eps: Sequence[float]) -> str:
-    lines = [f"{results['arch']} gamma={results['gamma']:g} epochs={results['epochs']}: "
+    attack = f" attack rho={results['rho']:g}" if results["attack"] == "curvature" else ""
+    lines = [f"{results['arch']} gamma={results['gamma']:g}{attack} epochs={results['epochs']}: "
              f"clean {100 * results['clean_accuracy']:.2f}% on {results['test_samples']} test "
              f"images, L <= {results['lipschitz_bound']:.4g}, C <= "
              f"{results['curvature_bound']:.4g}, "
@@ -222,15 +237,18 @@ def main(argv: Sequence[str] | None = None) -> dict:
     model = crt_network(args.arch)
     if args.load:
         model.load_state_dict(torch.load(args.load, map_location="cpu"))
-    module = CurvatureRegularizedClassifier(model, gamma=args.gamma, lr=args.lr)
+    attack = None if args.attack == "none" else args.attack
+    module = CurvatureRegularizedClassifier(model, gamma=args.gamma, lr=args.lr, attack=attack,
+                                            rho=args.rho)
     train_seconds = train(args, module, datamodule)
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    stem = f"{args.arch}_gamma{args.gamma:g}_epochs{args.epochs}"
+    stem = f"{args.arch}_gamma{args.gamma:g}{_suffix(args)}_epochs{args.epochs}"
     torch.save(model.state_dict(), out / f"{stem}.pt")
     x, y = test_tensors(datamodule, args.test_samples)
     results = certify(model, x, y, args.eps, args.crc_samples)
-    results.update(arch=args.arch, gamma=args.gamma, epochs=args.epochs,
+    results.update(arch=args.arch, gamma=args.gamma, epochs=args.epochs, attack=args.attack,
+                   rho=args.rho if args.attack == "curvature" else None,
                    train_seconds=train_seconds, test_samples=len(y), torch=torch.__version__,
                    threads=args.threads)
     (out / f"{stem}.json").write_text(json.dumps(results, indent=2))

@@ -7,7 +7,9 @@
   jumps: the curvature certificates refuse it).
 * :class:`CurvatureRegularizedClassifier`: loss ``CE(z(x), y) + gamma * K_est`` with
   ``K_est`` the per-step estimate of the network's curvature bound
-  (:class:`~lightning_spectral.functional.curvature_penalty.ChainCurvaturePenalty`).
+  (:class:`~lightning_spectral.functional.curvature_penalty.ChainCurvaturePenalty`); with
+  ``attack="curvature"`` the cross-entropy is taken on the points of the curvature-based
+  attack (:func:`~lightning_spectral.functional.curvature_attack`) at radius ``rho``.
 * :func:`exact_chain_curvature`: a guaranteed ``(L, C)`` for such a chain, from exact float64
   spectral norms (linear layers) and guaranteed bounds (convolutions).
 """
@@ -23,13 +25,15 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..functional.bounds import layer_spectral_bound
+from ..functional.crc_attack import curvature_attack
 from ..functional.curvature import SmoothSoftplus, activation_curvature
 from ..functional.curvature_penalty import ChainCurvaturePenalty, parse_chain
 
-__all__ = ["ARCHITECTURES", "CurvatureRegularizedClassifier", "crt_network",
+__all__ = ["ARCHITECTURES", "ATTACKS", "CurvatureRegularizedClassifier", "crt_network",
            "exact_chain_curvature"]
 
 ARCHITECTURES = ("mlp2", "mlp3", "mlp4", "cnn")
+ATTACKS = (None, "curvature")
 
 
 def crt_network(arch: str, *, in_channels: int = 1, image_size: int = 28, width: int = 1024,
@@ -107,26 +111,47 @@ def _split_trailing(model: nn.Module) -> tuple[nn.Module, list[tuple[float, floa
 
 
 class CurvatureRegularizedClassifier(pl.LightningModule):
-    """``CE(model(x), y) + gamma * K_est``, Adam (Singla & Feizi 2020, without the attack).
+    """``CE(model(x_train), y) + gamma * K_est``, Adam (Singla & Feizi 2020).
 
     ``K_est`` is the per-step power-iteration estimate of the chain curvature bound ``C`` of
     the logit map; it is logged as ``train/curvature_estimate``. With ``gamma = 0`` the
     estimate is still computed and logged (it then costs one power iteration per layer).
+
+    ``x_train`` is the batch itself (``attack=None``, the default) or, with
+    ``attack="curvature"`` and ``rho > 0``, the points of
+    :func:`~lightning_spectral.functional.curvature_attack` at l2 radius ``rho`` against the
+    runner-up class, with this step's ``K_est`` (detached) as the curvature (pairwise
+    ``sqrt(2) K_est``) and the model in eval mode while attacking; CRT proper, which trains on
+    the attack points only, with no clean term. The attack costs about
+    ``attack_bisection * (attack_inner + 2)`` input gradients per step; the mean attained
+    margin is logged as ``train/attack_margin`` and ``train/acc`` is measured on ``x_train``.
 
     Args:
         model: a chain network (:func:`crt_network`).
         gamma: weight of the curvature penalty (the published runs use 0.005 to 0.01).
         lr: Adam learning rate.
         n_iter: power iterations per step.
+        attack: ``None`` (train on clean inputs) or ``"curvature"``.
+        rho: attack radius (l2, input units; the published MNIST runs use 0.5 and 1.58).
+        attack_bisection: bisection steps of the attack.
+        attack_inner: majorize-minimize steps per bisection step.
     """
 
     def __init__(self, model: nn.Module, gamma: float = 0.0, lr: float = 1e-3,
-                 n_iter: int = 1) -> None:
+                 n_iter: int = 1, attack: str | None = None, rho: float = 0.0,
+                 attack_bisection: int = 8, attack_inner: int = 10) -> None:
         super().__init__()
         if not (math.isfinite(gamma) and gamma >= 0):
             raise ValueError(f"gamma must be finite and >= 0, got {gamma!r}")
         if not (math.isfinite(lr) and lr > 0):
             raise ValueError(f"lr must be finite and positive, got {lr!r}")
+        if attack not in ATTACKS:
+            raise ValueError(f"attack must be one of {ATTACKS}, got {attack!r}")
+        if not (math.isfinite(rho) and rho >= 0):
+            raise ValueError(f"rho must be finite and >= 0, got {rho!r}")
+        if attack_bisection < 1 or attack_inner < 1:
+            raise ValueError("attack_bisection and attack_inner must be >= 1, got "
+                             f"{attack_bisection}, {attack_inner}")
         self.save_hyperparameters(ignore=["model"])
         self.model = model
         self.penalty = ChainCurvaturePenalty(model, n_iter=n_iter)
@@ -134,11 +159,29 @@ class CurvatureRegularizedClassifier(pl.LightningModule):
     def forward(self, x: Tensor) -> Tensor:
         return self.model(x)
 
+    def attack_points(self, x: Tensor, y: Tensor, curvature: Tensor | float) -> Tensor:
+        """The curvature-attack points for ``(x, y)`` at radius ``rho`` (no parameter
+        gradients; the model is put in eval mode for the attack and restored after)."""
+        modes = [(m, m.training) for m in self.model.modules()]
+        self.model.eval()
+        try:
+            result = curvature_attack(
+                self.model, x, y, self.hparams.rho, curvature, classes="runner_up",
+                n_bisection=self.hparams.attack_bisection, n_inner=self.hparams.attack_inner)
+        finally:
+            for m, mode in modes:
+                m.training = mode
+        self.log("train/attack_margin", result.margin.mean().to(torch.float32),
+                 batch_size=len(y))
+        return result.x
+
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         x, y = batch
+        curvature = self.penalty()
+        if self.hparams.attack == "curvature" and self.hparams.rho > 0:
+            x = self.attack_points(x, y, curvature.detach())
         logits = self(x)
         ce = F.cross_entropy(logits, y)
-        curvature = self.penalty()
         loss = ce + self.hparams.gamma * curvature
         n = len(y)
         self.log("train/ce", ce, batch_size=n)

@@ -17,6 +17,7 @@ from .certified_losses import (
     lipschitz_margin_loss,
 )
 from .certify import certified_radius, logit_margins, pairwise_certified_radius
+from .crc_attack import CurvatureAttack, curvature_attack
 from .curvature import (
     NonSmoothActivationError,
     SmoothSoftplus,
@@ -47,6 +48,8 @@ __all__ = [
     "lipschitz_margin_loss",
     "operator_norm_estimate",
     "operator_vector",
+    "CurvatureAttack",
+    "curvature_attack",
     "NonSmoothActivationError",
     "SmoothSoftplus",
     "activation_curvature",
