@@ -237,3 +237,28 @@ def test_vectors_are_checkpointed_and_restored(tmp_path) -> None:
                                        ["body.0", "body.2", "head"]}, (2,), warmup=0)
     for name, u in zip(resumed._certified.names, resumed._certified.vectors, strict=True):
         assert torch.equal(u, state["certified"][name])
+
+
+def test_committed_mnist_results_have_the_promised_fields_and_weights() -> None:
+    """The committed runs: the documented fields, fractions, and weights that load into the
+    documented model with the guaranteed bound the run logged."""
+    import json
+    from pathlib import Path
+
+    from lightning_spectral.demos import MaxMinCNN
+
+    root = Path(__file__).resolve().parents[1]
+    runs = json.loads((root / "benchmarks/results/certified_training_mnist_cpu.json").read_text())
+    assert runs
+    for run in runs:
+        assert {"name", "eps", "clean_accuracy", "certified_accuracy", "sound_all_classes",
+                "epochs", "train_seconds", "checkpoint"} <= set(run)
+        assert run["eps"] == 1.58 and run["sound_all_classes"] is True
+        assert 0 <= run["certified_accuracy"] <= run["clean_accuracy"] <= 1
+        assert run["certified_accuracy"] == run["certified_accuracy_at"]["1.58"]
+        saved = torch.load(root / run["checkpoint"], map_location="cpu")
+        net = MaxMinCNN(width=saved["hparams"]["width"], dense=saved["hparams"]["dense"])
+        net.load_state_dict(saved["state_dict"])
+        lip = float(network_lipschitz_bound(net, (1, 28, 28)))
+        # Logged as float32, rounded up.
+        assert lip <= run["lipschitz_bound"] <= lip * (1 + 1e-6)

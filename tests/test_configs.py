@@ -246,3 +246,12 @@ def test_certified_training_config_trains_and_certifies(data_dirs, tmp_path: Pat
     assert cli.trainer.global_step == 2
     assert {"certified_train/eps", "certified_train/lipschitz_estimate"} <= set(metrics)
     assert {"test/acc", "test/lipschitz/network", "test/certified/acc@1.58"} <= set(test)
+
+
+def test_results_page_shows_the_committed_certified_training_table() -> None:
+    page = (ROOT / "docs" / "results.md").read_text().splitlines()
+    table = (ROOT / "benchmarks" / "results" / "certified_training_mnist_cpu.md").read_text()
+    rows = [line for line in table.splitlines() if line.startswith("|")]
+    assert len(rows) >= 3
+    for row in rows:
+        assert row in page, row
