@@ -267,14 +267,15 @@ def _into_ball(x0: Tensor, x: Tensor, rho: float, *, sphere: bool) -> Tensor:
     satisfies ``||result - x0|| <= rho`` as computed (``x0`` as the last resort)."""
     shape = (-1,) + (1,) * (x0.ndim - 1)
     step = x - x0
-    dist = step.flatten(1).to(torch.float64).norm(dim=1)
+    # Distances of the points as stored, in float64: ``x - x0`` in a low precision rounds.
+    dist = (x.to(torch.float64) - x0.to(torch.float64)).flatten(1).norm(dim=1)
     scale = torch.where(dist > 0, rho / dist.clamp(min=1e-300), torch.zeros_like(dist))
     if not sphere:
         scale = scale.clamp(max=1.0)
     eps = torch.finfo(x0.dtype).eps
     for attempt in range(8):
         out = torch.where((scale == 1).view(shape), x, x0 + scale.to(x0.dtype).view(shape) * step)
-        ok = (out - x0).flatten(1).to(torch.float64).norm(dim=1) <= rho
+        ok = (out.to(torch.float64) - x0.to(torch.float64)).flatten(1).norm(dim=1) <= rho
         if bool(ok.all()):
             return out
         scale = torch.where(ok, scale, scale * (1 - 4**attempt * 4 * eps))
