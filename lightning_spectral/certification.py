@@ -6,13 +6,16 @@ driven from its validation and test hooks. Per run (each validation run, each ``
 it
 
 1. computes a guaranteed bound ``L_s`` on the l2 Lipschitz constant of ``pl_module``'s forward
-   (:func:`lightning_spectral.network_lipschitz_bound`, float64, eval mode) for every per-sample
-   input shape ``s`` the run's batches have, once per shape and run (the weights may change
-   between runs, and the bound depends on the input size: a global average over ``N``
-   positions contributes ``1/sqrt(N)``);
+   (:func:`lightning_spectral.network_lipschitz_bound`, float64, eval mode) and, with a linear
+   head, the bounds ``K_yj = min(sqrt(2) L_s, ||W_y - W_j|| L_g)`` of every margin
+   (:func:`lightning_spectral.network_pairwise_lipschitz`), from one graph walk, for every
+   per-sample input shape ``s`` the run's batches have, once per shape and run (the weights
+   may change between runs, and the bound depends on the input size: a global average over
+   ``N`` positions contributes ``1/sqrt(N)``);
 2. on every batch, runs ``pl_module(x)`` under ``no_grad`` in eval mode (whatever mode the
    trainer left it in: the bound is for the eval-mode network), computes each sample's certified
-   radius ``(f_y - max_{j != y} f_j) / (sqrt(2) L_s)`` once, and feeds it to
+   radius once, the larger of ``(f_y - max_{j != y} f_j) / (sqrt(2) L_s)`` and
+   ``min_{j != y} (f_y - f_j) / K_yj`` (both hold over all classes), and feeds it to
    :class:`~lightning_spectral.metrics.CertifiedRobustAccuracy` and
    :class:`~lightning_spectral.metrics.CertifiedRadius`;
 3. logs ``certified/acc@<eps>``, ``certified/radius`` and ``lipschitz/network`` (validation)
