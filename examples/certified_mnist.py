@@ -180,8 +180,8 @@ def main() -> None:
                out / "model.pt")
     result = certify(model, data)
     summary = {"args": vars(args), "train_seconds": seconds, "test": result}
-    (out / "result.json").write_text(json.dumps(summary, indent=2))
-    print(json.dumps(summary, indent=2))
+    (out / "result.json").write_text(json.dumps(summary, indent=2, default=str))
+    print(json.dumps(summary, indent=2, default=str))
 
 
 if __name__ == "__main__":
