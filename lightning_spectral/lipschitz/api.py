@@ -172,6 +172,24 @@ def _graph_walk(model: nn.Module, gm: fx.GraphModule, shape: tuple[int, ...],
     return walker
 
 
+def _walk_model(model: nn.Module, input_shape: Sequence[int], layer_bound: LayerBound | None,
+                *, curvature: bool = False, walker_class: type[_Walker] = _Walker) -> _Walker:
+    """Check the shape, trace ``model`` in eval mode and walk its graph (no Sequential
+    fallback: an untraceable model is refused naming the rule to register)."""
+    shape = _check_input_shape(input_shape)
+    model = _uncompiled(model)
+    if layer_bound is None:
+        from ..functional.bounds import layer_spectral_bound as layer_bound
+    register = "register_curvature_rule" if curvature else "register_lipschitz_rule"
+    with _evaluating(model):
+        try:
+            gm = _trace(model)
+        except Exception as exc:  # fx raises TraceError, TypeError, NotImplementedError...
+            raise _untraceable(model, exc, register) from exc
+        return _graph_walk(model, gm, shape, layer_bound, curvature=curvature,
+                           walker_class=walker_class)
+
+
 def _graph_bound(model: nn.Module, gm: fx.GraphModule, shape: tuple[int, ...],
                  layer_bound: LayerBound) -> Tensor:
     walker = _graph_walk(model, gm, shape, layer_bound)

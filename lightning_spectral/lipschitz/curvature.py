@@ -12,27 +12,18 @@ import torch.nn.functional as F
 from torch import Tensor, fx, nn
 
 from ..functional.curvature import linear_head_pairwise_curvature
-from .api import _check_input_shape, _evaluating, _graph_walk, _not_nan, _untraceable
+from .api import _not_nan, _walk_model
 from .common import LayerBound
 from .ownership import _builtin_class, _curvature_rule, _user_rule
-from .tracing import _arg, _shape, _trace, _uncompiled
+from .tracing import _arg, _shape
 from .walk import _Walker
 
 
 def _curvature_walk(model: nn.Module, input_shape: Sequence[int],
                     layer_bound: LayerBound | None,
                     walker_class: type[_Walker] = _Walker) -> _Walker:
-    shape = _check_input_shape(input_shape)
-    model = _uncompiled(model)
-    if layer_bound is None:
-        from ..functional.bounds import layer_spectral_bound as layer_bound
-    with _evaluating(model):
-        try:
-            gm = _trace(model)
-        except Exception as exc:  # fx raises TraceError, TypeError, NotImplementedError...
-            raise _untraceable(model, exc, "register_curvature_rule") from exc
-        return _graph_walk(model, gm, shape, layer_bound, curvature=True,
-                           walker_class=walker_class)
+    return _walk_model(model, input_shape, layer_bound, curvature=True,
+                       walker_class=walker_class)
 
 
 def network_curvature_bound(

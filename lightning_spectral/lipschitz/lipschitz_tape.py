@@ -22,12 +22,12 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from .api import _check_input_shape, _evaluating, _graph_walk, _not_nan, _untraceable
-from .common import LayerBound, _f64
+from .api import _not_nan, _walk_model
+from .common import LayerBound
 from .ownership import _builtin_class, _curvature_rule, _user_rule
-from .replay import CurvatureTape, _Ref
-from .tape import _ZERO_SEED, _Recorder, _RecordingWalker, _Traced
-from .tracing import _shape, _trace
+from .replay import CurvatureTape
+from .tape import LeafBounds, _RecordingWalker
+from .tracing import _shape
 
 __all__ = ["LipschitzProgram", "record_lipschitz"]
 
@@ -88,44 +88,15 @@ def record_lipschitz(
     ``nn.Sequential`` is refused (the child-by-child fallback is not recorded). A linear head
     given as ``F.linear`` (not a module) is not used for the pairwise bounds.
     """
-    if isinstance(layers, Mapping):
-        layers = list(layers.values())
-    if layer_bound is None:
-        from ..functional.bounds import layer_spectral_bound as layer_bound
-    position = {id(m): k for k, m in enumerate(layers)}
-    recorder = _Recorder()
-    bounds = torch.zeros(len(layers), dtype=torch.float64)
-    sizes: list[tuple[int, ...] | None] = [None] * len(layers)
-
-    def recording_bound(module: nn.Module, size: tuple[int, ...] | None) -> Tensor:
-        value = _f64(layer_bound(module, size))
-        k = position.get(id(module))
-        if k is None:
-            return value
-        bounds[k] = value
-        sizes[k] = None if size is None else tuple(int(s) for s in size)
-        seed = value if bool(value > 0) else _f64(_ZERO_SEED)
-        return recorder.add(("leaf", k), seed)
-
-    shape = _check_input_shape(input_shape)
-    with _evaluating(model):
-        try:
-            gm = _trace(model)
-        except Exception as exc:  # fx raises TraceError, TypeError, NotImplementedError...
-            raise _untraceable(model, exc, "register_lipschitz_rule") from exc
-        walker = _graph_walk(model, gm, shape, recording_bound, walker_class=_RecordingWalker)
+    leaves = LeafBounds(layers, layer_bound)
+    walker = _walk_model(model, input_shape, leaves, walker_class=_RecordingWalker)
     out_shape = _shape(walker.output)
     if out_shape is None or len(out_shape) != 2 or out_shape[1] < 2:
         raise ValueError(f"certified training needs logits of shape (N, C) with C >= 2, the "
                          f"model outputs {None if out_shape is None else tuple(out_shape)}")
     head = _head_module(walker)
-    network = _program(recorder, _not_nan(walker.lip[walker.output]), bounds)
+    network = leaves.tape(_not_nan(walker.lip[walker.output]))
     features = None
     if head is not None:
-        features = _program(recorder, _not_nan(walker.lip[walker.output.args[0]]), bounds)
-    return LipschitzProgram(network, features, head, int(out_shape[1]), sizes)
-
-
-def _program(recorder: _Recorder, result: Tensor, bounds: Tensor) -> CurvatureTape:
-    output = _Ref(result._index) if isinstance(result, _Traced) else _f64(result)
-    return CurvatureTape(recorder.entries, output, bounds)
+        features = leaves.tape(_not_nan(walker.lip[walker.output.args[0]]))
+    return LipschitzProgram(network, features, head, int(out_shape[1]), leaves.sizes)

@@ -15,14 +15,7 @@ from collections.abc import Sequence
 
 from torch import Tensor, nn
 
-from .api import (
-    _check_input_shape,
-    _evaluating,
-    _graph_walk,
-    _not_nan,
-    _untraceable,
-    network_lipschitz_bound,
-)
+from .api import _not_nan, _walk_model, network_lipschitz_bound
 from .common import LayerBound
 from .curvature import _pairwise
 from .tracing import _trace
@@ -38,16 +31,8 @@ def lipschitz_and_pairwise(
 ) -> tuple[Tensor, Tensor]:
     """:func:`~lightning_spectral.network_lipschitz_bound` ``L`` and
     :func:`network_pairwise_lipschitz` ``K`` from one graph walk (both float64, CPU)."""
-    shape = _check_input_shape(input_shape)
-    if layer_bound is None:
-        from ..functional.bounds import layer_spectral_bound as layer_bound
-    with _evaluating(model):
-        try:
-            gm = _trace(model)
-        except Exception as exc:  # fx raises TraceError, TypeError, NotImplementedError...
-            raise _untraceable(model, exc, "register_lipschitz_rule") from exc
-        walker = _graph_walk(model, gm, shape, layer_bound)
-        return _not_nan(walker.lip[walker.output]), _pairwise(walker, first_order=True)
+    walker = _walk_model(model, input_shape, layer_bound)
+    return _not_nan(walker.lip[walker.output]), _pairwise(walker, first_order=True)
 
 
 def network_pairwise_lipschitz(

@@ -154,6 +154,40 @@ class _RecordingWalker(_Walker):
         return inner * self.L(layer_node.args[0])
 
 
+class LeafBounds:
+    """The ``layer_bound`` a recording walk calls: the bound of a selected layer becomes a
+    placeholder (leaf ``k``), every other bound a number; remembers the guaranteed bounds and
+    the spatial input sizes of the selected layers."""
+
+    def __init__(self, layers: Sequence[nn.Module] | Mapping[str, nn.Module],
+                 layer_bound: LayerBound | None) -> None:
+        if isinstance(layers, Mapping):
+            layers = list(layers.values())
+        if layer_bound is None:
+            from ..functional.bounds import layer_spectral_bound as layer_bound
+        self.layer_bound = layer_bound
+        self.position = {id(m): k for k, m in enumerate(layers)}
+        self.recorder = _Recorder()
+        self.bounds = torch.zeros(len(layers), dtype=torch.float64)
+        self.sizes: list[tuple[int, ...] | None] = [None] * len(layers)
+
+    def __call__(self, module: nn.Module, size: tuple[int, ...] | None) -> Tensor:
+        value = _f64(self.layer_bound(module, size))
+        k = self.position.get(id(module))
+        if k is None:
+            return value
+        self.bounds[k] = value
+        self.sizes[k] = None if size is None else tuple(int(s) for s in size)
+        # A bound of 0 would make the walk treat what follows as constant: see module doc.
+        seed = value if bool(value > 0) else _f64(_ZERO_SEED)
+        return self.recorder.add(("leaf", k), seed)
+
+    def tape(self, result: Tensor) -> CurvatureTape:
+        """The program computing ``result`` (a recorded value, or a constant) from the leaves."""
+        output = _Ref(result._index) if isinstance(result, _Traced) else _f64(result)
+        return CurvatureTape(self.recorder.entries, output, self.bounds)
+
+
 def record_curvature(
     model: nn.Module,
     input_shape: Sequence[int],
@@ -172,26 +206,7 @@ def record_curvature(
             are used. Every other layer enters as the constant bound it has now.
         layer_bound: as for :func:`network_curvature_bound`.
     """
-    if isinstance(layers, Mapping):
-        layers = list(layers.values())
-    if layer_bound is None:
-        from ..functional.bounds import layer_spectral_bound as layer_bound
-    position = {id(m): k for k, m in enumerate(layers)}
-    recorder = _Recorder()
-    bounds = torch.zeros(len(layers), dtype=torch.float64)
-
-    def recording_bound(module: nn.Module, size: tuple[int, ...] | None) -> Tensor:
-        value = _f64(layer_bound(module, size))
-        k = position.get(id(module))
-        if k is None:
-            return value
-        bounds[k] = value
-        # A bound of 0 would make the walk treat what follows as constant: see module doc.
-        seed = value if bool(value > 0) else _f64(_ZERO_SEED)
-        return recorder.add(("leaf", k), seed)
-
+    leaves = LeafBounds(layers, layer_bound)
     shape = _check_input_shape(input_shape)
-    walker = _curvature_walk(model, shape, recording_bound, walker_class=_RecordingWalker)
-    result = _not_nan(walker.curv[walker.output], "curvature")
-    output = _Ref(result._index) if isinstance(result, _Traced) else _f64(result)
-    return CurvatureTape(recorder.entries, output, bounds)
+    walker = _curvature_walk(model, shape, leaves, walker_class=_RecordingWalker)
+    return leaves.tape(_not_nan(walker.curv[walker.output], "curvature"))
