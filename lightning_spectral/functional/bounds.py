@@ -53,8 +53,9 @@ from .bounds_frequency import (
     sampled_symbol_bound,
 )
 from .bounds_gram import gram_kernel_bound, gram_step_cost
+from .bounds_grid_gram import grid_gram_bound, grid_gram_cost
 from .bounds_matricize import fantastic_four, tap_sum_bound
-from .geometry import SUPPORTED_LAYERS, Geometry, polyphase_filter
+from .geometry import SUPPORTED_LAYERS, Geometry, gram_grid, polyphase_filter, polyphase_grid
 from .matricize import row_subsets
 from .operator_power import layer_operator
 from .opnorm import opnorm, opnorm_cost
@@ -69,6 +70,7 @@ __all__ = [
     "gram_kernel_bound",
     "sampled_symbol_bound",
     "circular_grid_norm",
+    "grid_gram_bound",
     "layer_bounds",
     "layer_spectral_bound",
     "polyphase_filter",
@@ -85,16 +87,44 @@ _GRAM_IF_RHO = 1.2
 # times FF's run time; small layers get the 1.05 target from the floor.
 _BUDGET_FACTOR = 4
 _MIN_BUDGET = 2e8
+# Default cost cap of the grid Gram bounds (multiply-add units of ``grid_gram_cost``): about
+# 10 s of one CPU thread, so that every ResNet-18 layer at its input size gets them.
+_GRID_BUDGET = 3e10
+# Gram products per frequency the cost model counts: the first, and the Cholesky ladder
+# (a factorization or two of the Gram matrix, about one more product).
+_GRID_STEPS = 2
+
+
+def _ff_cost(wg_shape: Sequence[int]) -> float:
+    """Cost of the ``2^d`` Fantastic-Four norms (and, below it, of the tap sum's)."""
+    g, co, ci, *k = wg_shape
+    ff_cost = 0.0
+    for a in row_subsets(len(k)):
+        rows = co * math.prod(k[i] for i in a)
+        ff_cost += g * opnorm_cost(rows, co * ci * math.prod(k) // rows)
+    return ff_cost
 
 
 def _default_budget(wg_shape: Sequence[int], d: int) -> float:
     """``max(_MIN_BUDGET, _BUDGET_FACTOR x the cost of the 2^d Fantastic-Four norms)``."""
-    g, co, ci, *k = wg_shape
-    ff_cost = 0.0
-    for a in row_subsets(d):
-        rows = co * math.prod(k[i] for i in a)
-        ff_cost += g * opnorm_cost(rows, co * ci * math.prod(k) // rows)
-    return max(_MIN_BUDGET, _BUDGET_FACTOR * ff_cost)
+    return max(_MIN_BUDGET, _BUDGET_FACTOR * _ff_cost(wg_shape))
+
+
+def _grid_dtype(c_small: int) -> torch.dtype:
+    """complex64 for the Gram products of wide layers (twice as fast; its rounding, a
+    relative ``~ c u_32``, is accounted for), complex128 for narrow ones (cheap anyway)."""
+    return torch.complex64 if c_small >= 64 else torch.complex128
+
+
+def _grid_gram(w: Tensor, g: int, grid: Sequence[int], dilation: Sequence[int] | None,
+               cap: float) -> Tensor | None:
+    """:func:`grid_gram_bound` of ``w`` on ``grid`` when its predicted cost fits ``cap``."""
+    co, ci = w.shape[0] // g, w.shape[1]
+    dtype = _grid_dtype(min(co, ci))
+    cost = grid_gram_cost(grid_nodes(grid), g, co, ci, _GRID_STEPS, dtype)
+    if cost > cap:
+        return None
+    return grid_gram_bound(w, grid, groups=g, dilation=dilation, dtype=dtype)
 
 
 def _node_cost(g: int, co: int, ci: int, taps: int) -> float:
@@ -124,15 +154,20 @@ def _gram_steps(
     return steps, ksize
 
 
-def _symbol_bounds(w: Tensor, g: int, budget: float) -> dict[str, Tensor]:
-    """Every bound on ``sup ||P(theta)||`` of the filter ``w`` that fits ``budget``."""
+def _symbol_bounds(w: Tensor, g: int, budget: float, essential: bool = True) -> dict[str, Tensor]:
+    """Every bound on ``sup ||P(theta)||`` of the filter ``w`` that fits ``budget``.
+
+    ``essential=False`` (a grid bound is there, at least as tight up to its tolerance): the
+    Fantastic-Four and tap-sum bounds too only where they cost at most ``_MIN_BUDGET``.
+    """
     co, ci = w.shape[0] // g, w.shape[1]
     kernel = [int(k) for k in w.shape[2:]]
     d = len(kernel)
-    out: dict[str, Tensor] = {
-        "fantastic_four": fantastic_four(w, groups=g),
-        "tap_sum": tap_sum_bound(w, groups=g),
-    }
+    out: dict[str, Tensor] = {}
+    if essential or _ff_cost((g, co, ci, *kernel)) <= _MIN_BUDGET:
+        out["fantastic_four"] = fantastic_four(w, groups=g)
+    if essential or g * math.prod(kernel) * opnorm_cost(co, ci) <= _MIN_BUDGET:
+        out["tap_sum"] = tap_sum_bound(w, groups=g)
     c_small, c_big = min(co, ci), max(co, ci)
     taps = math.prod(kernel)
     sampled = sampled_grid(kernel, budget / _node_cost(g, co, ci, taps))
@@ -202,21 +237,52 @@ def layer_bounds(
     budget = _default_budget(wg_shape, len(geo.kernel)) if max_cost is None else float(max_cost)
     factor = _layer_factor(geo, size)
     grid = geo.grid(size) if size is not None else None
-    out = _symbol_bounds(w, g, budget)
-    if any(st > 1 for st in geo.stride) and (geo.transposed or geo.mode != "circular"):
+    strided = any(st > 1 for st in geo.stride) and (geo.transposed or geo.mode != "circular")
+    poly = polyphase_filter(w, geo.stride, geo.dilation) if strided else None
+    grids = {} if size is None else _grid_bounds(geo, size, poly, max_cost)
+    # with a grid bound the other bounds must be cheap to be worth their time
+    sym_budget = budget if not grids else min(budget, _MIN_BUDGET)
+    out = _symbol_bounds(w, g, sym_budget, essential=not grids)
+    if poly is not None:
         # Not for circular mode: its factor counts rows of C_n, a decomposition in which
         # the stride lives in the row selection, not in the convolution.
-        poly = polyphase_filter(w, geo.stride, geo.dilation)
-        out.update({f"polyphase_{k}": v for k, v in _symbol_bounds(poly, g, budget).items()})
+        extra = _symbol_bounds(poly, g, sym_budget, essential=not grids)
+        out.update({f"polyphase_{k}": v for k, v in extra.items()})
     node_cost = _node_cost(g, co, ci, math.prod(geo.kernel))
-    if grid is not None and grid_nodes(grid) * node_cost <= budget:
+    if grid is not None and grid_nodes(grid) * node_cost <= sym_budget:
         out["fft"] = circular_grid_norm(w, grid, groups=g, dilation=geo.dilation)
+    out.update(grids)
     if factor != 1.0:
         out = {name: value * factor for name, value in out.items()}
     if size is not None:
         explicit = _explicit_norm(module, size, budget)
         if explicit is not None:
             out["operator_matrix"] = explicit
+    return out
+
+
+def _grid_bounds(
+    geo: Geometry, size: tuple[int, ...], poly: Tensor | None, max_cost: float | None
+) -> dict[str, Tensor]:
+    """``grid_gram`` (the filter on :func:`.geometry.gram_grid`) and, for strided layers,
+    ``polyphase_grid_gram`` (the polyphase filter on :func:`.geometry.polyphase_grid`), each
+    when its predicted cost fits ``max_cost`` (default ``_GRID_BUDGET``). For a strided layer
+    the stride-1 embedding is tried only where it costs at most the polyphase one: it is
+    rarely the tighter of the two (the row selection of the stride is then left out)."""
+    cap = _GRID_BUDGET if max_cost is None else float(max_cost)
+    g = geo.groups
+    out: dict[str, Tensor] = {}
+    if poly is not None:
+        pgrid = polyphase_grid(geo, size)
+        value = _grid_gram(poly, g, pgrid, None, cap)
+        if value is not None:
+            out["polyphase_grid_gram"] = value
+            pco, pci = poly.shape[0] // g, poly.shape[1]
+            dtype = _grid_dtype(min(pco, pci))
+            cap = min(cap, grid_gram_cost(grid_nodes(pgrid), g, pco, pci, _GRID_STEPS, dtype))
+    value = _grid_gram(geo.weight, g, gram_grid(geo, size), geo.dilation, cap)
+    if value is not None:
+        out["grid_gram"] = value
     return out
 
 

@@ -15,7 +15,7 @@ from torch import Tensor, nn
 from ._args import check_finite
 from .padding import PADDING_MODES
 
-__all__ = ["SUPPORTED_LAYERS", "Geometry", "polyphase_filter"]
+__all__ = ["SUPPORTED_LAYERS", "Geometry", "gram_grid", "polyphase_filter", "polyphase_grid"]
 
 SUPPORTED_LAYERS: tuple[type, ...] = (
     nn.Conv1d,
@@ -90,6 +90,49 @@ class Geometry:
             else:  # valid conv on the padded input, restricted to the positions it reads
                 out.append((o - 1) * s + ext)
         return out
+
+
+def gram_grid(geo: Geometry, input_size: Sequence[int]) -> list[int]:
+    """A grid ``N`` for ``J = Sel o C_N o E`` with the input embedded at ``[0, n)`` (zeros).
+
+    Convolution reading ``x[i s + dil t - pl]`` (zero outside ``[0, n)``) for rows ``i < o``;
+    the reads span ``j in [-pl, R - pl)``, ``R = (o - 1) s + ext``. Embed ``x`` at ``[0, n)``
+    of the ``N``-grid and map row ``i`` to row ``(i s - pl) mod N`` of ``C_N``, which reads
+    ``x~[(i s - pl + dil t) mod N]``. Claim: if ``N >= max(n + pl, R - pl)`` the non-zero rows
+    of ``J`` are distinct rows of ``C_N E``, so ``||J|| <= ||C_N||`` (zero rows of ``J`` do
+    not change ``J^T J``). Proof: a read ``j in [-pl, 0)`` lands on ``j + N in [N - pl, N)``,
+    outside ``[0, n)`` as ``N - pl >= n``; a read ``j in [n, R - pl)`` does not wrap as
+    ``R - pl <= N``; so every row reads exactly the layer's taps. A row is non-zero only if
+    some read hits ``[0, n)``, i.e. ``i s in [0, pl + n - 1]``: a span below ``N``, so two
+    such rows never share ``(i s - pl) mod N``. Since ``R <= n + pl + pr``, ``N = n +
+    max(pl, pr)`` always qualifies, against ``n + pl + pr`` for the grid of :meth:`Geometry.grid`
+    (which embeds the padded input without the shift). Transposed convolutions: the same
+    for the convolution they are the adjoint of (input length ``n_out``, rows ``i < n``).
+    Other padding modes: :meth:`Geometry.grid`.
+    """
+    base = geo.grid(input_size)  # also validates the size
+    if not (geo.transposed or geo.mode == "zeros"):
+        return base
+    out = []
+    for j, n in enumerate(input_size):
+        s, ext, (pl, pr) = geo.stride[j], geo.ext(j), geo.pads[j]
+        if geo.transposed:
+            n_in = (n - 1) * s - pl - pr + ext + geo.output_padding[j]
+            reach = (n - 1) * s + ext
+        else:
+            n_in = n
+            reach = ((n + pl + pr - ext) // s) * s + ext
+        out.append(max(n_in + pl, reach - pl, 1))
+    return out
+
+
+def polyphase_grid(geo: Geometry, input_size: Sequence[int]) -> list[int]:
+    """``ceil(N_j / s_j)`` for the ``N`` of :meth:`Geometry.grid`: the grid of the polyphase
+    filter (:func:`polyphase_filter`). Any grid at least ``N`` embeds the layer (nothing read
+    wraps around), in particular ``s ceil(N / s)``; a strided circular convolution on it is a
+    stride-1 circular convolution of the polyphase filter on the ``N / s`` grid of the
+    channel stack, an isometric re-indexing of the input."""
+    return [-(-m // s) for m, s in zip(geo.grid(input_size), geo.stride, strict=True)]
 
 
 def polyphase_filter(weight: Tensor, stride: Sequence[int], dilation: Sequence[int]) -> Tensor:
