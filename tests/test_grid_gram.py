@@ -61,7 +61,7 @@ def _conv_matrix(w: torch.Tensor, n: int, s: int, dil: int, pl: int, pr: int) ->
 
 
 def _circular_matrix(w: torch.Tensor, big_n: int, dil: int) -> torch.Tensor:
-    """Explicit ``C_N``: ``(C z)[r] = sum_t W_t z[(r + dil t) mod N]``, rows (co, r), cols (ci, m)."""
+    """Explicit ``C_N``: ``(C z)[r] = sum_t W_t z[(r + dil t) mod N]``, rows (co, r)."""
     co, ci, k = w.shape
     c = torch.zeros(co, big_n, ci, big_n, dtype=torch.float64)
     for r in range(big_n):
@@ -118,7 +118,8 @@ def test_power_of_two_rescaling_is_exact() -> None:
 @pytest.mark.parametrize("dtype", [torch.complex64, torch.complex128])
 def test_symbol_error_covers_the_computed_symbol(dtype) -> None:
     torch.manual_seed(0)
-    w = torch.randn(2, 6, 5, 3, 4, dtype=torch.float64) * 10.0 ** torch.randint(-3, 4, (2, 6, 5, 3, 4))
+    shape = (2, 6, 5, 3, 4)
+    w = torch.randn(*shape, dtype=torch.float64) * 10.0 ** torch.randint(-3, 4, shape)
     grid, dil = [7, 5], [2, 1]
     nodes = torch.arange(7 * 3)
     got = symbol_nodes(w, nodes, grid, dil, dtype).to(torch.complex128)

@@ -74,12 +74,17 @@ def _frequencies(nodes: Tensor, grid: Sequence[int]) -> Tensor:
     return torch.stack(out[::-1], dim=-1)
 
 
-def _dft_rows(freqs: Tensor, kernel: Sequence[int], grid: Sequence[int], dil: Sequence[int],
+def _offsets(lo: Sequence[int], hi: Sequence[int], device: torch.device) -> Tensor:
+    """``(T, d)`` integer offsets ``lo <= t < hi`` in row-major order."""
+    axes = [torch.arange(a, b, device=device) for a, b in zip(lo, hi, strict=True)]
+    return torch.cartesian_prod(*axes).view(-1, len(axes))
+
+
+def _dft_rows(freqs: Tensor, taps: Tensor, grid: Sequence[int], dil: Sequence[int],
               dtype: torch.dtype) -> Tensor:
     """``E[f, t] = exp(-2 pi i sum_j r_j / M_j)``, ``r_j = (f_j dil_j t_j) mod M_j`` (exact
-    integers), for the taps ``t`` in row-major order; float64 phases, rounded to ``dtype``."""
-    taps = torch.cartesian_prod(*[torch.arange(k, device=freqs.device) for k in kernel])
-    taps = taps.view(-1, len(kernel))
+    integers, any sign of ``t``), for the offsets ``taps`` ``(T, d)``; float64 phases, rounded
+    to ``dtype``."""
     q = torch.zeros(freqs.shape[0], taps.shape[0], dtype=torch.float64, device=freqs.device)
     for j, m in enumerate(grid):
         r = torch.outer(freqs[:, j] * dil[j], taps[:, j]).remainder(m)
@@ -93,8 +98,8 @@ def symbol_nodes(wg: Tensor, nodes: Tensor, grid: Sequence[int], dil: Sequence[i
     """``P(dil * theta)`` at the given half-grid nodes, ``(len(nodes) * g, co, ci)`` in
     ``dtype`` (node-major), from one product of the DFT rows with the flattened filter."""
     g, co, ci, *k = wg.shape
-    e = _dft_rows(nodes_freq := _frequencies(nodes, grid), k, grid, dil, dtype)
-    del nodes_freq
+    taps = _offsets([0] * len(k), k, wg.device)
+    e = _dft_rows(_frequencies(nodes, grid), taps, grid, dil, dtype)
     flat = taps_last(wg).reshape(g, -1, co * ci).transpose(0, 1).reshape(math.prod(k), -1)
     return (e @ flat.to(dtype)).reshape(-1, co, ci)
 
@@ -122,6 +127,66 @@ def symbol_error(wg: Tensor, dtype: torch.dtype) -> Tensor:
     a = wg.detach().abs().flatten(3).sum(-1)  # (g, co, ci)
     # the factor is far above the float64 errors of its own evaluation: 2x covers them.
     return a.flatten(1).norm(dim=1) * (2 * math.expm1(log_growth))
+
+
+def _correlation_taps(wg: Tensor) -> tuple[Tensor, Tensor]:
+    """``K_tau = sum_{t' - t = tau} W_t^T W_t'`` for the offsets ``tau`` in ``(-k, k)``:
+    ``(offsets (T, d), K (g, T, ci, ci))`` in float64. ``P^H P (theta) = sum_tau K_tau
+    exp(-i theta . dil tau)``. One product ``W^T W`` of the ``co x (K ci)`` tap matrix gives
+    every ``W_t^T W_t'``; the blocks are then summed by ``tau``."""
+    g, co, ci, *k = wg.shape
+    d, taps = len(k), math.prod(k)
+    wm = taps_last(wg).reshape(g, taps, co, ci).permute(0, 2, 1, 3).reshape(g, co, taps * ci)
+    blocks = (wm.transpose(1, 2) @ wm).reshape(g, taps, ci, taps, ci).transpose(2, 3)
+    t = _offsets([0] * d, k, wg.device)
+    diff = (t.unsqueeze(0) - t.unsqueeze(1)).reshape(-1, d)  # [t, t'] -> t' - t
+    offsets = _offsets([1 - x for x in k], k, wg.device)
+    index = torch.zeros(diff.shape[0], dtype=torch.long, device=wg.device)
+    for j in range(d):
+        index = index * (2 * k[j] - 1) + (diff[:, j] + k[j] - 1)
+    out = wg.new_zeros(g, offsets.shape[0], ci, ci)
+    out.index_add_(1, index, blocks.reshape(g, taps * taps, ci, ci))
+    return offsets, out
+
+
+def gram_nodes(corr: tuple[Tensor, Tensor], nodes: Tensor, grid: Sequence[int],
+               dil: Sequence[int], dtype: torch.dtype) -> Tensor:
+    """``P^H P (dil * theta)`` at the half-grid nodes, ``(len(nodes) * g, ci, ci)`` in
+    ``dtype`` (node-major): one product of the DFT rows of the offsets with ``K_tau``."""
+    offsets, k = corr
+    g, t, ci, _ = k.shape
+    e = _dft_rows(_frequencies(nodes, grid), offsets, grid, dil, dtype)
+    real = torch.float32 if dtype == torch.complex64 else torch.float64
+    flat = k.permute(1, 0, 2, 3).reshape(t, -1).to(real)
+    # complex times real: two real products, not one complex one with a zero imaginary part
+    parts = torch.stack([e.real @ flat, e.imag @ flat], dim=-1)
+    return torch.view_as_complex(parts).reshape(-1, ci, ci)
+
+
+def gram_error(wg: Tensor, dtype: torch.dtype) -> Tensor:
+    """Per group, a bound on ``||fl(P^H P) - P^H P||_2`` of :func:`gram_nodes` at every node.
+
+    With ``A = sum_t |W_t|``: the products ``W_t^T W_t'`` are off by ``gamma_co |W_t|^T
+    |W_t'|`` (float64), the sums over the at most ``K`` pairs of one ``tau`` by ``gamma_K``
+    (float64), their rounding to the DFT's real dtype by ``u_K``, the DFT factors by
+    ``delta`` (as in :func:`symbol_error`) and the DFT sums (a complex times a real: each
+    part a real sum of ``T`` products) by ``sqrt(2) gamma_T``. Every error is relative to the
+    majorant ``sum_{t, t'} |W_t|^T |W_t'| = A^T A``, so ``|G^ - G| <= eta A^T A`` entrywise,
+    ``eta = prod (1 + each) - 1``, and ``||G^ - G||_2 <= eta ||A||_F^2`` (``4 (K ci)^2 tiny``
+    added for underflow).
+    """
+    g, co, ci, *k = wg.shape
+    d, taps = len(k), math.prod(k)
+    u, _ = _unit(dtype)
+    u_k = 0.0 if dtype == torch.complex128 else u
+    delta = 2 * math.pi * d * _gamma(d + 2, _U64) + 4 * _U64 + (u * 1.01 if u_k else 0.0)
+    n_off = math.prod(2 * x - 1 for x in k)
+    log_growth = (math.log1p(_gamma(co, _U64)) + math.log1p(_gamma(taps, _U64))
+                  + math.log1p(u_k) + math.log1p(delta)
+                  + math.log1p(math.sqrt(2) * _gamma(n_off, u)))
+    a = wg.detach().abs().flatten(3).sum(-1).flatten(1).norm(dim=1)
+    tiny = float(torch.finfo(torch.float64).tiny)
+    return (a.square() * (2 * math.expm1(log_growth)) + 4 * (taps * ci) ** 2 * tiny) * _UP
 
 
 def _frobenius_up(x: Tensor) -> Tensor:
@@ -265,20 +330,31 @@ class _Chain:
         self.terms = [t[mask] for t in self.terms]
         self.fro = self.fro[mask]
 
-    def estimate(self, n_iter: int = 6) -> Tensor:
-        """Estimates from below of each ``||X_0||^2 / 2^e_0`` (level >= 1; they only steer the
-        pruning, so they need no guarantee): power iteration on ``X_1 ~ X_0^H X_0`` from its
-        largest column, then the Rayleigh quotient."""
-        x = self.x if self.level == 1 else None
-        if x is None:
+    def estimate(self, top_k: int = 4) -> Tensor:
+        """Estimates from below of each ``||X_0||^2 / 2^e_0`` (level 1; they only steer the
+        pruning and the ladder, so they need no guarantee): the Rayleigh quotient of the
+        largest column of ``X_1 ~ X_0^H X_0`` everywhere, and ``lambda_max`` itself
+        (``eigvalsh``) at the ``top_k`` nodes where that is largest."""
+        if self.level != 1:
             raise ValueError("estimate needs the chain at level 1")
-        col = torch.linalg.vector_norm(torch.view_as_real(x), dim=(-3, -1)).argmax(dim=-1)
-        v = torch.take_along_dim(x, col.view(-1, 1, 1), dim=-1)  # (b, n, 1)
-        for _ in range(n_iter):
-            v = x @ v
-            size = torch.linalg.vector_norm(torch.view_as_real(v), dim=(-3, -2, -1))
-            v = v / size.clamp_min(1e-30).view(-1, 1, 1)
-        return (v.mH @ x @ v).real.reshape(-1).to(torch.float64).clamp_min(0)
+        est = _rayleigh(self.x, 1)
+        top = est.topk(min(top_k, est.numel())).indices
+        exact = torch.linalg.eigvalsh(self.x[top])[..., -1].to(torch.float64)
+        return est.index_put((top,), torch.maximum(est[top], exact))
+
+
+def _rayleigh(x: Tensor, n_iter: int) -> Tensor:
+    """Power iteration on the Hermitian ``x`` from its largest column, then the Rayleigh
+    quotient: a lower estimate of ``lambda_max`` (it only steers the pruning and the ladder,
+    so it needs no guarantee). ``n_iter`` products with a vector cost ``n_iter / n`` of one
+    Gram product."""
+    col = torch.linalg.vector_norm(torch.view_as_real(x), dim=(-3, -1)).argmax(dim=-1)
+    v = torch.take_along_dim(x, col.view(-1, 1, 1), dim=-1)  # (b, n, 1)
+    for _ in range(n_iter):
+        v = x @ v
+        size = torch.linalg.vector_norm(torch.view_as_real(v), dim=(-3, -2, -1))
+        v = v / size.clamp_min(1e-30).view(-1, 1, 1)
+    return (v.mH @ x @ v).real.reshape(-1).to(torch.float64).clamp_min(0)
 
 
 def _ladder(
@@ -288,7 +364,7 @@ def _ladder(
 
     ``tau`` means ``alpha = (tau / 2^E)^2 / 2^e_0`` at level 1. Every node first tries
     ``floor (1 + tol)``. The few that fail are the candidates for the maximum: their top
-    eigenvalue is estimated (``eigvalsh`` of level 1, no guarantee needed) and they try
+    eigenvalue is estimated again (:func:`_rayleigh`, more steps) and they try
     ``(1 + tol)`` above it, then ``(1 + tol 2^j)`` times their last threshold while they fail.
     Returns each node's ``b_0`` (``inf`` where no round succeeded within ``rounds``) and the
     mask of certified nodes. A failed round proves nothing: the search only steers.
@@ -310,7 +386,9 @@ def _ladder(
         if todo.numel() == 0:
             break
         if j == 0:
-            top = torch.linalg.eigvalsh(x[~ok])[..., -1].to(torch.float64).clamp_min(0)
+            # eigvalsh where it is cheaper than the batched power steps (measured)
+            top = (torch.linalg.eigvalsh(x[~ok])[..., -1].to(torch.float64).clamp_min(0)
+                   if x.shape[-1] <= 256 else _rayleigh(x[~ok], 48))
             tau[todo] = torch.maximum(tau[todo], top.sqrt() * to_sym[todo]) * (1 + tol)
         else:
             tau[todo] = tau[todo] * (1 + tol * 2.0**j)
@@ -318,56 +396,82 @@ def _ladder(
 
 
 def _refine(
-    p: Tensor, max_steps: int, tol: float, floor: float, slack: Tensor,
-    rounds: int = 12,
-    chol_dtype: torch.dtype = torch.complex128,
+    chain: _Chain, e_sym: Tensor, slack: Tensor, absolute: float, max_steps: int, tol: float,
+    floor: float, rounds: int, chol_dtype: torch.dtype,
 ) -> tuple[Tensor, float]:
-    """Guaranteed ``>= ||p_b||_2`` for each matrix of the batch ``p`` (overwritten), pruned.
+    """Guaranteed ``>= ||P_b||_2`` for each node of ``chain`` (at level 0 or 1), pruned.
 
-    ``floor`` is a running lower estimate of the grid maximum; a node stops being refined once
-    its bound (``slack``, its share of the symbol error, included) is at most ``floor (1 +
-    tol)``: refining it further could not lower the maximum below that. Order: the Frobenius
-    norm (level 0), one Gram product (level 1) and its Frobenius bound, the Cholesky ladder
-    (:func:`_ladder`) at level 1, and further Gram products for the nodes it leaves.
-    Returns the bounds and the updated estimate.
+    ``||P_b|| <= 2^e_sym (b_0 + absolute) + slack`` for the chain's ``b_0``. ``floor`` is a
+    running lower estimate of the grid maximum; a node stops being refined once its bound
+    is at most ``floor (1 + tol)``: refining it further could not lower the maximum below
+    that. Order: the Frobenius bound of the current level, up to level 1 by a Gram product,
+    the Cholesky ladder (:func:`_ladder`) at level 1, and further Gram products (up to
+    ``max_steps`` levels) for the nodes it leaves. Returns the bounds and the new estimate.
     """
-    e_sym = _pow2_scale(p)
-    h0 = _scale_(p, e_sym)
-    _, tiny = _unit(p.dtype)
-    # the rescaling may underflow, by at most tiny an entry
-    absolute = 2 * p.shape[-1] * p.shape[-2] * tiny
-    chain = _Chain(h0, (_frobenius_up(h0) + absolute) * _UP)
     out = torch.full_like(e_sym, math.inf)
-    alive = torch.arange(p.shape[0], device=p.device)
+    alive = torch.arange(e_sym.shape[0], device=e_sym.device)
 
-    def record(b0: Tensor, nodes: Tensor) -> None:
+    def record(b0: Tensor) -> None:
         b0 = (b0 + absolute) * _UP
-        out[nodes] = torch.minimum(out[nodes], (b0 * _pow2(e_sym[nodes]) + slack[nodes]) * _UP)
+        bound = (b0 * _pow2(e_sym[alive]) + slack[alive]) * _UP
+        out[alive] = torch.minimum(out[alive], bound)
 
-    def prune(keep: Tensor) -> None:
+    def prune(keep: Tensor) -> bool:
         nonlocal alive
         if not bool(keep.all()):
             chain.keep(keep)
             alive = alive[keep]
+        return alive.numel() > 0
 
-    record(chain.level_bound(), alive)
-    for t in range(max_steps):
-        prune(out[alive] > floor * (1 + tol))
-        if alive.numel() == 0:
+    def estimate() -> float:
+        est = (chain.estimate() * _pow2(chain.exps[0])).sqrt() * _pow2(e_sym[alive])
+        return max(floor, float(est.amax()))
+
+    record(chain.level_bound())
+    if chain.level == 1:
+        floor = estimate()
+    laddered = False
+    while prune(out[alive] > floor * (1 + tol)):
+        if chain.level == 1 and rounds > 0 and not laddered:
+            laddered = True
+            b0, ok = _ladder(chain, e_sym[alive], floor, tol, rounds, chol_dtype)
+            record(torch.where(ok, b0, math.inf))
+            if not prune(~ok):
+                break
+        if chain.level >= max_steps:
             break
         chain.step()
-        if t == 0:
-            est = (chain.estimate() * _pow2(chain.exps[0])).sqrt() * _pow2(e_sym[alive])
-            floor = max(floor, float(est.amax()))
-        record(chain.level_bound(), alive)
-        if t == 0 and rounds > 0:
-            prune(out[alive] > floor * (1 + tol))
-            if alive.numel() == 0:
-                break
-            b0, ok = _ladder(chain, e_sym[alive], floor, tol, rounds, chol_dtype)
-            record(torch.where(ok, b0, math.inf), alive)
-            prune(~ok)
+        if chain.level == 1:
+            floor = estimate()
+        record(chain.level_bound())
     return out, floor
+
+
+def _symbol_chain(wg: Tensor, nodes: Tensor, grid: Sequence[int], dil: Sequence[int],
+                  dtype: torch.dtype) -> tuple[_Chain, Tensor, float]:
+    """Level 0: the symbol at the nodes, rescaled by powers of two (exact but for
+    underflow, at most ``tiny`` an entry: the ``absolute`` term)."""
+    p = symbol_nodes(wg, nodes, grid, dil, dtype)  # node-major: row = node * g + group
+    e_sym = _pow2_scale(p)
+    h0 = _scale_(p, e_sym)
+    absolute = 2 * p.shape[-1] * p.shape[-2] * _unit(dtype)[1]
+    return _Chain(h0, (_frobenius_up(h0) + absolute) * _UP), e_sym, absolute
+
+
+def _gram_chain(corr: tuple[Tensor, Tensor], err: Tensor, scale: float, nodes: Tensor,
+                grid: Sequence[int], dil: Sequence[int], dtype: torch.dtype
+                ) -> tuple[_Chain, Tensor]:
+    """Level 1 straight from ``K_tau`` (:func:`gram_nodes`), the filter pre-scaled by
+    ``2^-scale``: ``X_1 = G^ 2^-e_0`` and, in the place of the level-0 product's error,
+    :func:`gram_error` (``||P||^2 <= ||G^|| + err``, and the same for the Cholesky
+    certificate, whichever triangle it reads)."""
+    gm = gram_nodes(corr, nodes, grid, dil, dtype)
+    e0 = _pow2_scale(gm)
+    x1 = _scale_(gm, e0)
+    chain = _Chain(x1, _frobenius_up(x1))
+    chain.exps = [e0]
+    chain.terms = [err.repeat(nodes.numel())]
+    return chain, torch.full_like(e0, scale)
 
 
 def _symbol_at(wg: Tensor, freq: Sequence[int], grid: Sequence[int], dil: Sequence[int]) -> Tensor:
@@ -379,6 +483,16 @@ def _symbol_at(wg: Tensor, freq: Sequence[int], grid: Sequence[int], dil: Sequen
         # each contraction removes axis 3, so the next spatial axis moves into its place
         x = torch.tensordot(x, torch.polar(torch.ones_like(phase), phase), dims=([3], [0]))
     return x
+
+
+def _kernel_route_pays(shape: Sequence[int], nodes: int) -> bool:
+    """Whether level 1 from ``K_tau`` (one float64 product ``(K ci)^2 co``, then ``T ci^2``
+    per node) is cheaper than a complex64 Gram product ``ci^2 co`` (two real units) per node."""
+    g, co, ci, *k = shape
+    taps, n_off = math.prod(k), math.prod(2 * x - 1 for x in k)
+    kernel = g * (taps * ci) ** 2 * co + 2 * g * nodes * n_off * ci * ci
+    direct = 2 * g * nodes * (ci * ci * co + taps * co * ci)
+    return kernel < direct
 
 
 def grid_gram_cost(nodes: int, g: int, co: int, ci: int, steps: int, dtype: torch.dtype) -> float:
@@ -401,29 +515,36 @@ def grid_gram_bound(
     groups: int = 1,
     dilation: Sequence[int] | None = None,
     max_steps: int = 6,
-    tol: float = 2e-3,
+    tol: float = 3e-3,
     dtype: torch.dtype = torch.complex128,
     rounds: int = 12,
     chol_dtype: torch.dtype | None = None,
 ) -> Tensor:
     """Guaranteed ``>= max_f ||P(dil * theta_f)||_2`` over the ``grid`` frequencies (float64).
 
-    This is the exact norm of the circular convolution on that grid up to the Gram
-    iteration's convergence; :mod:`.bounds` turns it into a layer bound. Per frequency the
-    symbol ``P^`` is computed in ``dtype`` (error at most :func:`symbol_error`; complex64
-    halves the cost of the products), rescaled by a power of two, and Gram-iterated: ``||P||^(2^(t+1)) <= ||(P^H
-    P)^(2^t)||_F`` in exact arithmetic (Delattre et al., ICML 2023), here with every product's
-    error carried up the chain as in :class:`_Chain`. So for every frequency
+    That maximum is the exact norm of the circular convolution on the grid (Sedghi et al.);
+    :mod:`.bounds` turns it into a layer bound. Per frequency (half grid: a real filter has
+    ``P(-theta) = conj P(theta)``), with ``u`` the unit roundoff of ``dtype``:
 
-        ||P|| <= ||P^|| + err_P <= 2^e0 b_0 + err_P,
+    * Level 1, ``G = P^H P`` on the smaller channel side, either from the computed symbol
+      (:func:`symbol_nodes`, error :func:`symbol_error`, then one batched Gram product) or,
+      where cheaper, straight from the self-correlation ``K_tau`` of the filter
+      (:func:`gram_nodes`, error :func:`gram_error`); every matrix rescaled by a power of two.
+    * Gram iteration (Delattre, Barthelemy, Araujo & Allauzen, ICML 2023): ``||P||^(2^(t+1))
+      <= ||(P^H P)^(2^t)||_F`` in exact arithmetic; here every product's error is carried up
+      the chain as in :class:`_Chain`, so each level gives a guaranteed bound ``b_0``.
+    * A Cholesky certificate at level 1 (:func:`cholesky_top`, :func:`_ladder`): ``lambda_max(G)
+      <= mu`` as soon as ``alpha I - G`` factors, for thresholds just above an estimate of the
+      grid maximum. One factorization costs a sixth of a Gram product, and its bound is
+      within ``tol`` of the top at once, where Gram iteration needs ``log2(log n / tol)``
+      products.
 
-    and the bound is the maximum of these over the frequencies.
-
-    Anytime: a running estimate ``L`` of the grid maximum from below (the top column of the
-    chain, see :meth:`_Chain.estimate`) retires every frequency whose current bound is at
-    most ``L (1 + tol)``; the others are refined up to ``max_steps`` products. Retiring only
-    costs tightness: each frequency keeps the guaranteed bound it had. Conjugate symmetry of
-    a real filter (``P(-theta) = conj P(theta)``) halves the grid.
+    For every frequency ``||P|| <= 2^E b_0 + err``, and the result is the maximum over the
+    frequencies. Anytime: a running estimate ``L`` of the grid maximum from below
+    (:meth:`_Chain.estimate`) retires every frequency whose current bound is at most ``L (1 +
+    tol)``; the others are refined up to ``max_steps`` Gram levels. Retiring, the estimates
+    and failed factorizations only cost tightness, never validity: each frequency keeps the
+    guaranteed bound it had. ``rounds=0`` is plain Gram iteration with the rounding account.
 
     Gradient: the value is computed without autograd; when the weight requires grad, the
     result carries the gradient of the exact ``||P(theta*)||_2`` at the frequency ``theta*``
@@ -435,29 +556,42 @@ def grid_gram_bound(
         raise ValueError(f"dtype must be complex64 or complex128, got {dtype}")
     d = weight.ndim - 2
     if d < 1 or len(grid) != d:
-        raise ValueError(f"grid {tuple(grid)} does not match a filter of shape {tuple(weight.shape)}")
+        shape = tuple(weight.shape)
+        raise ValueError(f"grid {tuple(grid)} does not match a filter of shape {shape}")
     dil = [1] * d if dilation is None else [int(x) for x in dilation]
     grid = [int(m) for m in grid]
     wg = grouped_weight(weight.detach().to(torch.float64), groups)
     if wg.shape[1] < wg.shape[2]:
         wg = wg.transpose(1, 2)  # P^T has P's norm; the Gram side is then the smaller one
     g, co, ci = wg.shape[:3]
-    err = symbol_error(wg, dtype)
-    if chol_dtype is None:  # complex64 where its rounding costs at most tol / 2
+    if chol_dtype is None:  # complex64 where its rounding costs at most tol
         chol_dtype = (
-            torch.complex64 if cholesky_inflation(ci, torch.complex64) <= tol / 2
+            torch.complex64 if cholesky_inflation(ci, torch.complex64) <= tol
             else torch.complex128
         )
     total = grid_nodes(grid)
+    kernel_route = max_steps >= 1 and _kernel_route_pays(wg.shape, total)
+    if kernel_route:
+        # pre-scale by a power of two (exact): K_tau then neither overflows nor underflows
+        scale = float(_pow2_scale(wg.reshape(1, 1, -1).to(torch.complex128))[0])
+        ws = wg * 2.0**-scale
+        corr = _correlation_taps(ws)
+        err = gram_error(ws, dtype)
+    else:
+        err = symbol_error(wg, dtype)
     step = max(1, _CHUNK_BYTES // (g * co * ci * 16))
     floor, best, where = 0.0, None, (0, 0)
     with torch.no_grad():
         for lo in range(0, total, step):
             nodes = torch.arange(lo, min(lo + step, total), device=wg.device)
-            p = symbol_nodes(wg, nodes, grid, dil, dtype)  # node-major: row = node * g + group
-            bounds, floor = _refine(
-                p, max_steps, tol, floor, err.repeat(nodes.numel()), rounds, chol_dtype
-            )
+            if kernel_route:
+                chain, e_sym = _gram_chain(corr, err, scale, nodes, grid, dil, dtype)
+                slack, absolute = torch.zeros_like(e_sym), 0.0
+            else:
+                chain, e_sym, absolute = _symbol_chain(wg, nodes, grid, dil, dtype)
+                slack = err.repeat(nodes.numel())
+            bounds, floor = _refine(chain, e_sym, slack, absolute, max_steps, tol, floor,
+                                    rounds, chol_dtype)
             top, arg = bounds.max(dim=0)
             if best is None or top > best:
                 best = top
