@@ -19,10 +19,13 @@ from torch import nn
 
 from lightning_spectral.functional.bounds import grid_gram_bound, layer_bounds
 from lightning_spectral.functional.bounds_grid_gram import (
+    _correlation_taps,
     _pow2,
     _pow2_scale,
     _scale_,
     cholesky_top,
+    gram_error,
+    gram_nodes,
     symbol_error,
     symbol_nodes,
 )
@@ -136,6 +139,23 @@ def test_symbol_error_covers_the_computed_symbol(dtype) -> None:
 
 
 @pytest.mark.parametrize("dtype", [torch.complex64, torch.complex128])
+def test_gram_error_covers_the_kernel_route(dtype) -> None:
+    torch.manual_seed(5)
+    shape = (1, 7, 6, 3, 2)
+    w = torch.randn(*shape, dtype=torch.float64) * 10.0 ** torch.randint(-3, 4, shape)
+    grid, dil = [6, 5], [1, 2]
+    nodes = torch.arange(6 * 3)
+    got = gram_nodes(_correlation_taps(w), nodes, grid, dil, dtype).to(torch.complex128)
+    p = symbol_nodes(w, nodes, grid, dil, torch.complex128)
+    ref = p.mH @ p
+    gap = float(torch.linalg.matrix_norm(got - ref, 2).max())
+    err = float(gram_error(w, dtype)[0])
+    assert gap <= err
+    a = float(w.abs().flatten(3).sum(-1).norm()) ** 2
+    assert err <= (1e-4 if dtype == torch.complex64 else 1e-12) * a
+
+
+@pytest.mark.parametrize("dtype", [torch.complex64, torch.complex128])
 def test_cholesky_top_certifies_above_and_refuses_below(dtype) -> None:
     torch.manual_seed(1)
     p = torch.randn(6, 40, 30, dtype=dtype)
@@ -165,11 +185,13 @@ def filters(draw):
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(case=filters(), dtype=st.sampled_from([torch.complex64, torch.complex128]),
        max_steps=st.sampled_from([0, 1, 2, 6]), rounds=st.sampled_from([0, 1, 12]),
-       tol=st.sampled_from([0.0, 2e-3, 0.5]))
-def test_grid_gram_bound_is_sound(case, dtype, max_steps, rounds, tol) -> None:
+       tol=st.sampled_from([0.0, 2e-3, 0.5]), route=st.sampled_from([None, "symbol", "kernel"]))
+def test_grid_gram_bound_is_sound(case, dtype, max_steps, rounds, tol, route) -> None:
     w, groups, grid, dil = case
     exact = _fft_grid_norm(w, grid, dil, groups)
-    got = grid_gram_bound(w, grid, groups=groups, dilation=dil, dtype=dtype,
+    if route == "kernel" and max_steps == 0:
+        route = None
+    got = grid_gram_bound(w, grid, groups=groups, dilation=dil, dtype=dtype, route=route,
                           max_steps=max_steps, rounds=rounds, tol=tol).item()
     assert got >= exact, (got, exact)
     if max_steps >= 1 and rounds == 12 and dtype == torch.complex128 and exact > 0:
@@ -185,9 +207,11 @@ def test_grid_gram_bound_is_tight_on_wide_random_filters() -> None:
         got = grid_gram_bound(w, [11, 11], dtype=dtype).item()
         assert exact <= got <= exact * 1.004
     # without the Cholesky ladder: plain Gram iteration with its rounding account
-    plain = grid_gram_bound(w, [11, 11], rounds=0, max_steps=7, tol=0.0).item()
-    assert exact <= plain <= exact * 1.01
-    assert grid_gram_bound(w, [11, 11], rounds=0, max_steps=1, tol=0.0).item() > 1.5 * exact
+    for route in ("symbol", "kernel"):
+        plain = grid_gram_bound(w, [11, 11], rounds=0, max_steps=7, tol=0.0, route=route)
+        assert exact <= plain.item() <= exact * 1.01
+        loose = grid_gram_bound(w, [11, 11], rounds=0, max_steps=1, tol=0.0, route=route)
+        assert loose.item() > 1.5 * exact
 
 
 def test_grid_gram_gradient_is_the_top_frequencys() -> None:

@@ -519,6 +519,7 @@ def grid_gram_bound(
     dtype: torch.dtype = torch.complex128,
     rounds: int = 12,
     chol_dtype: torch.dtype | None = None,
+    route: str | None = None,
 ) -> Tensor:
     """Guaranteed ``>= max_f ||P(dil * theta_f)||_2`` over the ``grid`` frequencies (float64).
 
@@ -545,6 +546,9 @@ def grid_gram_bound(
     tol)``; the others are refined up to ``max_steps`` Gram levels. Retiring, the estimates
     and failed factorizations only cost tightness, never validity: each frequency keeps the
     guaranteed bound it had. ``rounds=0`` is plain Gram iteration with the rounding account.
+    ``route``: ``"symbol"`` or ``"kernel"`` for level 1 (default: the cheaper; ``"kernel"``
+    needs ``max_steps >= 1``); ``chol_dtype``: the certificate's precision (default:
+    complex64 where its rounding costs at most ``tol``).
 
     Gradient: the value is computed without autograd; when the weight requires grad, the
     result carries the gradient of the exact ``||P(theta*)||_2`` at the frequency ``theta*``
@@ -570,7 +574,12 @@ def grid_gram_bound(
             else torch.complex128
         )
     total = grid_nodes(grid)
-    kernel_route = max_steps >= 1 and _kernel_route_pays(wg.shape, total)
+    if route not in (None, "symbol", "kernel") or (route == "kernel" and max_steps < 1):
+        raise ValueError(
+            f"route must be None, 'symbol' or 'kernel' (with max_steps >= 1), got {route!r}"
+        )
+    kernel_route = route == "kernel" or (
+        route is None and max_steps >= 1 and _kernel_route_pays(wg.shape, total))
     if kernel_route:
         # pre-scale by a power of two (exact): K_tau then neither overflows nor underflows
         scale = float(_pow2_scale(wg.reshape(1, 1, -1).to(torch.complex128))[0])
