@@ -374,12 +374,18 @@ def _ladder(
     tau = torch.full_like(b0, floor * (1 + tol))
     to_sym = _pow2(chain.exps[0]).sqrt() * _pow2(sym_exp)  # sqrt(level 1) -> symbol units
     todo = torch.arange(m, device=b0.device)
+    rounded = _unit(dtype)[0] > _unit(chain.x.dtype)[0]
+    u_chol = _unit(dtype)[0]
     for j in range(rounds):
         if todo.numel() == 0:
             break
         x = chain.x if todo.numel() == m else chain.x[todo]
         alpha = (tau[todo] / to_sym[todo]).square()
         mu, ok = cholesky_top(x.to(dtype), alpha)
+        if rounded:
+            # factoring a rounded copy: the Hermitian matrix of one triangle moves by at most
+            # sqrt(2) u ||X_1||_F in norm (each entry by u of itself), so mu moves as much
+            mu = (mu + 2 * u_chol * chain.fro[todo]) * _UP
         hit, todo = todo[ok], todo[~ok]
         if hit.numel():
             b0[hit] = chain.bound_from(mu[ok], 1, hit)
