@@ -185,16 +185,17 @@ def filters(draw):
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(case=filters(), dtype=st.sampled_from([torch.complex64, torch.complex128]),
        max_steps=st.sampled_from([0, 1, 2, 6]), rounds=st.sampled_from([0, 1, 12]),
-       tol=st.sampled_from([0.0, 2e-3, 0.5]), route=st.sampled_from([None, "symbol", "kernel"]))
-def test_grid_gram_bound_is_sound(case, dtype, max_steps, rounds, tol, route) -> None:
+       tol=st.sampled_from([0.0, 2e-3, 0.5]), route=st.sampled_from([None, "symbol", "kernel"]),
+       chol=st.sampled_from([None, torch.complex64, torch.complex128]))
+def test_grid_gram_bound_is_sound(case, dtype, max_steps, rounds, tol, route, chol) -> None:
     w, groups, grid, dil = case
     exact = _fft_grid_norm(w, grid, dil, groups)
     if route == "kernel" and max_steps == 0:
         route = None
     got = grid_gram_bound(w, grid, groups=groups, dilation=dil, dtype=dtype, route=route,
-                          max_steps=max_steps, rounds=rounds, tol=tol).item()
+                          max_steps=max_steps, rounds=rounds, tol=tol, chol_dtype=chol).item()
     assert got >= exact, (got, exact)
-    if max_steps >= 1 and rounds == 12 and dtype == torch.complex128 and exact > 0:
+    if max_steps >= 1 and rounds == 12 and dtype == chol == torch.complex128 and exact > 0:
         # the ladder certifies within (1 + tol) of the top, or the pruning stops there
         assert got <= exact * (1 + 2 * tol) * (1 + 1e-9) + 1e-300
 
