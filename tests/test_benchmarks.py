@@ -64,7 +64,7 @@ def quick_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str]:
 
 
 PAPER_COLS = ["FF-PI(1)", "FF-PI(50)", "FF", "Gram-FF", "tightest", "FFT"]
-REAL_COLS = ["FF-PI(1)", "FF-PI(50)", "FF", "Gram-FF", "tightest", "op-PI", "FFT"]
+REAL_COLS = ["FF-PI(1)", "FF-PI(50)", "FF", "Gram-FF", "tightest", "grid-Gram", "op-PI", "FFT"]
 SPEEDUPS = ["FFT/tightest", "FFT/FF", "FFT/FF-PI(50)"]
 
 

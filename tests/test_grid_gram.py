@@ -268,3 +268,20 @@ def test_grid_bounds_respect_the_cost_cap() -> None:
     assert "polyphase_grid_gram" not in layer_bounds(conv, (8, 8), max_cost=0)
     assert math.isfinite(float(layer_bounds(conv, (8, 8))["polyphase_grid_gram"]))
     assert "grid_gram" not in layer_bounds(nn.Conv2d(8, 8, 1), (8, 8))  # constant symbol
+
+
+def test_benchmark_grid_gram_method_is_sound() -> None:
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from benchmarks.boundspeed.config import Config
+    from benchmarks.boundspeed.measure import measure
+    from benchmarks.boundspeed.methods import METHODS, SIZED_PROVABLE
+
+    cfg = Config(quick=True, threads=1, device=torch.device("cpu"), time_budget=0.0)
+    for stride, k in ((1, 3), (2, 3), (2, 1)):
+        conv = nn.Conv2d(3, 5, k, stride=stride, padding=k // 2)
+        exact = operator_norm(conv, (7, 7)).item()
+        value = measure(METHODS["grid-Gram"].build(conv, (7, 7), cfg), cfg).value
+        assert value >= exact and "grid-Gram" in SIZED_PROVABLE
