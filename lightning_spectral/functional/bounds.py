@@ -121,7 +121,7 @@ def _grid_gram(w: Tensor, g: int, grid: Sequence[int], dilation: Sequence[int] |
     """:func:`grid_gram_bound` of ``w`` on ``grid`` when its predicted cost fits ``cap``."""
     co, ci = w.shape[0] // g, w.shape[1]
     dtype = _grid_dtype(min(co, ci))
-    cost = grid_gram_cost(grid_nodes(grid), g, co, ci, _GRID_STEPS, dtype)
+    cost = grid_gram_cost((g, co, ci, *w.shape[2:]), grid_nodes(grid), _GRID_STEPS, dtype)
     if cost > cap:
         return None
     return grid_gram_bound(w, grid, groups=g, dilation=dilation, dtype=dtype)

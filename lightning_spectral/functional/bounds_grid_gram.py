@@ -34,18 +34,23 @@ from .norms import spectral_norm_exact
 from .symbol import grid_nodes, taps_last
 from .threads import filter_side, with_bound_threads
 
-__all__ = ["grid_gram_bound", "grid_gram_cost", "symbol_error"]
+__all__ = [
+    "cholesky_top",
+    "gram_error",
+    "gram_nodes",
+    "grid_gram_bound",
+    "grid_gram_cost",
+    "symbol_error",
+    "symbol_nodes",
+]
 
-#: Bytes of complex128 symbol matrices refined at once (memory chunking over the frequencies).
+#: Bytes of level-0 or level-1 matrices (counted as complex128) refined at once: memory
+#: chunking over the frequencies; the running estimate carries over from chunk to chunk.
 _CHUNK_BYTES = 128 << 20
 #: ``u`` of the float64 bookkeeping (Frobenius norms, the back-substitution).
 _U64 = 2.0**-53
 #: Rounds a float64 result of at most 8 correctly rounded operations up past its exact value.
 _UP = 1 + 16 * _U64
-#: Error of one computed DFT factor ``exp(-i phase)``: the phase ``fl(fl(r) fl(-2 pi / m))``
-#: (``r`` an exact integer) is off by ``gamma_3 2 pi``, and cos / sin by an ulp each; 32 u
-#: is above both with room.
-_EXP_ERR = 32 * _U64
 
 
 def _gamma(n: float, u: float) -> float:
@@ -480,7 +485,9 @@ def _gram_chain(corr: tuple[Tensor, Tensor], err: Tensor, scale: float, nodes: T
     return chain, torch.full_like(e0, scale)
 
 
-def _symbol_at(wg: Tensor, freq: Sequence[int], grid: Sequence[int], dil: Sequence[int]) -> Tensor:
+def _symbol_at(
+    wg: Tensor, freq: Sequence[int], grid: Sequence[int], dil: Sequence[int]
+) -> Tensor:
     """``P(dil * theta)`` at one grid frequency, ``(g, co, ci)`` complex128, differentiable."""
     x = wg.to(torch.complex128)
     for j, (f, m) in enumerate(zip(freq, grid, strict=True)):
@@ -491,26 +498,33 @@ def _symbol_at(wg: Tensor, freq: Sequence[int], grid: Sequence[int], dil: Sequen
     return x
 
 
-def _kernel_route_pays(shape: Sequence[int], nodes: int) -> bool:
-    """Whether level 1 from ``K_tau`` (one float64 product ``(K ci)^2 co``, then ``T ci^2``
-    per node) is cheaper than a complex64 Gram product ``ci^2 co`` (two real units) per node."""
+def _level_one_costs(shape: Sequence[int], nodes: int) -> tuple[float, float]:
+    """Real multiply-adds of level 1 for a filter ``(g, co, ci, *k)`` (``co >= ci``): from
+    ``K_tau`` (one float64 product ``(K ci)^2 co``, then ``2 T ci^2`` per node) and from the
+    symbol (a complex64 Gram product ``ci^2 co``, two real units, and the DFT per node)."""
     g, co, ci, *k = shape
     taps, n_off = math.prod(k), math.prod(2 * x - 1 for x in k)
     kernel = g * (taps * ci) ** 2 * co + 2 * g * nodes * n_off * ci * ci
     direct = 2 * g * nodes * (ci * ci * co + taps * co * ci)
+    return kernel, direct
+
+
+def _kernel_route_pays(shape: Sequence[int], nodes: int) -> bool:
+    kernel, direct = _level_one_costs(shape, nodes)
     return kernel < direct
 
 
-def grid_gram_cost(nodes: int, g: int, co: int, ci: int, steps: int, dtype: torch.dtype) -> float:
-    """Multiply-adds (real, complex128 units) of ``steps`` Gram products at every node.
-
-    A complex product counts 4 real ones; complex64 counts half (measured: about 2x faster).
-    """
-    n_small, n_big = min(co, ci), max(co, ci)
-    first = n_small * n_small * n_big
-    rest = max(steps - 1, 0) * n_small**3
-    factor = 2.0 if dtype == torch.complex64 else 4.0
-    return factor * g * nodes * (first + rest)
+def grid_gram_cost(shape: Sequence[int], nodes: int, steps: int, dtype: torch.dtype) -> float:
+    """Predicted real multiply-adds of :func:`grid_gram_bound` on a filter ``(g, co, ci, *k)``
+    at ``nodes`` frequencies: the cheaper level 1 and ``steps - 1`` more products of the
+    Gram side (the Cholesky ladder counts as about one). complex64 products count half
+    (measured: about 2x faster than complex128)."""
+    g, co, ci, *k = shape
+    oriented = (g, max(co, ci), min(co, ci), *k)
+    kernel, direct = _level_one_costs(oriented, nodes)
+    factor = 1.0 if dtype == torch.complex64 else 2.0
+    rest = max(steps - 1, 0) * 2 * g * nodes * min(co, ci) ** 3
+    return min(kernel, direct * factor) + rest * factor
 
 
 @with_bound_threads(filter_side)
