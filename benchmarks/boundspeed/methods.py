@@ -108,8 +108,8 @@ def grid_gram(conv: nn.Conv2d, size: Size, cfg: Config) -> Job:
     def run() -> Tensor:
         with torch.no_grad():
             values = grid_bounds(geo, size, poly, None)
-        if not values:  # single-tap filter: FF is its exact norm
-            return fantastic_four(conv.weight, groups=conv.groups)
+            if not values:  # single-tap filter: FF is its exact norm
+                return fantastic_four(conv.weight, groups=conv.groups)
         return min(values.values(), key=float)
 
     return Job(run)
