@@ -86,11 +86,14 @@ def _top_eig(b: Tensor) -> float:
     return float(torch.linalg.eigvalsh(g)[-1])
 
 
-def _slack(block: Tensor, w: Tensor, q: float) -> float:
-    """Rounding allowance for a step matrix: every entry was formed with at most a few
-    roundings (``6 u ||block||_F``), and ``q W^T W`` adds ``q gamma_{d+3} ||W||_F^2``."""
-    extra = q * _gamma(w.shape[0] + 3) * float(w.square().sum()) * 1.01 if q else 0.0
-    return 6 * _U * float(torch.linalg.matrix_norm(block)) + extra
+def _slack(block: Tensor, w: Tensor, q: float, ms: float, err: float) -> float:
+    """Allowance for a step matrix: every entry was formed with at most a few roundings
+    (``6 u ||block||_F``), ``q W^T W`` adds ``q gamma_{d+3} ||W||_F^2``; a matrix known only
+    to ``||W_true - W||_2 <= err`` adds ``2 ms err`` (off-diagonal blocks) and
+    ``q (2 ||W||_F err + err^2)`` (the first block)."""
+    frob = float(torch.linalg.matrix_norm(w)) * 1.01
+    extra = q * (_gamma(w.shape[0] + 3) * frob * frob + 2 * frob * err + err * err) if q else 0.0
+    return 6 * _U * float(torch.linalg.matrix_norm(block)) + extra + 2.02 * ms * err
 
 
 def _step_matrix(a: Tensor, w: Tensor, ms: float, y_new: Tensor) -> Tensor:
@@ -106,7 +109,7 @@ def _shrink(n: int) -> float:
     return max(1e-10, 64 * n * n * _U)
 
 
-def _try_step(y: Tensor, w: Tensor, m: float, p: float, shrink: float, t: float
+def _try_step(y: Tensor, w: Tensor, m: float, p: float, shrink: float, t: float, err: float
               ) -> tuple[Tensor, float] | None:
     """One certified step from ``Y_{i-1}``: ``(Y_i, s_i)``, or None if a check fails."""
     chol, info = torch.linalg.cholesky_ex(y)
@@ -125,23 +128,23 @@ def _try_step(y: Tensor, w: Tensor, m: float, p: float, shrink: float, t: float
     y_new.diagonal().add_(1.0 - shrink)
     y_new = (y_new + y_new.mT) / 2
     block = _step_matrix(a, w, m * s, y_new)
-    if not certified_psd(block, _slack(block, w, q)):
+    if not certified_psd(block, _slack(block, w, q, m * s, err)):
         return None
     return y_new, s
 
 
-def _step(y: Tensor, w: Tensor, slope: tuple[float, float], t: float
+def _step(y: Tensor, w: Tensor, slope: tuple[float, float], t: float, err: float
           ) -> tuple[Tensor, float] | None:
     alpha, beta = slope
     m, p = (alpha + beta) / 2, alpha * beta
     for retry in _RETRIES:
-        out = _try_step(y, w, m, p, retry * _shrink(sum(w.shape)), t)
+        out = _try_step(y, w, m, p, retry * _shrink(sum(w.shape)), t, err)
         if out is not None:
             return out
     return None
 
 
-def _last(y: Tensor, w: Tensor) -> float | None:
+def _last(y: Tensor, w: Tensor, err: float) -> float | None:
     """``r`` with ``[[Y, r W^T], [r W, I]] >= 0`` certified, or None."""
     chol, info = torch.linalg.cholesky_ex(y)
     if int(info):
@@ -153,7 +156,8 @@ def _last(y: Tensor, w: Tensor) -> float | None:
         off = w * r
         block = torch.cat([torch.cat([y, off.mT], 1),
                            torch.cat([off, torch.eye(w.shape[0], dtype=w.dtype)], 1)], 0)
-        if certified_psd(block, 3 * _U * float(torch.linalg.matrix_norm(block))):
+        slack = 3 * _U * float(torch.linalg.matrix_norm(block)) + 2.02 * r * err
+        if certified_psd(block, slack):
             return r
     return None
 
@@ -172,23 +176,24 @@ def _check_chain(weights: Sequence[Tensor], slopes: Sequence[tuple[float, float]
                              f"({alpha}, {beta})")
 
 
-def _chain_value(mats: list[Tensor], slopes: Sequence[tuple[float, float]], t: float
-                 ) -> float | None:
+def _chain_value(mats: list[Tensor], slopes: Sequence[tuple[float, float]], t: float,
+                 errors: Sequence[float]) -> float | None:
     """``1 / (r prod s_i)`` for the multipliers of fraction ``t``, or None."""
     y = torch.eye(mats[0].shape[1], dtype=torch.float64)
     denominator = 1.0
-    for w, slope in zip(mats[:-1], slopes, strict=True):
-        out = _step(y, w, slope, t)
+    for w, slope, err in zip(mats[:-1], slopes, errors, strict=False):
+        out = _step(y, w, slope, t, err)
         if out is None:
             return None
         y, s = out
         denominator *= s
-    r = _last(y, mats[-1])
+    r = _last(y, mats[-1], errors[-1])
     return None if r is None else 1.0 / (r * denominator)
 
 
 def chain_lipschitz_bound(weights: Sequence[Tensor], slopes: Sequence[tuple[float, float]],
-                          fractions: Sequence[float] = FRACTIONS) -> Tensor | None:
+                          fractions: Sequence[float] = FRACTIONS,
+                          errors: Sequence[float] | None = None) -> Tensor | None:
     """Certified ECLipsE-Fast bound of ``x -> W_l s_{l-1}(... s_1(W_1 x))`` (biases free).
 
     Args:
@@ -200,6 +205,9 @@ def chain_lipschitz_bound(weights: Sequence[Tensor], slopes: Sequence[tuple[floa
             W_i^T))`` are tried for each ``t`` in ``(0, 1)`` here, and the smallest certified
             bound kept (each is a certificate of its own). ``t = 1/2`` is ECLipsE-Fast; a
             larger ``t`` weighs the multiplier up against ``X_i >= (1 - t) l_i I``.
+        errors: ``e_i >= ||W_i^true - W_i||_2`` when the stored matrix is a rounded version of
+            the network's (e.g. a product of two layers); the checks then hold for every
+            matrix within ``e_i``. Default 0 (the matrices are exact).
 
     Returns:
         0-dim float64 ``L`` with ``||f(x) - f(x')|| <= L ||x - x'||``, or None when a
@@ -218,7 +226,10 @@ def chain_lipschitz_bound(weights: Sequence[Tensor], slopes: Sequence[tuple[floa
         return torch.zeros((), dtype=torch.float64)  # a zero map: f is constant
     if not all(0 < t < 1 for t in fractions):
         raise ValueError(f"fractions must lie in (0, 1), got {tuple(fractions)}")
-    values = [v for t in fractions if (v := _chain_value(mats, slopes, t)) is not None]
+    errs = [0.0] * len(mats) if errors is None else [float(e) for e in errors]
+    if len(errs) != len(mats) or not all(e >= 0 for e in errs):
+        raise ValueError(f"errors must be {len(mats)} numbers >= 0, got {errors}")
+    values = [v for t in fractions if (v := _chain_value(mats, slopes, t, errs)) is not None]
     if not values:
         return None
     return torch.tensor(min(values) * (1 + 4 * (len(mats) + 3) * _U), dtype=torch.float64)

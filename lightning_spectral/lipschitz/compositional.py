@@ -137,20 +137,36 @@ def _items(model: nn.Module, shape: tuple[int, ...]) -> list[_Item] | None:
     return items
 
 
-def _alternate(items: list[_Item], dim: int) -> tuple[list[Tensor], list[tuple[float, float]]]:
-    """``W_1, s_1, ..., W_l``: an identity activation ``(1, 1)`` between two linear maps,
-    consecutive activations composed (slopes ``[a_1 a_2, b_1 b_2]``, all ``a >= 0``: the
-    difference quotient of a composition is the product of the two quotients), an identity
-    matrix before a leading / after a trailing activation."""
+def _product(a: Tensor, a_err: float, b: Tensor) -> tuple[Tensor, float]:
+    """``fl(b a)`` and ``e`` with ``||b a_true - fl(b a)||_2 <= e`` when ``||a_true - a||_2 <=
+    a_err``: ``||b||_2 a_err + gamma_k || |b| |a| ||_F`` (Higham, Thm 3.5 / Lemma 3.5), with
+    ``|| |b| |a| ||_F <= ||b||_F ||a||_F``, all norms taken as Frobenius (larger)."""
+    k = a.shape[0]
+    gamma = k * 2.0**-53 / (1 - k * 2.0**-53)
+    nb, na = float(torch.linalg.matrix_norm(b)), float(torch.linalg.matrix_norm(a))
+    return b @ a, (nb * a_err + gamma * nb * na) * 1.01
+
+
+def _alternate(items: list[_Item], dim: int
+               ) -> tuple[list[Tensor], list[tuple[float, float]], list[float]]:
+    """``W_1, s_1, ..., W_l`` and error bounds: two linear maps in a row multiplied (the
+    rounding carried as an error bound), consecutive activations composed (slopes
+    ``[a_1 a_2, b_1 b_2]``, all ``a >= 0``: the difference quotient of a composition is the
+    product of the two quotients), an identity matrix before a leading / after a trailing
+    activation."""
     weights: list[Tensor] = []
+    errors: list[float] = []
     slopes: list[tuple[float, float]] = []
     last = "start"
     for kind, value in items:
         if kind == "lin":
             assert isinstance(value, Tensor)
             if last == "lin":
-                slopes.append((1.0, 1.0))
+                value, err = _product(weights.pop(), errors.pop(), value)
+            else:
+                err = 0.0
             weights.append(value)
+            errors.append(err)
             dim = value.shape[0]
         else:
             assert isinstance(value, tuple)
@@ -159,11 +175,13 @@ def _alternate(items: list[_Item], dim: int) -> tuple[list[Tensor], list[tuple[f
                 value = _compose_up((a * value[0], b * value[1]))
             elif last == "start":
                 weights.append(torch.eye(dim, dtype=torch.float64))
+                errors.append(0.0)
             slopes.append(value)
         last = kind
     if last == "act":
         weights.append(torch.eye(dim, dtype=torch.float64))
-    return weights, slopes
+        errors.append(0.0)
+    return weights, slopes, errors
 
 
 def _compose_up(slope: tuple[float, float]) -> tuple[float, float]:
@@ -182,8 +200,8 @@ def sequential_chain_bound(model: nn.Module, input_shape: Sequence[int]) -> Tens
         items = _items(model, shape)
     if not items or not any(kind == "lin" for kind, _ in items):
         return None
-    weights, slopes = _alternate(items, math.prod(shape))
-    return chain_lipschitz_bound(weights, slopes)
+    weights, slopes, errors = _alternate(items, math.prod(shape))
+    return chain_lipschitz_bound(weights, slopes, errors=errors)
 
 
 def compositional_lipschitz_bound(
