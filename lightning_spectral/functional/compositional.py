@@ -109,9 +109,10 @@ def _shrink(n: int) -> float:
     return max(1e-10, 64 * n * n * _U)
 
 
-def _try_step(y: Tensor, w: Tensor, m: float, p: float, shrink: float, t: float, err: float
-              ) -> tuple[Tensor, float] | None:
-    """One certified step from ``Y_{i-1}``: ``(Y_i, s_i)``, or None if a check fails."""
+def _try_step(y: Tensor, w: Tensor, m: float, p: float, shrink: float, t: float, err: float,
+              certify: bool) -> tuple[Tensor, float] | None:
+    """One step from ``Y_{i-1}``: ``(Y_i, s_i)``, or None if a check fails (``certify=False``:
+    the same step unchecked, only to rank the fractions)."""
     chol, info = torch.linalg.cholesky_ex(y)
     if int(info):
         return None
@@ -127,24 +128,26 @@ def _try_step(y: Tensor, w: Tensor, m: float, p: float, shrink: float, t: float,
     y_new = (b.mT @ b) * (-(s * s) * (m * m))
     y_new.diagonal().add_(1.0 - shrink)
     y_new = (y_new + y_new.mT) / 2
+    if not certify:
+        return y_new, s
     block = _step_matrix(a, w, m * s, y_new)
     if not certified_psd(block, _slack(block, w, q, m * s, err)):
         return None
     return y_new, s
 
 
-def _step(y: Tensor, w: Tensor, slope: tuple[float, float], t: float, err: float
-          ) -> tuple[Tensor, float] | None:
+def _step(y: Tensor, w: Tensor, slope: tuple[float, float], t: float, err: float,
+          certify: bool) -> tuple[Tensor, float] | None:
     alpha, beta = slope
     m, p = (alpha + beta) / 2, alpha * beta
     for retry in _RETRIES:
-        out = _try_step(y, w, m, p, retry * _shrink(sum(w.shape)), t, err)
+        out = _try_step(y, w, m, p, retry * _shrink(sum(w.shape)), t, err, certify)
         if out is not None:
             return out
     return None
 
 
-def _last(y: Tensor, w: Tensor, err: float) -> float | None:
+def _last(y: Tensor, w: Tensor, err: float, certify: bool) -> float | None:
     """``r`` with ``[[Y, r W^T], [r W, I]] >= 0`` certified, or None."""
     chol, info = torch.linalg.cholesky_ex(y)
     if int(info):
@@ -153,6 +156,8 @@ def _last(y: Tensor, w: Tensor, err: float) -> float | None:
     for retry in _RETRIES:
         mu = top * (1 + retry * _shrink(sum(w.shape)))
         r = 1.0 / math.sqrt(mu)
+        if not certify:
+            return r
         off = w * r
         block = torch.cat([torch.cat([y, off.mT], 1),
                            torch.cat([off, torch.eye(w.shape[0], dtype=w.dtype)], 1)], 0)
@@ -177,17 +182,18 @@ def _check_chain(weights: Sequence[Tensor], slopes: Sequence[tuple[float, float]
 
 
 def _chain_value(mats: list[Tensor], slopes: Sequence[tuple[float, float]], t: float,
-                 errors: Sequence[float]) -> float | None:
-    """``1 / (r prod s_i)`` for the multipliers of fraction ``t``, or None."""
+                 errors: Sequence[float], certify: bool = True) -> float | None:
+    """``1 / (r prod s_i)`` for the multipliers of fraction ``t``, or None (unchecked, an
+    estimate only, with ``certify=False``)."""
     y = torch.eye(mats[0].shape[1], dtype=torch.float64)
     denominator = 1.0
     for w, slope, err in zip(mats[:-1], slopes, errors, strict=False):
-        out = _step(y, w, slope, t, err)
+        out = _step(y, w, slope, t, err, certify)
         if out is None:
             return None
         y, s = out
         denominator *= s
-    r = _last(y, mats[-1], errors[-1])
+    r = _last(y, mats[-1], errors[-1], certify)
     return None if r is None else 1.0 / (r * denominator)
 
 
@@ -202,9 +208,10 @@ def chain_lipschitz_bound(weights: Sequence[Tensor], slopes: Sequence[tuple[floa
         slopes: ``(alpha_i, beta_i)`` of the activation after ``W_i``, ``i < l``, with
             ``0 <= alpha_i <= beta_i``, ``beta_i > 0``; ``(1, 1)`` for no activation.
         fractions: the multipliers ``l_i = t l_{i-1} / (m^2 lambda_max(W_i Y_{i-1}^{-1}
-            W_i^T))`` are tried for each ``t`` in ``(0, 1)`` here, and the smallest certified
-            bound kept (each is a certificate of its own). ``t = 1/2`` is ECLipsE-Fast; a
-            larger ``t`` weighs the multiplier up against ``X_i >= (1 - t) l_i I``.
+            W_i^T))`` are run unchecked for each ``t`` in ``(0, 1)`` here, and the best one
+            certified (the next best if its checks fail; each is a certificate of its own).
+            ``t = 1/2`` is ECLipsE-Fast; a larger ``t`` weighs the multiplier up against
+            ``X_i >= (1 - t) l_i I``.
         errors: ``e_i >= ||W_i^true - W_i||_2`` when the stored matrix is a rounded version of
             the network's (e.g. a product of two layers); the checks then hold for every
             matrix within ``e_i``. Default 0 (the matrices are exact).
@@ -229,7 +236,20 @@ def chain_lipschitz_bound(weights: Sequence[Tensor], slopes: Sequence[tuple[floa
     errs = [0.0] * len(mats) if errors is None else [float(e) for e in errors]
     if len(errs) != len(mats) or not all(e >= 0 for e in errs):
         raise ValueError(f"errors must be {len(mats)} numbers >= 0, got {errors}")
-    values = [v for t in fractions if (v := _chain_value(mats, slopes, t, errs)) is not None]
-    if not values:
-        return None
-    return torch.tensor(min(values) * (1 + 4 * (len(mats) + 3) * _U), dtype=torch.float64)
+    for t in _ranked(mats, slopes, fractions, errs):
+        value = _chain_value(mats, slopes, t, errs)
+        if value is not None:
+            return torch.tensor(value * (1 + 4 * (len(mats) + 3) * _U), dtype=torch.float64)
+    return None
+
+
+def _ranked(mats: list[Tensor], slopes: Sequence[tuple[float, float]],
+            fractions: Sequence[float], errs: list[float]) -> list[float]:
+    """The fractions by their unchecked value, best first (those that break down last):
+    only the best one is then certified, unless its checks fail."""
+    if len(fractions) == 1:
+        return list(fractions)
+    estimates = [_chain_value(mats, slopes, t, errs, certify=False) for t in fractions]
+    order = sorted(range(len(fractions)),
+                   key=lambda i: math.inf if estimates[i] is None else estimates[i])
+    return [fractions[i] for i in order]
