@@ -140,40 +140,62 @@ def new_anchor(weight: Tensor, bounds: Tensor) -> Anchor:
     return Anchor(w.clone(), one, bounds.detach().to(torch.float64), fro)
 
 
+def _work_dtype(weight: Tensor) -> torch.dtype:
+    # float32 weights: the change is computed in float32 (a third of float64's time on CPU),
+    # with margins valid for float32; other dtypes in float64.
+    return torch.float32 if weight.dtype == torch.float32 else torch.float64
+
+
+def _squared_taps(d: Tensor) -> tuple[Tensor, float]:
+    """``sum_{o,i} D[o, i, t]^2`` per tap ``t`` (float64 ``(K,)``) and its relative margin.
+
+    Partial sums over the input channels in the work dtype (``n`` nonnegative terms: relative
+    error at most ``(n + 1) u``), then over the output channels in float64.
+    """
+    u = torch.finfo(d.dtype).eps / 2
+    d3 = d.reshape(d.shape[0], d.shape[1], -1)
+    partial = d3.square().sum(dim=1).sum(dim=0, dtype=torch.float64)
+    margin = 1 + 1.01 * ((d3.shape[1] + 2) * u + (d3.shape[0] + 4) * _U64)
+    return partial, margin
+
+
 def _change_bounds(weight: Tensor, anchor: Anchor, fam: LayerFamilies
-                   ) -> tuple[Tensor, Tensor]:
+                   ) -> tuple[Tensor, Tensor, Tensor]:
     """Each family's guaranteed bound of ``D = weight - sigma anchor``, and one of ``||W||_F``.
 
-    ``D`` is computed in float64: each entry's rounding is at most ``2u (sigma |A| + |D|)``
-    (``u`` float64's unit roundoff), whose Frobenius norm is added (times ``sqrt(K)`` for the
-    tap sum, by Cauchy-Schwarz); the sums of squares carry their own relative margin.
+    ``sigma`` is rounded to the work dtype first (the triangle inequality holds for any
+    scalar, so the bound uses the rounded one). Each entry of the computed ``D`` is off by at
+    most ``u (sigma |A| + |D|)`` (two roundings, ``u`` the work dtype's unit roundoff), whose
+    Frobenius norm is added (times ``sqrt(K)`` for the tap sum, by Cauchy-Schwarz); the sums
+    of squares carry their own relative margin (:func:`_squared_taps`).
     """
-    d = anchor.weight.to(torch.float64).mul_(-anchor.sigma).add_(weight.detach())
-    if fam.conv:
-        per_tap = torch.linalg.vector_norm(d.flatten(2), dim=(0, 1))  # (K,)
-        n_tap = d.shape[0] * d.shape[1]
-        taps = per_tap.sum() * _fro_margin(n_tap)
-        fro = torch.linalg.vector_norm(per_tap) * _fro_margin(d.numel())
-    else:
-        fro = torch.linalg.vector_norm(d) * _fro_margin(d.numel())
-        taps = fro
-    err = 2.02 * _U64 * (anchor.sigma * anchor.fro + fro)
-    root_k = math.sqrt(d[0, 0].numel()) if fam.conv else 1.0
+    work = _work_dtype(weight)
+    u = torch.finfo(work).eps / 2
+    sigma = anchor.sigma.to(work)
+    d = weight.detach().to(work) - anchor.weight.to(work) * sigma
+    squares, margin = _squared_taps(d)
+    sigma = sigma.to(torch.float64)
+    fro = (squares.sum() * margin).sqrt() * (1 + 4 * _U64)
+    taps = ((squares * margin).sqrt() * (1 + 4 * _U64)).sum() * (1 + squares.numel() * _U64)
+    err = 1.01 * u * (sigma * anchor.fro + fro)
+    root_k = math.sqrt(squares.numel()) if fam.conv else 1.0
     fro_coef = torch.tensor(fam.fro_coef, dtype=torch.float64, device=d.device)
     tap_coef = torch.tensor(fam.tap_coef, dtype=torch.float64, device=d.device)
     change = fro_coef * (fro + err) + tap_coef * (taps + root_k * err)
-    weight_fro = (anchor.sigma * anchor.fro + fro + err) * (1 + _SUM_MARGIN)
-    return change, weight_fro
+    weight_fro = (sigma * anchor.fro + fro + err) * (1 + _SUM_MARGIN)
+    return change, sigma, weight_fro
 
 
 def anchored_bound(weight: Tensor, anchor: Anchor, fam: LayerFamilies
                    ) -> tuple[Tensor, Tensor]:
     """``min_i (sigma b_i(A) + bound_i(W - sigma A))``: a guaranteed bound of the layer.
 
-    Returns it (float64 0-dim, on the device, no sync) and an upper bound of ``||W||_F``.
+    Returns it (float64 0-dim, on the device, no sync) and an upper bound of ``||W||_F``;
+    ``anchor.sigma`` becomes the rounded ``sigma`` the bound used.
     """
-    change, weight_fro = _change_bounds(weight, anchor, fam)
-    total = (anchor.sigma * anchor.bounds + change) * (1 + _SUM_MARGIN)
+    change, sigma, weight_fro = _change_bounds(weight, anchor, fam)
+    anchor.sigma = sigma
+    total = (sigma * anchor.bounds + change) * (1 + _SUM_MARGIN)
     return total.min(), weight_fro
 
 
@@ -182,12 +204,15 @@ def rescale_factor(bound: Tensor, weight_fro: Tensor, c: float, fam: LayerFamili
     """The factor ``s`` (in ``dtype``, 1 when ``bound <= c``) that puts the layer at ``<= c``.
 
     ``fl(s W)`` differs from ``s W`` by at most ``eps |s W|`` per entry, whose bound in every
-    family is at most ``max_fro_coef eps s ||W||_F``; so with ``s = c' / (bound + max_fro_coef
+    family is at most ``max_fro_coef eps s ||W||_F``; so with ``s = c' / (bound + 4 max_fro_coef
     eps ||W||_F)``, ``c' = c (1 - 1e-9)``, the stored product has a guaranteed bound ``<= c'``
     (``s`` is rounded down to ``dtype``).
     """
     eps = torch.finfo(dtype).eps
-    slack = bound + fam.max_fro_coef * eps * weight_fro
+    # 4 eps: the product's rounding, and the next anchored bound's own rounding terms (of the
+    # same order), so that the stored weight is not found above c again (a resumed run must not
+    # rescale it at the start of fit, where the uninterrupted run does not).
+    slack = bound + fam.max_fro_coef * 4 * eps * weight_fro
     wanted = (c * (1 - 1e-9)) / slack
     s = wanted.to(dtype)
     s = torch.where(s.to(torch.float64) > wanted, torch.nextafter(s, torch.zeros_like(s)), s)
