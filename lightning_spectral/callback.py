@@ -92,7 +92,12 @@ class SpectralBoundRegularizer(
         reduction: ``"sum"`` (the objective of Singla & Feizi), ``"max"`` or ``"mean"``.
         target: penalize only ``max(0, bound - target)`` per layer.
         constraint: after every optimizer step, rescale each layer whose guaranteed bound exceeds
-            ``constraint`` so that it no longer does.
+            ``constraint`` so that it no longer does. The guaranteed bound is the tight one
+            for the layers due (see ``constraint_tight_every_n_steps``) and, for the others,
+            the tight bound of an earlier weight plus a cheap bound of the change since.
+        constraint_tight_every_n_steps: the tight bound of every layer after every this many
+            optimizer steps (``1``: every step, the most expensive). ``None``: automatic,
+            a round robin over the layers within a fixed budget of computation per step.
         log_every_n_steps: how often training values are logged, in optimizer steps (``None``:
             the trainer's ``log_every_n_steps``).
         log_per_layer: log ``spectral_estimate/<layer>`` (and the per-layer validation values),
@@ -153,6 +158,7 @@ class SpectralBoundRegularizer(
         reduction: Reduction = "sum",
         target: float | None = None,
         constraint: float | None = None,
+        constraint_tight_every_n_steps: int | None = None,
         log_every_n_steps: int | None = None,
         log_per_layer: bool = True,
         exact_every_n_epochs: int | None = None,

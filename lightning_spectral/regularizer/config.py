@@ -63,6 +63,7 @@ class RegularizerConfig:
     reduction: Reduction = "sum"
     target: float | None = None
     constraint: float | None = None
+    constraint_tight_every_n_steps: int | None = None
     log_every_n_steps: int | None = None
     log_per_layer: bool = True
     exact_every_n_epochs: int | None = None
@@ -117,6 +118,9 @@ class RegularizerConfig:
             "target": _optional(check_real, "target", self.target, low=0.0),
             "constraint": _optional(check_real, "constraint", self.constraint, low=0.0,
                                     strict=True),
+            "constraint_tight_every_n_steps": _optional(
+                check_int, "constraint_tight_every_n_steps", self.constraint_tight_every_n_steps,
+                low=1),
             "log_every_n_steps": _optional(check_int, "log_every_n_steps",
                                            self.log_every_n_steps, low=1),
             "log_per_layer": check_bool("log_per_layer", self.log_per_layer),
@@ -145,6 +149,7 @@ class ConfigAttributes:
     reduction: Reduction
     target: float | None
     constraint: float | None
+    constraint_tight_every_n_steps: int | None
     log_every_n_steps: int | None
     log_per_layer: bool
     exact_every_n_epochs: int | None
