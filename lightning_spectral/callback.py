@@ -19,6 +19,7 @@ checked), ``regularizer.checkpoint`` (state key and state) and ``regularizer.eva
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -27,6 +28,7 @@ from torch import Tensor, nn
 from typing_extensions import override
 
 from .certification import CertificationTracker
+from .functional.bounds import layer_spectral_bound
 from .lipschitz.pairwise import certificate_bounds
 from .regularizer import selection, sharding
 from .regularizer.certified import CertifiedTerm
@@ -49,11 +51,18 @@ from .regularizer.training import TrainingHooks
 __all__ = ["SpectralBoundRegularizer"]
 
 
-def _whole_lipschitz(pl_module: nn.Module, shape: tuple[int, ...]
+def _whole_lipschitz(pl_module: nn.Module, shape: tuple[int, ...], max_cost: float | None = None
                      ) -> tuple[Tensor, Tensor | None]:
     # The certificate's bounds, of the whole weights where they are sharded (collective).
+    layer_bound = None if max_cost is None else functools.partial(
+        _layer_bound_within, max_cost=max_cost)
     with sharding.full_weights(pl_module):
-        return certificate_bounds(pl_module, shape)
+        return certificate_bounds(pl_module, shape, layer_bound)
+
+
+def _layer_bound_within(module: nn.Module, size: tuple[int, ...] | None, *, max_cost: float
+                        ) -> Tensor:
+    return layer_spectral_bound(module, size, max_cost=max_cost)
 
 
 class SpectralBoundRegularizer(
@@ -144,6 +153,11 @@ class SpectralBoundRegularizer(
         certified_warmup_steps: the training radius rises linearly from
             ``certified_eps / certified_warmup_steps`` to ``certified_eps`` over this many
             optimizer steps (0: ``certified_eps`` from the start).
+        bound_max_cost: cost cap, in multiply-adds, of the optional bounds behind the reported
+            guaranteed bounds (``spectral_bound/*``) and the certificates'
+            (``layer_spectral_bound``'s ``max_cost``): ``None`` its default, a small multiple
+            of the Fantastic Four cost (tightest, minutes on large networks at small inputs);
+            ``0`` the tight bound only (the constraint's, several times faster).
     """
 
 
@@ -173,13 +187,15 @@ class SpectralBoundRegularizer(
         certified_loss: CertifiedLoss = "gloro",
         certified_weight: float = 1.0,
         certified_warmup_steps: int = 0,
+        bound_max_cost: float | None = None,
     ) -> None:
         # First statement: here locals() holds exactly the arguments (and self, __class__).
         arguments = {k: v for k, v in locals().items() if k not in ("self", "__class__")}
         super().__init__()
         self.config = cfg = RegularizerConfig(**arguments)
         self._tracker = None if cfg.certify_epsilons is None else CertificationTracker(
-            cfg.certify_epsilons, cfg.input_scale, cfg.batch_to_input_target, _whole_lipschitz,
+            cfg.certify_epsilons, cfg.input_scale, cfg.batch_to_input_target,
+            self._certificate_bounds,
             method=cfg.certify_method, curvature_fn=whole_curvature,
         )
         self._state = LayerState()
@@ -191,6 +207,11 @@ class SpectralBoundRegularizer(
         self._trainer: pl.Trainer | None = None
         self._wrapped: nn.Module | None = None
         self._fsdp: list[nn.Module] = []  # FSDP2 modules of the model (sharded weights)
+
+    def _certificate_bounds(self, pl_module: nn.Module, shape: tuple[int, ...]
+                            ) -> tuple[Tensor, Tensor | None]:
+        # A bound method, not a closure: picklable for spawn-based strategies.
+        return _whole_lipschitz(pl_module, shape, self.config.bound_max_cost)
 
     # ------------------------------------------------------------------ selection and state
 

@@ -46,6 +46,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from . import _progress
 from ._certification_parts import (
     Run,
     checked_curvature,
@@ -153,6 +154,9 @@ class CertificationTracker:
     def _lipschitz_for(self, run: Run, pl_module: Any, x: Tensor) -> tuple[Tensor, Tensor | None]:
         shape = tuple(int(s) for s in x.shape[1:])
         if shape not in run.lipschitz:
+            _progress.announce(
+                f"computing the network's Lipschitz bound for certification at input shape "
+                f"{shape}", getattr(pl_module, "_trainer", None))
             lip, pairwise = checked_lipschitz(self.lipschitz_fn, pl_module, shape)
             # Lipschitz constants w.r.t. the raw input: ||delta / std|| <= ||delta|| / min(std).
             run.lipschitz[shape] = lip / self.input_scale
@@ -166,6 +170,9 @@ class CertificationTracker:
     def _curvature_for(self, run: Run, pl_module: Any, x: Tensor) -> tuple[Tensor, Tensor]:
         shape = tuple(int(s) for s in x.shape[1:])
         if shape not in run.curvature:
+            _progress.announce(
+                f"computing the network's curvature bound for certification at input shape "
+                f"{shape}", getattr(pl_module, "_trainer", None))
             run.curvature[shape] = checked_curvature(self.curvature_fn, pl_module, shape)
         return run.curvature[shape]
 

@@ -78,6 +78,7 @@ class RegularizerConfig:
     certified_loss: CertifiedLoss = "gloro"
     certified_weight: float = 1.0
     certified_warmup_steps: int = 0
+    bound_max_cost: float | None = None
 
     def __post_init__(self) -> None:
         for name, value in self._checked().items():
@@ -129,6 +130,8 @@ class RegularizerConfig:
             "check_finite": check_bool("check_finite", self.check_finite),
             "certify_epsilons": _check_epsilons(self.certify_epsilons),
             "input_scale": check_real("input_scale", self.input_scale, low=0.0, strict=True),
+            "bound_max_cost": _optional(check_real, "bound_max_cost", self.bound_max_cost,
+                                        low=0.0),
         }
 
 
@@ -164,6 +167,7 @@ class ConfigAttributes:
     certified_loss: CertifiedLoss
     certified_weight: float
     certified_warmup_steps: int
+    bound_max_cost: float | None
 
 
 def _config_property(name: str) -> property:
