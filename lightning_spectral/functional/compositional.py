@@ -33,6 +33,31 @@ certificate is that each of those block matrices, formed in floating point, is p
 positive semidefinite by :func:`certified_psd` (a Cholesky factorization with a rigorous
 rounding allowance), the formation error of its entries included. No eigenvalue or inverse
 needs to be exact.
+
+An expanding start (:func:`_fast_start`). When ``W_1`` maps ``d_0`` inputs to ``d_1 > d_0``
+units (a convolution with more output than input entries) and ``alpha_1 = alpha_2 = 0``
+(``p = 0``), the first two steps are taken together and ``Y_1`` (``d_1 x d_1``) is never
+formed. With reals ``a_1, a_2 > 0`` (floats, used exactly) put ``s_i = a_i / m_i`` and
+*define* ``Y_1 = I - a_1^2 W_1 W_1^T``. Then ``M_1 = [[I, -a_1 W_1^T], [-a_1 W_1, I - Y_1]]``
+has Schur complement ``I - Y_1 - a_1^2 W_1 W_1^T = 0`` on its identity block: ``M_1 >= 0``
+holds exactly, with nothing to check. ``M_2 = [[Y_1, -a_2 W_2^T], [-a_2 W_2, I - Y_2]]`` is
+the Schur complement, on its first (identity) block, of ::
+
+    P = [[I, a_1 W_1^T, 0], [a_1 W_1, I, -a_2 W_2^T], [0, -a_2 W_2, I - Y_2]],
+
+so ``P >= 0`` implies ``M_2 >= 0`` (``v^T M_2 v`` is the minimum over ``u`` of the quadratic
+form of ``P`` at ``(u, v)``). The middle block of ``P`` is ``I``; its Schur complement there
+is the ``(d_0 + d_2)``-square ::
+
+    S = [[I - a_1^2 W_1^T W_1, a_1 a_2 (W_2 W_1)^T], [a_1 a_2 W_2 W_1, I - Y_2 - a_2^2 W_2 W_2^T]],
+
+and ``P >= 0`` iff ``S >= 0``. So one :func:`certified_psd` of ``S``, formed from the three
+products ``W_1^T W_1``, ``W_2 W_1``, ``W_2 W_2^T`` with their rounding errors in the slack,
+certifies both steps; ``Y_2`` is any float matrix (chosen as ECLipsE-Fast's, from the
+Woodbury identity ``W_2 Y_1^{-1} W_2^T = W_2 W_2^T + a_1^2 W_2 W_1 (I - a_1^2 W_1^T
+W_1)^{-1} (W_2 W_1)^T``, unchecked). The products use the zero pattern of the matrices
+(:func:`_matmul`, :func:`_gram`): every entry is still a sum of the same nonzero products,
+in some order, which is all the error bound ``gamma_k |A| |B|`` needs.
 """
 
 from __future__ import annotations
@@ -167,6 +192,123 @@ def _last(y: Tensor, w: Tensor, err: float, certify: bool) -> float | None:
     return None
 
 
+_MAX_GROUPS = 512  # more row patterns than this: a plain dense product is faster
+
+
+def _row_groups(w: Tensor) -> list[tuple[Tensor, Tensor]] | None:
+    """``(rows, cols)`` per set of rows with the same nonzero columns (a convolution's rows at
+    one output position share them), or None when there are too many sets to gain."""
+    pattern = w != 0
+    unique, inverse = torch.unique(pattern, dim=0, return_inverse=True)
+    if unique.shape[0] > _MAX_GROUPS:
+        return None
+    order = torch.argsort(inverse, stable=True)
+    counts = torch.bincount(inverse, minlength=unique.shape[0]).tolist()
+    rows = torch.split(order, counts)
+    return [(r, torch.nonzero(u).flatten()) for r, u in zip(rows, unique, strict=True)]
+
+
+def _matmul(w: Tensor, x: Tensor, groups: list[tuple[Tensor, Tensor]] | None) -> Tensor:
+    """``fl(w x)`` skipping the zero blocks of ``w``: each entry is the sum of the products
+    ``w_rc x_cj`` over the nonzero ``w_rc`` only, the others being exact zeros."""
+    if groups is None:
+        return w @ x
+    out = x.new_zeros(w.shape[0], x.shape[1])
+    for rows, cols in groups:
+        out[rows] = w[rows][:, cols] @ x[cols]
+    return out
+
+
+def _gram(w: Tensor, groups: list[tuple[Tensor, Tensor]] | None) -> Tensor:
+    """``fl(w^T w)``: per row group its ``(cols x cols)`` Gram matrix, added into place (a
+    sum of the same products ``w_rc w_rc'`` over rows ``r``, grouped)."""
+    if groups is None:
+        return w.mT @ w
+    out = w.new_zeros(w.shape[1], w.shape[1])
+    for rows, cols in groups:
+        block = w[rows][:, cols]
+        out[cols.unsqueeze(1), cols] += block.mT @ block
+    return out
+
+
+def _lambda_max(g: Tensor, iterations: int = 12, width: int = 8) -> float:
+    """Estimate of ``lambda_max`` of a symmetric PSD ``g`` by block power iteration with a
+    Rayleigh-Ritz step (it only chooses a multiplier), or exactly for small ``g``."""
+    n = g.shape[0]
+    if n <= 4 * width * iterations:
+        return float(torch.linalg.eigvalsh(g)[-1])
+    gen = torch.Generator().manual_seed(0)
+    basis = torch.randn(n, width, dtype=g.dtype, generator=gen)
+    for _ in range(iterations):
+        basis, _ = torch.linalg.qr(g @ basis)
+    return float(torch.linalg.eigvalsh(basis.mT @ g @ basis)[-1])
+
+
+class _Start:
+    """The ``t``-independent parts of the expanding start: ``W_1^T W_1``, ``W_2 W_1``,
+    ``W_2 W_2^T``, ``lambda_max(W_1^T W_1)`` and Frobenius norms (rounded up)."""
+
+    def __init__(self, w1: Tensor, w2: Tensor) -> None:
+        g1, g2 = _row_groups(w1), _row_groups(w2)
+        self.gram1 = _gram(w1, g1)
+        self.cross = _matmul(w2, w1, g2)
+        self.gram2 = _matmul(w2, w2.mT.contiguous(), g2)
+        self.gram2 = (self.gram2 + self.gram2.mT) / 2  # exact: both halves are the same sums
+        self.lam1 = float(torch.linalg.eigvalsh(self.gram1)[-1])
+        self.f1 = float(torch.linalg.matrix_norm(w1)) * 1.01
+        self.f2 = float(torch.linalg.matrix_norm(w2)) * 1.01
+        self.inner = w1.shape[0]
+
+
+def _fast_start_applies(mats: list[Tensor], slopes: Sequence[tuple[float, float]],
+                        errs: list[float]) -> bool:
+    """The expanding start needs ``d_1 > d_0``, ``alpha_1 = alpha_2 = 0``, exact
+    ``W_1, W_2`` and a third matrix (the start ends on a step, not on the last one)."""
+    return (len(mats) >= 3 and mats[0].shape[0] > mats[0].shape[1] and slopes[0][0] == 0
+            and slopes[1][0] == 0 and errs[0] == 0 and errs[1] == 0)
+
+
+def _fast_start(start: _Start, slopes: Sequence[tuple[float, float]], t: float, shrink: float,
+                certify: bool) -> tuple[Tensor, float] | None:
+    """``(Y_2, s_1 s_2)`` of the first two steps, both certified by one check of ``S`` (see
+    the module docstring), or None if a check fails."""
+    m1, m2 = (sum(slopes[0]) / 2), (sum(slopes[1]) / 2)
+    a1 = math.sqrt(t / start.lam1)
+    c1 = a1 * a1
+    k = -c1 * start.gram1
+    k.diagonal().add_(1.0)
+    chol, info = torch.linalg.cholesky_ex(k)
+    if int(info):
+        return None
+    b = torch.linalg.solve_triangular(chol, start.cross.mT * a1, upper=False)
+    z = start.gram2 + b.mT @ b  # ~ W_2 Y_1^{-1} W_2^T by Woodbury
+    a2 = math.sqrt(t / _lambda_max(z))
+    c2, c3 = a1 * a2, a2 * a2
+    y2 = z * (-c3)
+    y2.diagonal().add_(1.0 - shrink)
+    y2 = (y2 + y2.mT) / 2
+    if certify and not _check_start(start, k, y2, c1, c2, c3):
+        return None
+    return y2, (a1 / m1) * (a2 / m2)
+
+
+def _check_start(start: _Start, k: Tensor, y2: Tensor, c1: float, c2: float, c3: float
+                 ) -> bool:
+    """:func:`certified_psd` of ``S``. Slack: the three products are off by at most
+    ``gamma_n`` times the products of Frobenius norms (``n = d_1`` terms per entry), their
+    scaling and ``c_i`` itself by a few more roundings (``gamma_{n+4}`` covers them), the
+    subtractions by ``u`` times the magnitude of each operand; all doubled."""
+    off = start.cross * c2
+    lower = start.gram2 * (-c3) - y2
+    lower.diagonal().add_(1.0)
+    block = torch.cat([torch.cat([k, off.mT], 1), torch.cat([off, lower], 1)], 0)
+    f1, f2 = start.f1, start.f2
+    products = _gamma(start.inner + 4) * (c1 * f1 * f1 + 2 * c2 * f1 * f2 + c3 * f2 * f2)
+    operands = _U * (float(torch.linalg.matrix_norm(block)) + float(
+        torch.linalg.matrix_norm(y2)) + math.sqrt(block.shape[0]) + c3 * f2 * f2 + c1 * f1 * f1)
+    return certified_psd(block, 2 * (products + 2 * operands))
+
+
 def _check_chain(weights: Sequence[Tensor], slopes: Sequence[tuple[float, float]]) -> None:
     if len(weights) != len(slopes) + 1 or not weights:
         raise ValueError(f"a chain of {len(weights)} matrices needs {len(weights) - 1} "
@@ -182,12 +324,18 @@ def _check_chain(weights: Sequence[Tensor], slopes: Sequence[tuple[float, float]
 
 
 def _chain_value(mats: list[Tensor], slopes: Sequence[tuple[float, float]], t: float,
-                 errors: Sequence[float], certify: bool = True) -> float | None:
+                 errors: Sequence[float], certify: bool = True,
+                 start: _Start | None = None) -> float | None:
     """``1 / (r prod s_i)`` for the multipliers of fraction ``t``, or None (unchecked, an
-    estimate only, with ``certify=False``)."""
+    estimate only, with ``certify=False``); ``start``: take the first two steps together."""
     y = torch.eye(mats[0].shape[1], dtype=torch.float64)
-    denominator = 1.0
-    for w, slope, err in zip(mats[:-1], slopes, errors, strict=False):
+    denominator, first = 1.0, 0
+    if start is not None:
+        out = _start_steps(start, mats, slopes, t, certify)
+        if out is None:
+            return None
+        (y, denominator), first = out, 2
+    for w, slope, err in zip(mats[first:-1], slopes[first:], errors[first:], strict=False):
         out = _step(y, w, slope, t, err, certify)
         if out is None:
             return None
@@ -197,9 +345,20 @@ def _chain_value(mats: list[Tensor], slopes: Sequence[tuple[float, float]], t: f
     return None if r is None else 1.0 / (r * denominator)
 
 
+def _start_steps(start: _Start, mats: list[Tensor], slopes: Sequence[tuple[float, float]],
+                 t: float, certify: bool) -> tuple[Tensor, float] | None:
+    for retry in _RETRIES:
+        shrink = retry * _shrink(mats[0].shape[1] + mats[1].shape[0])
+        out = _fast_start(start, slopes, t, shrink, certify)
+        if out is not None:
+            return out
+    return None
+
+
 def chain_lipschitz_bound(weights: Sequence[Tensor], slopes: Sequence[tuple[float, float]],
                           fractions: Sequence[float] = FRACTIONS,
-                          errors: Sequence[float] | None = None) -> Tensor | None:
+                          errors: Sequence[float] | None = None,
+                          fast_start: bool = True) -> Tensor | None:
     """Certified ECLipsE-Fast bound of ``x -> W_l s_{l-1}(... s_1(W_1 x))`` (biases free).
 
     Args:
@@ -215,12 +374,16 @@ def chain_lipschitz_bound(weights: Sequence[Tensor], slopes: Sequence[tuple[floa
         errors: ``e_i >= ||W_i^true - W_i||_2`` when the stored matrix is a rounded version of
             the network's (e.g. a product of two layers); the checks then hold for every
             matrix within ``e_i``. Default 0 (the matrices are exact).
+        fast_start: take the first two steps together when ``W_1`` expands (see the module
+            docstring: the same recursion, ``Y_1`` never formed, one check of size ``d_0 +
+            d_2`` instead of two of sizes ``d_0 + d_1`` and ``d_1 + d_2``); False: step by
+            step.
 
     Returns:
         0-dim float64 ``L`` with ``||f(x) - f(x')|| <= L ||x - x'||``, or None when a
         positive semidefiniteness check fails (the caller then uses another bound). The proof
         is in the module docstring; the final ``1 / (r prod s_i)`` is rounded up by
-        ``(1 + 4 (l + 3) u)``, more than its ``l + 2`` roundings.
+        ``(1 + 4 (l + 3) u)``, more than its ``l + 6`` roundings.
 
     Raises:
         ValueError: shapes that do not chain, or slope bounds outside the range above.
@@ -236,20 +399,24 @@ def chain_lipschitz_bound(weights: Sequence[Tensor], slopes: Sequence[tuple[floa
     errs = [0.0] * len(mats) if errors is None else [float(e) for e in errors]
     if len(errs) != len(mats) or not all(e >= 0 for e in errs):
         raise ValueError(f"errors must be {len(mats)} numbers >= 0, got {errors}")
-    for t in _ranked(mats, slopes, fractions, errs):
-        value = _chain_value(mats, slopes, t, errs)
+    start = (_Start(mats[0], mats[1]) if fast_start and _fast_start_applies(mats, slopes, errs)
+             else None)
+    for t in _ranked(mats, slopes, fractions, errs, start):
+        value = _chain_value(mats, slopes, t, errs, start=start)
         if value is not None:
             return torch.tensor(value * (1 + 4 * (len(mats) + 3) * _U), dtype=torch.float64)
     return None
 
 
 def _ranked(mats: list[Tensor], slopes: Sequence[tuple[float, float]],
-            fractions: Sequence[float], errs: list[float]) -> list[float]:
+            fractions: Sequence[float], errs: list[float], start: _Start | None
+            ) -> list[float]:
     """The fractions by their unchecked value, best first (those that break down last):
     only the best one is then certified, unless its checks fail."""
     if len(fractions) == 1:
         return list(fractions)
-    estimates = [_chain_value(mats, slopes, t, errs, certify=False) for t in fractions]
+    estimates = [_chain_value(mats, slopes, t, errs, certify=False, start=start)
+                 for t in fractions]
     order = sorted(range(len(fractions)),
                    key=lambda i: math.inf if estimates[i] is None else estimates[i])
     return [fractions[i] for i in order]
