@@ -63,13 +63,15 @@ in some order, which is all the error bound ``gamma_k |A| |B|`` needs.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import TypeVar
 
 import torch
 from torch import Tensor
 
 __all__ = ["certified_psd", "chain_lipschitz_bound"]
 
+_T = TypeVar("_T")
 _U = 2.0**-53  # unit roundoff of float64
 _RETRIES = (1.0, 1e2, 1e4)  # the shrink of Y_i, retried larger if a check fails
 #: Multipliers ``l_i = t / (m^2 lambda_max)`` tried: ``t = 1/2`` is ECLipsE-Fast's choice.
@@ -134,45 +136,59 @@ def _shrink(n: int) -> float:
     return max(1e-10, 64 * n * n * _U)
 
 
+Checks = list[Callable[[], bool]]
+
+
 def _try_step(y: Tensor, w: Tensor, m: float, p: float, shrink: float, t: float, err: float,
-              certify: bool) -> tuple[Tensor, float] | None:
+              certify: bool, pending: Checks | None = None) -> tuple[Tensor, float] | None:
     """One step from ``Y_{i-1}``: ``(Y_i, s_i)``, or None if a check fails (``certify=False``:
-    the same step unchecked, only to rank the fractions)."""
+    the same step unchecked, its check appended to ``pending`` to be run later if wanted)."""
     chol, info = torch.linalg.cholesky_ex(y)
     if int(info):
         return None
-    gmax = _top_eig(torch.linalg.solve_triangular(chol, w.mT, upper=False))
-    s = math.sqrt(t / (m * m * gmax))
+    b = torch.linalg.solve_triangular(chol, w.mT, upper=False)  # L^{-1} W^T
+    s = math.sqrt(t / (m * m * _top_eig(b)))
     q = s * s * p
     a = y + q * (w.mT @ w) if q else y
-    if q:
+    if q:  # otherwise A = Y_{i-1}, whose factor and solve are the ones above
         chol, info = torch.linalg.cholesky_ex(a)
         if int(info):
             return None
-    b = torch.linalg.solve_triangular(chol, w.mT, upper=False)  # L^{-1} W^T
+        b = torch.linalg.solve_triangular(chol, w.mT, upper=False)
     y_new = (b.mT @ b) * (-(s * s) * (m * m))
     y_new.diagonal().add_(1.0 - shrink)
     y_new = (y_new + y_new.mT) / 2
-    if not certify:
-        return y_new, s
-    block = _step_matrix(a, w, m * s, y_new)
-    if not certified_psd(block, _slack(block, w, q, m * s, err)):
-        return None
-    return y_new, s
+
+    def check() -> bool:
+        block = _step_matrix(a, w, m * s, y_new)
+        return certified_psd(block, _slack(block, w, q, m * s, err))
+
+    return _checked((y_new, s), check, certify, pending)
+
+
+def _checked(out: _T, check: Callable[[], bool], certify: bool, pending: Checks | None
+             ) -> _T | None:
+    """``out`` if ``check`` passes (``certify``), else ``out`` with the check put aside."""
+    if certify:
+        return out if check() else None
+    if pending is not None:
+        pending.append(check)
+    return out
 
 
 def _step(y: Tensor, w: Tensor, slope: tuple[float, float], t: float, err: float,
-          certify: bool) -> tuple[Tensor, float] | None:
+          certify: bool, pending: Checks | None) -> tuple[Tensor, float] | None:
     alpha, beta = slope
     m, p = (alpha + beta) / 2, alpha * beta
     for retry in _RETRIES:
-        out = _try_step(y, w, m, p, retry * _shrink(sum(w.shape)), t, err, certify)
+        out = _try_step(y, w, m, p, retry * _shrink(sum(w.shape)), t, err, certify, pending)
         if out is not None:
             return out
     return None
 
 
-def _last(y: Tensor, w: Tensor, err: float, certify: bool) -> float | None:
+def _last(y: Tensor, w: Tensor, err: float, certify: bool, pending: Checks | None = None
+          ) -> float | None:
     """``r`` with ``[[Y, r W^T], [r W, I]] >= 0`` certified, or None."""
     chol, info = torch.linalg.cholesky_ex(y)
     if int(info):
@@ -181,15 +197,17 @@ def _last(y: Tensor, w: Tensor, err: float, certify: bool) -> float | None:
     for retry in _RETRIES:
         mu = top * (1 + retry * _shrink(sum(w.shape)))
         r = 1.0 / math.sqrt(mu)
-        if not certify:
-            return r
-        off = w * r
-        block = torch.cat([torch.cat([y, off.mT], 1),
-                           torch.cat([off, torch.eye(w.shape[0], dtype=w.dtype)], 1)], 0)
-        slack = 3 * _U * float(torch.linalg.matrix_norm(block)) + 2.02 * r * err
-        if certified_psd(block, slack):
-            return r
+        out = _checked(r, lambda r=r: _last_check(y, w, r, err), certify, pending)
+        if out is not None:
+            return out
     return None
+
+
+def _last_check(y: Tensor, w: Tensor, r: float, err: float) -> bool:
+    off = w * r
+    block = torch.cat([torch.cat([y, off.mT], 1),
+                       torch.cat([off, torch.eye(w.shape[0], dtype=w.dtype)], 1)], 0)
+    return certified_psd(block, 3 * _U * float(torch.linalg.matrix_norm(block)) + 2.02 * r * err)
 
 
 _MAX_GROUPS = 512  # more row patterns than this: a plain dense product is faster
@@ -231,17 +249,19 @@ def _gram(w: Tensor, groups: list[tuple[Tensor, Tensor]] | None) -> Tensor:
     return out
 
 
-def _lambda_max(g: Tensor, iterations: int = 12, width: int = 8) -> float:
-    """Estimate of ``lambda_max`` of a symmetric PSD ``g`` by block power iteration with a
-    Rayleigh-Ritz step (it only chooses a multiplier), or exactly for small ``g``."""
+def _lambda_max(g: Tensor, basis: Tensor | None = None, iterations: int = 10
+                ) -> tuple[float, Tensor | None]:
+    """Estimate of ``lambda_max`` of a symmetric PSD ``g`` (it only chooses a multiplier) and
+    the basis to start from next time: block power iteration with a Rayleigh-Ritz step from
+    ``basis`` (a similar matrix's, e.g. the previous fraction's), exact for small ``g``."""
     n = g.shape[0]
-    if n <= 4 * width * iterations:
-        return float(torch.linalg.eigvalsh(g)[-1])
-    gen = torch.Generator().manual_seed(0)
-    basis = torch.randn(n, width, dtype=g.dtype, generator=gen)
+    if n <= 512:
+        return float(torch.linalg.eigvalsh(g)[-1]), None
+    if basis is None:
+        basis = torch.randn(n, 8, dtype=g.dtype, generator=torch.Generator().manual_seed(0))
     for _ in range(iterations):
         basis, _ = torch.linalg.qr(g @ basis)
-    return float(torch.linalg.eigvalsh(basis.mT @ g @ basis)[-1])
+    return float(torch.linalg.eigvalsh(basis.mT @ g @ basis)[-1]), basis
 
 
 class _Start:
@@ -258,6 +278,7 @@ class _Start:
         self.f1 = float(torch.linalg.matrix_norm(w1)) * 1.01
         self.f2 = float(torch.linalg.matrix_norm(w2)) * 1.01
         self.inner = w1.shape[0]
+        self.basis: Tensor | None = None  # for :func:`_lambda_max`, carried across fractions
 
 
 def _fast_start_applies(mats: list[Tensor], slopes: Sequence[tuple[float, float]],
@@ -269,7 +290,7 @@ def _fast_start_applies(mats: list[Tensor], slopes: Sequence[tuple[float, float]
 
 
 def _fast_start(start: _Start, slopes: Sequence[tuple[float, float]], t: float, shrink: float,
-                certify: bool) -> tuple[Tensor, float] | None:
+                certify: bool, pending: Checks | None) -> tuple[Tensor, float] | None:
     """``(Y_2, s_1 s_2)`` of the first two steps, both certified by one check of ``S`` (see
     the module docstring), or None if a check fails."""
     m1, m2 = (sum(slopes[0]) / 2), (sum(slopes[1]) / 2)
@@ -282,14 +303,14 @@ def _fast_start(start: _Start, slopes: Sequence[tuple[float, float]], t: float, 
         return None
     b = torch.linalg.solve_triangular(chol, start.cross.mT * a1, upper=False)
     z = start.gram2 + b.mT @ b  # ~ W_2 Y_1^{-1} W_2^T by Woodbury
-    a2 = math.sqrt(t / _lambda_max(z))
+    lam2, start.basis = _lambda_max(z, start.basis)
+    a2 = math.sqrt(t / lam2)
     c2, c3 = a1 * a2, a2 * a2
     y2 = z * (-c3)
     y2.diagonal().add_(1.0 - shrink)
     y2 = (y2 + y2.mT) / 2
-    if certify and not _check_start(start, k, y2, c1, c2, c3):
-        return None
-    return y2, (a1 / m1) * (a2 / m2)
+    return _checked((y2, (a1 / m1) * (a2 / m2)), lambda: _check_start(start, k, y2, c1, c2, c3),
+                    certify, pending)
 
 
 def _check_start(start: _Start, k: Tensor, y2: Tensor, c1: float, c2: float, c3: float
@@ -325,31 +346,33 @@ def _check_chain(weights: Sequence[Tensor], slopes: Sequence[tuple[float, float]
 
 def _chain_value(mats: list[Tensor], slopes: Sequence[tuple[float, float]], t: float,
                  errors: Sequence[float], certify: bool = True,
-                 start: _Start | None = None) -> float | None:
+                 start: _Start | None = None, pending: Checks | None = None) -> float | None:
     """``1 / (r prod s_i)`` for the multipliers of fraction ``t``, or None (unchecked, an
-    estimate only, with ``certify=False``); ``start``: take the first two steps together."""
+    estimate only, with ``certify=False``: the checks that would make it a certificate are
+    appended to ``pending``); ``start``: take the first two steps together."""
     y = torch.eye(mats[0].shape[1], dtype=torch.float64)
     denominator, first = 1.0, 0
     if start is not None:
-        out = _start_steps(start, mats, slopes, t, certify)
+        out = _start_steps(start, mats, slopes, t, certify, pending)
         if out is None:
             return None
         (y, denominator), first = out, 2
     for w, slope, err in zip(mats[first:-1], slopes[first:], errors[first:], strict=False):
-        out = _step(y, w, slope, t, err, certify)
+        out = _step(y, w, slope, t, err, certify, pending)
         if out is None:
             return None
         y, s = out
         denominator *= s
-    r = _last(y, mats[-1], errors[-1], certify)
+    r = _last(y, mats[-1], errors[-1], certify, pending)
     return None if r is None else 1.0 / (r * denominator)
 
 
 def _start_steps(start: _Start, mats: list[Tensor], slopes: Sequence[tuple[float, float]],
-                 t: float, certify: bool) -> tuple[Tensor, float] | None:
+                 t: float, certify: bool, pending: Checks | None
+                 ) -> tuple[Tensor, float] | None:
     for retry in _RETRIES:
         shrink = retry * _shrink(mats[0].shape[1] + mats[1].shape[0])
-        out = _fast_start(start, slopes, t, shrink, certify)
+        out = _fast_start(start, slopes, t, shrink, certify, pending)
         if out is not None:
             return out
     return None
@@ -401,22 +424,34 @@ def chain_lipschitz_bound(weights: Sequence[Tensor], slopes: Sequence[tuple[floa
         raise ValueError(f"errors must be {len(mats)} numbers >= 0, got {errors}")
     start = (_Start(mats[0], mats[1]) if fast_start and _fast_start_applies(mats, slopes, errs)
              else None)
-    for t in _ranked(mats, slopes, fractions, errs, start):
+    order, best, checks = _ranked(mats, slopes, fractions, errs, start)
+    # The best unchecked pass is a certificate once its own checks pass: no second pass.
+    if best is not None and all(check() for check in checks):
+        return _rounded_up(best, len(mats))
+    for t in order:
         value = _chain_value(mats, slopes, t, errs, start=start)
         if value is not None:
-            return torch.tensor(value * (1 + 4 * (len(mats) + 3) * _U), dtype=torch.float64)
+            return _rounded_up(value, len(mats))
     return None
+
+
+def _rounded_up(value: float, layers: int) -> Tensor:
+    return torch.tensor(value * (1 + 4 * (layers + 3) * _U), dtype=torch.float64)
 
 
 def _ranked(mats: list[Tensor], slopes: Sequence[tuple[float, float]],
             fractions: Sequence[float], errs: list[float], start: _Start | None
-            ) -> list[float]:
-    """The fractions by their unchecked value, best first (those that break down last):
-    only the best one is then certified, unless its checks fail."""
-    if len(fractions) == 1:
-        return list(fractions)
-    estimates = [_chain_value(mats, slopes, t, errs, certify=False, start=start)
-                 for t in fractions]
+            ) -> tuple[list[float], float | None, Checks]:
+    """The fractions by their unchecked value, best first (those that break down last), the
+    best value and the checks that make it a certificate (only the best one's are kept)."""
+    estimates: list[float | None] = []
+    best: tuple[float | None, Checks] = (None, [])
+    for t in fractions:
+        pending: Checks = []
+        value = _chain_value(mats, slopes, t, errs, certify=False, start=start, pending=pending)
+        estimates.append(value)
+        if value is not None and (best[0] is None or value < best[0]):
+            best = (value, pending)
     order = sorted(range(len(fractions)),
                    key=lambda i: math.inf if estimates[i] is None else estimates[i])
-    return [fractions[i] for i in order]
+    return [fractions[i] for i in order], best[0], best[1]
