@@ -300,3 +300,24 @@ def test_products_over_row_groups_are_the_dense_products() -> None:
     torch.testing.assert_close(comp._gram(w, groups), w.mT @ w, rtol=1e-13, atol=1e-13)
     assert comp._row_groups(torch.randn(600, 700, dtype=torch.float64).sign() * (
         torch.rand(600, 700, dtype=torch.float64) > 0.5)) is None  # too many patterns
+
+
+class _Wrapper(nn.Module):
+    def __init__(self, model: nn.Module, functional_relu: bool = False) -> None:
+        super().__init__()
+        self.model, self.functional_relu = model, functional_relu
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.relu(self.model(x)) if self.functional_relu else self.model(x)
+
+
+def test_chain_of_a_forward_and_its_cost_cap() -> None:
+    from lightning_spectral.lipschitz.compositional import chain_bound_of_forward, check_rows
+
+    model = _mlp([6, 9, 7, 3], ["tanh"], seed=2)
+    direct = sequential_chain_bound(model, (6,))
+    assert float(chain_bound_of_forward(_Wrapper(model), (6,))) == float(direct)
+    assert chain_bound_of_forward(_Wrapper(model, functional_relu=True), (6,)) is None
+    assert check_rows(_weights(model), [(0.0, 1.0)] * 2, [0.0] * 3) == 6 + 7  # d_0 + d_2
+    assert check_rows(_weights(model), [(0.1, 1.0)] * 2, [0.0] * 3) == 9 + 7  # d_1 + d_2
+    assert chain_bound_of_forward(model, (6,), max_rows=12) is None
