@@ -203,11 +203,13 @@ def check_rows(weights: Sequence[Tensor], slopes: Sequence[tuple[float, float]],
 
 
 def sequential_chain_bound(model: nn.Module, input_shape: Sequence[int],
-                           max_rows: int | None = None) -> Tensor | None:
+                           max_rows: int | None = None, fast_start: bool = True
+                           ) -> Tensor | None:
     """The certified compositional bound of ``model`` in eval mode if it is a chain (see the
     module docstring), else None. Also None when a layer's unrolled matrix exceeds
     ``MAX_ENTRIES``, :func:`check_rows` exceeds ``max_rows`` (a cost cap) or a certification
-    check fails."""
+    check fails. ``fast_start``: as in
+    :func:`~lightning_spectral.functional.compositional.chain_lipschitz_bound`."""
     shape = _check_input_shape(input_shape)
     model = _uncompiled(model)
     with _evaluating(model):
@@ -217,7 +219,7 @@ def sequential_chain_bound(model: nn.Module, input_shape: Sequence[int],
     weights, slopes, errors = _alternate(items, math.prod(shape))
     if max_rows is not None and check_rows(weights, slopes, errors) > max_rows:
         return None
-    return chain_lipschitz_bound(weights, slopes, errors=errors)
+    return chain_lipschitz_bound(weights, slopes, errors=errors, fast_start=fast_start)
 
 
 #: The cost cap of :func:`chain_bound_of_forward` (see :func:`check_rows`): a check of 2500
