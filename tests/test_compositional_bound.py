@@ -321,3 +321,28 @@ def test_chain_of_a_forward_and_its_cost_cap() -> None:
     assert check_rows(_weights(model), [(0.0, 1.0)] * 2, [0.0] * 3) == 6 + 7  # d_0 + d_2
     assert check_rows(_weights(model), [(0.1, 1.0)] * 2, [0.0] * 3) == 9 + 7  # d_1 + d_2
     assert chain_bound_of_forward(model, (6,), max_rows=12) is None
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_float32_ranking_of_a_wide_chain_still_certifies_the_best(
+        seed: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A layer wider than ``ROUGH_ABOVE``: the fractions are ranked in float32, the bound is
+    the float64 certificate, no looser than the paper's recursion and above the Jacobians."""
+    model = _mlp([5, comp.ROUGH_ABOVE + 30, 6, 3], ["relu", "tanh"], seed)
+    mats = _weights(model)
+    slopes = [(0.0, 1.0), (0.0, 1.0)]
+    rough: list[list[float]] = []
+    original = comp._rough_order
+
+    def spy(*args: object) -> list[float]:
+        rough.append(original(*args))
+        return rough[-1]
+
+    with monkeypatch.context() as patch:
+        patch.setattr(comp, "_rough_order", spy)
+        bound = float(chain_lipschitz_bound(mats, slopes))
+    assert rough, "the float32 ranking was not used"
+    best = chain_lipschitz_bound(mats, slopes, fractions=rough[0][:1])
+    assert bound == float(best)
+    assert bound <= eclipse_fast_reference(mats) * (1 + 1e-6)
+    assert bound >= _jacobian_max(model, (5,), points=40, seed=seed)
