@@ -158,11 +158,11 @@ def main() -> None:
                                             / "compositional_bound_cpu.md"))
     args = parser.parse_args()
     torch.set_num_threads(1)
+    warm_up()  # before seeding: the models trained below are the same without it
     torch.manual_seed(0)
     data = MNISTDataModule(data_dir=args.data, batch_size=128, val_size=1000, num_workers=0)
     data.setup()
     images = torch.stack([data.test_set[i][0] for i in range(args.points)])
-    warm_up()
     rows = []
     for name, model in (("MLP 784-256-256-10", mlp()), ("MnistCNN (width 16, hidden 100)",
                                                          MnistCNN())):

@@ -275,7 +275,9 @@ class _Start:
         self.gram1 = _gram(w1, g1)
         self.cross = _matmul(w2, w1, g2)
         self.gram2 = _matmul(w2, w2.mT.contiguous(), g2)
-        self.gram2 = (self.gram2 + self.gram2.mT) / 2  # exact: both halves are the same sums
+        # Both halves sum the same products (in another order): the mean is as accurate, plus
+        # one rounding, which gamma_{n+4} in the slack covers.
+        self.gram2 = (self.gram2 + self.gram2.mT) / 2
         self.lam1 = float(torch.linalg.eigvalsh(self.gram1)[-1])
         self.f1 = float(torch.linalg.matrix_norm(w1)) * 1.01
         self.f2 = float(torch.linalg.matrix_norm(w2)) * 1.01

@@ -230,14 +230,17 @@ MAX_ROWS = 2500
 def _as_chain(model: nn.Module) -> nn.Module | None:
     """``model`` if it is an ``nn.Sequential``; else the chain its traced forward is, when
     that is a straight line of module calls each taking only the previous one's output
-    (``return self.model(x)`` traces into ``self.model``'s layers); else None."""
+    (``return self.model(x)`` traces into ``self.model``'s layers); else None. The trace is
+    fx's, as for the graph walk, which also checks that it reproduces the model (the tracker
+    runs the walk first)."""
     model = _uncompiled(model)
     if isinstance(model, nn.Sequential):
         return model
     if _has_hooks(model):
         return None
     try:
-        graph = _trace(model)
+        with _evaluating(model):  # the bound is for the eval-mode forward
+            graph = _trace(model)
     except Exception:  # fx raises TraceError, TypeError, NotImplementedError...
         return None
     layers: list[nn.Module] = []
