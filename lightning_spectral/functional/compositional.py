@@ -58,6 +58,12 @@ Woodbury identity ``W_2 Y_1^{-1} W_2^T = W_2 W_2^T + a_1^2 W_2 W_1 (I - a_1^2 W_
 W_1)^{-1} (W_2 W_1)^T``, unchecked). The products use the zero pattern of the matrices
 (:func:`_matmul`, :func:`_gram`): every entry is still a sum of the same nonzero products,
 in some order, which is all the error bound ``gamma_k |A| |B|`` needs.
+
+Choices. The fractions are ranked by the unchecked recursion (in float32 when a matrix has
+more than ``ROUGH_ABOVE`` rows or columns), and ``lambda_max`` of a matrix above 512 rows is
+estimated by block power iteration with a Rayleigh-Ritz step. None of this enters the
+certificate: it only picks the floats ``s_i``, ``r`` and ``Y_i`` that the checks then verify
+(the best fraction's own checks, run on its unchecked float64 pass when that pass exists).
 """
 
 from __future__ import annotations
