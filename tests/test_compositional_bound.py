@@ -26,6 +26,7 @@ from lightning_spectral.functional import (  # noqa: E402
     certified_psd,
     chain_lipschitz_bound,
 )
+from lightning_spectral.functional import compositional as comp  # noqa: E402
 from lightning_spectral.lipschitz import sequential_chain_bound  # noqa: E402
 from lightning_spectral.lipschitz.compositional import conv2d_matrix  # noqa: E402
 
@@ -243,3 +244,105 @@ def test_leading_and_trailing_activations_and_two_linears_in_a_row() -> None:
     assert float(bound) >= _jacobian_max(model, (5,), points=60)
     assert float(compositional_lipschitz_bound(model, (5,))) <= float(
         network_lipschitz_bound(model, (5,)))
+
+
+
+@settings(max_examples=25, deadline=None, derandomize=True,
+          suppress_health_check=list(HealthCheck))
+@given(d0=st.integers(1, 6), grow=st.integers(1, 12),
+       rest=st.lists(st.integers(1, 9), min_size=2, max_size=4),
+       acts=st.lists(st.sampled_from(["relu", "tanh", "sigmoid"]), min_size=2, max_size=2),
+       seed=st.integers(0, 10_000))
+def test_two_step_start_matches_step_by_step_and_is_sound(
+        d0: int, grow: int, rest: list[int], acts: list[str], seed: int,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A first layer with more outputs than inputs and ``alpha = 0`` after the first two
+    layers: the two-step start is the certificate, and it is the step-by-step recursion."""
+    model = _mlp([d0, d0 + grow, *rest], acts, seed)
+    mats = _weights(model)
+    slopes = [activation_slope(m) for m in model if not isinstance(m, nn.Linear)]
+    verdicts: list[bool] = []
+    original = comp._check_start
+
+    def spy(*args: object) -> bool:
+        verdicts.append(original(*args))
+        return verdicts[-1]
+
+    with monkeypatch.context() as patch:
+        patch.setattr(comp, "_check_start", spy)
+        fast = chain_lipschitz_bound(mats, slopes)
+    slow = chain_lipschitz_bound(mats, slopes, fast_start=False)
+    assert verdicts and verdicts[-1], "the two-step start was not the certificate"
+    assert abs(float(fast) - float(slow)) <= 1e-6 * float(slow)
+    assert float(fast) >= _jacobian_max(model, (d0,), points=40, seed=seed)
+
+
+def test_two_step_check_refuses_a_too_large_y2() -> None:
+    """The check of ``S`` certifies the ``Y_2`` it is given: the recursion's passes, the same
+    matrix raised by 1e-4 (100 times the shrink) fails."""
+    w1, w2, _ = _weights(_mlp([4, 20, 12, 3], ["relu"], seed=5))
+    start = comp._Start(w1, w2)
+    pending: list = []
+    y2, _ = comp._fast_start(start, [(0.0, 1.0)] * 2, 0.7, 1e-6, False, pending)
+    assert pending[0]()
+    y2.diagonal().add_(1e-4)  # the check holds this very tensor
+    assert not pending[0]()
+
+
+def test_products_over_row_groups_are_the_dense_products() -> None:
+    torch.manual_seed(0)
+    conv = nn.Conv2d(3, 5, 3, stride=2, padding=1)
+    w = conv2d_matrix(conv, (3, 9, 9))
+    groups = comp._row_groups(w)
+    assert groups is not None and len(groups) == 25  # one per output position
+    x = torch.randn(w.shape[1], 7, dtype=torch.float64)
+    torch.testing.assert_close(comp._matmul(w, x, groups), w @ x, rtol=1e-13, atol=1e-13)
+    torch.testing.assert_close(comp._gram(w, groups), w.mT @ w, rtol=1e-13, atol=1e-13)
+    assert comp._row_groups(torch.randn(600, 700, dtype=torch.float64).sign() * (
+        torch.rand(600, 700, dtype=torch.float64) > 0.5)) is None  # too many patterns
+
+
+class _Wrapper(nn.Module):
+    def __init__(self, model: nn.Module, functional_relu: bool = False) -> None:
+        super().__init__()
+        self.model, self.functional_relu = model, functional_relu
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.relu(self.model(x)) if self.functional_relu else self.model(x)
+
+
+def test_chain_of_a_forward_and_its_cost_cap() -> None:
+    from lightning_spectral.lipschitz.compositional import chain_bound_of_forward, check_rows
+
+    model = _mlp([6, 9, 7, 3], ["tanh"], seed=2)
+    direct = sequential_chain_bound(model, (6,))
+    assert float(chain_bound_of_forward(_Wrapper(model), (6,))) == float(direct)
+    assert chain_bound_of_forward(_Wrapper(model, functional_relu=True), (6,)) is None
+    assert check_rows(_weights(model), [(0.0, 1.0)] * 2, [0.0] * 3) == 6 + 7  # d_0 + d_2
+    assert check_rows(_weights(model), [(0.1, 1.0)] * 2, [0.0] * 3) == 9 + 7  # d_1 + d_2
+    assert chain_bound_of_forward(model, (6,), max_rows=12) is None
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_float32_ranking_of_a_wide_chain_still_certifies_the_best(
+        seed: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A layer wider than ``ROUGH_ABOVE``: the fractions are ranked in float32, the bound is
+    the float64 certificate, no looser than the paper's recursion and above the Jacobians."""
+    model = _mlp([5, comp.ROUGH_ABOVE + 30, 6, 3], ["relu", "tanh"], seed)
+    mats = _weights(model)
+    slopes = [(0.0, 1.0), (0.0, 1.0)]
+    rough: list[list[float]] = []
+    original = comp._rough_order
+
+    def spy(*args: object) -> list[float]:
+        rough.append(original(*args))
+        return rough[-1]
+
+    with monkeypatch.context() as patch:
+        patch.setattr(comp, "_rough_order", spy)
+        bound = float(chain_lipschitz_bound(mats, slopes))
+    assert rough, "the float32 ranking was not used"
+    best = chain_lipschitz_bound(mats, slopes, fractions=rough[0][:1])
+    assert bound == float(best)
+    assert bound <= eclipse_fast_reference(mats) * (1 + 1e-6)
+    assert bound >= _jacobian_max(model, (5,), points=40, seed=seed)

@@ -33,18 +33,52 @@ certificate is that each of those block matrices, formed in floating point, is p
 positive semidefinite by :func:`certified_psd` (a Cholesky factorization with a rigorous
 rounding allowance), the formation error of its entries included. No eigenvalue or inverse
 needs to be exact.
+
+An expanding start (:func:`_fast_start`). When ``W_1`` maps ``d_0`` inputs to ``d_1 > d_0``
+units (a convolution with more output than input entries) and ``alpha_1 = alpha_2 = 0``
+(``p = 0``), the first two steps are taken together and ``Y_1`` (``d_1 x d_1``) is never
+formed. With reals ``a_1, a_2 > 0`` (floats, used exactly) put ``s_i = a_i / m_i`` and
+*define* ``Y_1 = I - a_1^2 W_1 W_1^T``. Then ``M_1 = [[I, -a_1 W_1^T], [-a_1 W_1, I - Y_1]]``
+has Schur complement ``I - Y_1 - a_1^2 W_1 W_1^T = 0`` on its identity block: ``M_1 >= 0``
+holds exactly, with nothing to check. ``M_2 = [[Y_1, -a_2 W_2^T], [-a_2 W_2, I - Y_2]]`` is
+the Schur complement, on its first (identity) block, of ::
+
+    P = [[I, a_1 W_1^T, 0], [a_1 W_1, I, -a_2 W_2^T], [0, -a_2 W_2, I - Y_2]],
+
+so ``P >= 0`` implies ``M_2 >= 0`` (``v^T M_2 v`` is the minimum over ``u`` of the quadratic
+form of ``P`` at ``(u, v)``). The middle block of ``P`` is ``I``; its Schur complement there
+is the ``(d_0 + d_2)``-square ::
+
+    S = [[I - a_1^2 W_1^T W_1, a_1 a_2 (W_2 W_1)^T], [a_1 a_2 W_2 W_1, I - Y_2 - a_2^2 W_2 W_2^T]],
+
+and ``P >= 0`` iff ``S >= 0``. So one :func:`certified_psd` of ``S``, formed from the three
+products ``W_1^T W_1``, ``W_2 W_1``, ``W_2 W_2^T`` with their rounding errors in the slack,
+certifies both steps; ``Y_2`` is any float matrix (chosen as ECLipsE-Fast's, from the
+Woodbury identity ``W_2 Y_1^{-1} W_2^T = W_2 W_2^T + a_1^2 W_2 W_1 (I - a_1^2 W_1^T
+W_1)^{-1} (W_2 W_1)^T``, unchecked). The products use the zero pattern of the matrices
+(:func:`_matmul`, :func:`_gram`): every entry is still a sum of the same nonzero products,
+in some order, which is all the error bound ``gamma_k |A| |B|`` needs.
+
+Choices. The fractions are ranked by the unchecked recursion (in float32 when a matrix has
+more than ``ROUGH_ABOVE`` rows or columns), and ``lambda_max`` of a matrix above 512 rows is
+estimated by block power iteration with a Rayleigh-Ritz step. None of this enters the
+certificate: it only picks the floats ``s_i``, ``r`` and ``Y_i`` that the checks then verify
+(the best fraction's own checks, run on its unchecked float64 pass when that pass exists).
 """
 
 from __future__ import annotations
 
+import copy
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import TypeVar
 
 import torch
 from torch import Tensor
 
 __all__ = ["certified_psd", "chain_lipschitz_bound"]
 
+_T = TypeVar("_T")
 _U = 2.0**-53  # unit roundoff of float64
 _RETRIES = (1.0, 1e2, 1e4)  # the shrink of Y_i, retried larger if a check fails
 #: Multipliers ``l_i = t / (m^2 lambda_max)`` tried: ``t = 1/2`` is ECLipsE-Fast's choice.
@@ -109,45 +143,59 @@ def _shrink(n: int) -> float:
     return max(1e-10, 64 * n * n * _U)
 
 
+Checks = list[Callable[[], bool]]
+
+
 def _try_step(y: Tensor, w: Tensor, m: float, p: float, shrink: float, t: float, err: float,
-              certify: bool) -> tuple[Tensor, float] | None:
+              certify: bool, pending: Checks | None = None) -> tuple[Tensor, float] | None:
     """One step from ``Y_{i-1}``: ``(Y_i, s_i)``, or None if a check fails (``certify=False``:
-    the same step unchecked, only to rank the fractions)."""
+    the same step unchecked, its check appended to ``pending`` to be run later if wanted)."""
     chol, info = torch.linalg.cholesky_ex(y)
     if int(info):
         return None
-    gmax = _top_eig(torch.linalg.solve_triangular(chol, w.mT, upper=False))
-    s = math.sqrt(t / (m * m * gmax))
+    b = torch.linalg.solve_triangular(chol, w.mT, upper=False)  # L^{-1} W^T
+    s = math.sqrt(t / (m * m * _top_eig(b)))
     q = s * s * p
     a = y + q * (w.mT @ w) if q else y
-    if q:
+    if q:  # otherwise A = Y_{i-1}, whose factor and solve are the ones above
         chol, info = torch.linalg.cholesky_ex(a)
         if int(info):
             return None
-    b = torch.linalg.solve_triangular(chol, w.mT, upper=False)  # L^{-1} W^T
+        b = torch.linalg.solve_triangular(chol, w.mT, upper=False)
     y_new = (b.mT @ b) * (-(s * s) * (m * m))
     y_new.diagonal().add_(1.0 - shrink)
     y_new = (y_new + y_new.mT) / 2
-    if not certify:
-        return y_new, s
-    block = _step_matrix(a, w, m * s, y_new)
-    if not certified_psd(block, _slack(block, w, q, m * s, err)):
-        return None
-    return y_new, s
+
+    def check() -> bool:
+        block = _step_matrix(a, w, m * s, y_new)
+        return certified_psd(block, _slack(block, w, q, m * s, err))
+
+    return _checked((y_new, s), check, certify, pending)
+
+
+def _checked(out: _T, check: Callable[[], bool], certify: bool, pending: Checks | None
+             ) -> _T | None:
+    """``out`` if ``check`` passes (``certify``), else ``out`` with the check put aside."""
+    if certify:
+        return out if check() else None
+    if pending is not None:
+        pending.append(check)
+    return out
 
 
 def _step(y: Tensor, w: Tensor, slope: tuple[float, float], t: float, err: float,
-          certify: bool) -> tuple[Tensor, float] | None:
+          certify: bool, pending: Checks | None) -> tuple[Tensor, float] | None:
     alpha, beta = slope
     m, p = (alpha + beta) / 2, alpha * beta
     for retry in _RETRIES:
-        out = _try_step(y, w, m, p, retry * _shrink(sum(w.shape)), t, err, certify)
+        out = _try_step(y, w, m, p, retry * _shrink(sum(w.shape)), t, err, certify, pending)
         if out is not None:
             return out
     return None
 
 
-def _last(y: Tensor, w: Tensor, err: float, certify: bool) -> float | None:
+def _last(y: Tensor, w: Tensor, err: float, certify: bool, pending: Checks | None = None
+          ) -> float | None:
     """``r`` with ``[[Y, r W^T], [r W, I]] >= 0`` certified, or None."""
     chol, info = torch.linalg.cholesky_ex(y)
     if int(info):
@@ -156,15 +204,148 @@ def _last(y: Tensor, w: Tensor, err: float, certify: bool) -> float | None:
     for retry in _RETRIES:
         mu = top * (1 + retry * _shrink(sum(w.shape)))
         r = 1.0 / math.sqrt(mu)
-        if not certify:
-            return r
-        off = w * r
-        block = torch.cat([torch.cat([y, off.mT], 1),
-                           torch.cat([off, torch.eye(w.shape[0], dtype=w.dtype)], 1)], 0)
-        slack = 3 * _U * float(torch.linalg.matrix_norm(block)) + 2.02 * r * err
-        if certified_psd(block, slack):
-            return r
+        out = _checked(r, lambda r=r: _last_check(y, w, r, err), certify, pending)
+        if out is not None:
+            return out
     return None
+
+
+def _last_check(y: Tensor, w: Tensor, r: float, err: float) -> bool:
+    off = w * r
+    block = torch.cat([torch.cat([y, off.mT], 1),
+                       torch.cat([off, torch.eye(w.shape[0], dtype=w.dtype)], 1)], 0)
+    return certified_psd(block, 3 * _U * float(torch.linalg.matrix_norm(block)) + 2.02 * r * err)
+
+
+_MAX_GROUPS = 512  # more row patterns than this: a plain dense product is faster
+
+
+def _row_groups(w: Tensor) -> list[tuple[Tensor, Tensor]] | None:
+    """``(rows, cols)`` per set of rows with the same nonzero columns (a convolution's rows at
+    one output position share them), or None when there are too many sets to gain."""
+    pattern = w != 0
+    unique, inverse = torch.unique(pattern, dim=0, return_inverse=True)
+    if unique.shape[0] > _MAX_GROUPS:
+        return None
+    order = torch.argsort(inverse, stable=True)
+    counts = torch.bincount(inverse, minlength=unique.shape[0]).tolist()
+    rows = torch.split(order, counts)
+    return [(r, torch.nonzero(u).flatten()) for r, u in zip(rows, unique, strict=True)]
+
+
+def _matmul(w: Tensor, x: Tensor, groups: list[tuple[Tensor, Tensor]] | None) -> Tensor:
+    """``fl(w x)`` skipping the zero blocks of ``w``: each entry is the sum of the products
+    ``w_rc x_cj`` over the nonzero ``w_rc`` only, the others being exact zeros."""
+    if groups is None:
+        return w @ x
+    out = x.new_zeros(w.shape[0], x.shape[1])
+    for rows, cols in groups:
+        out[rows] = w[rows][:, cols] @ x[cols]
+    return out
+
+
+def _gram(w: Tensor, groups: list[tuple[Tensor, Tensor]] | None) -> Tensor:
+    """``fl(w^T w)``: per row group its ``(cols x cols)`` Gram matrix, added into place (a
+    sum of the same products ``w_rc w_rc'`` over rows ``r``, grouped)."""
+    if groups is None:
+        return w.mT @ w
+    out = w.new_zeros(w.shape[1], w.shape[1])
+    for rows, cols in groups:
+        block = w[rows][:, cols]
+        out[cols.unsqueeze(1), cols] += block.mT @ block
+    return out
+
+
+def _lambda_max(g: Tensor, basis: Tensor | None = None, iterations: int = 10
+                ) -> tuple[float, Tensor | None]:
+    """Estimate of ``lambda_max`` of a symmetric PSD ``g`` (it only chooses a multiplier) and
+    the basis to start from next time: block power iteration with a Rayleigh-Ritz step from
+    ``basis`` (a similar matrix's, e.g. the previous fraction's), exact for small ``g``."""
+    n = g.shape[0]
+    if n <= 512:
+        return float(torch.linalg.eigvalsh(g)[-1]), None
+    steps = iterations if basis is None else iterations // 2  # a warm start needs fewer
+    if basis is None:
+        basis = torch.randn(n, 8, dtype=g.dtype, generator=torch.Generator().manual_seed(0))
+    for _ in range(steps):
+        basis, _ = torch.linalg.qr(g @ basis)
+    return float(torch.linalg.eigvalsh(basis.mT @ g @ basis)[-1]), basis
+
+
+class _Start:
+    """The ``t``-independent parts of the expanding start: ``W_1^T W_1``, ``W_2 W_1``,
+    ``W_2 W_2^T``, ``lambda_max(W_1^T W_1)`` and Frobenius norms (rounded up)."""
+
+    def __init__(self, w1: Tensor, w2: Tensor) -> None:
+        g1, g2 = _row_groups(w1), _row_groups(w2)
+        self.gram1 = _gram(w1, g1)
+        self.cross = _matmul(w2, w1, g2)
+        self.gram2 = _matmul(w2, w2.mT.contiguous(), g2)
+        # Both halves sum the same products (in another order): the mean is as accurate, plus
+        # one rounding, which gamma_{n+4} in the slack covers.
+        self.gram2 = (self.gram2 + self.gram2.mT) / 2
+        self.lam1 = float(torch.linalg.eigvalsh(self.gram1)[-1])
+        self.f1 = float(torch.linalg.matrix_norm(w1)) * 1.01
+        self.f2 = float(torch.linalg.matrix_norm(w2)) * 1.01
+        self.inner = w1.shape[0]
+        self.basis: Tensor | None = None  # for :func:`_lambda_max`, carried across fractions
+
+    def astype(self, dtype: torch.dtype) -> _Start:
+        """A copy with the products in ``dtype`` (to rank the fractions roughly)."""
+        other = copy.copy(self)
+        other.gram1, other.cross, other.gram2 = (
+            x.to(dtype) for x in (self.gram1, self.cross, self.gram2))
+        other.basis = None
+        return other
+
+
+def _fast_start_applies(mats: list[Tensor], slopes: Sequence[tuple[float, float]],
+                        errs: list[float]) -> bool:
+    """The expanding start needs ``d_1 > d_0``, ``alpha_1 = alpha_2 = 0``, exact
+    ``W_1, W_2`` and a third matrix (the start ends on a step, not on the last one)."""
+    return (len(mats) >= 3 and mats[0].shape[0] > mats[0].shape[1] and slopes[0][0] == 0
+            and slopes[1][0] == 0 and errs[0] == 0 and errs[1] == 0)
+
+
+def _fast_start(start: _Start, slopes: Sequence[tuple[float, float]], t: float, shrink: float,
+                certify: bool, pending: Checks | None) -> tuple[Tensor, float] | None:
+    """``(Y_2, s_1 s_2)`` of the first two steps, both certified by one check of ``S`` (see
+    the module docstring), or None if a check fails."""
+    m1, m2 = (sum(slopes[0]) / 2), (sum(slopes[1]) / 2)
+    a1 = math.sqrt(t / start.lam1)
+    c1 = a1 * a1
+    k = -c1 * start.gram1
+    k.diagonal().add_(1.0)
+    chol, info = torch.linalg.cholesky_ex(k)
+    if int(info):
+        return None
+    b = torch.linalg.solve_triangular(chol, start.cross.mT * a1, upper=False)
+    z = start.gram2 + b.mT @ b  # ~ W_2 Y_1^{-1} W_2^T by Woodbury
+    lam2, start.basis = _lambda_max(z, start.basis)
+    a2 = math.sqrt(t / lam2)
+    c2, c3 = a1 * a2, a2 * a2
+    y2 = z * (-c3)
+    y2.diagonal().add_(1.0 - shrink)
+    y2 = (y2 + y2.mT) / 2
+    return _checked((y2, (a1 / m1) * (a2 / m2)), lambda: _check_start(start, k, y2, c1, c2, c3),
+                    certify, pending)
+
+
+def _check_start(start: _Start, k: Tensor, y2: Tensor, c1: float, c2: float, c3: float
+                 ) -> bool:
+    """:func:`certified_psd` of ``S``. Slack: the three products are off by at most
+    ``gamma_n`` times the products of Frobenius norms (``n = d_1`` terms per entry), their
+    scaling and ``c_i`` itself by a few more roundings (``gamma_{n+4}`` covers them), the
+    subtractions by ``u`` times the magnitude of each operand; all doubled."""
+    off = start.cross * c2
+    lower = start.gram2 * (-c3) - y2
+    lower.diagonal().add_(1.0)
+    block = torch.cat([torch.cat([k, off.mT], 1), torch.cat([off, lower], 1)], 0)
+    f1, f2 = start.f1, start.f2
+    products = _gamma(start.inner + 4) * (c1 * f1 * f1 + 2 * c2 * f1 * f2 + c3 * f2 * f2)
+    operands = _U * (float(torch.linalg.matrix_norm(block)) + float(
+        torch.linalg.matrix_norm(y2)) + math.sqrt(block.shape[0]) + c3 * f2 * f2 + c1 * f1 * f1)
+    return certified_psd(block, 2 * (products + 2 * operands))
 
 
 def _check_chain(weights: Sequence[Tensor], slopes: Sequence[tuple[float, float]]) -> None:
@@ -182,24 +363,43 @@ def _check_chain(weights: Sequence[Tensor], slopes: Sequence[tuple[float, float]
 
 
 def _chain_value(mats: list[Tensor], slopes: Sequence[tuple[float, float]], t: float,
-                 errors: Sequence[float], certify: bool = True) -> float | None:
+                 errors: Sequence[float], certify: bool = True,
+                 start: _Start | None = None, pending: Checks | None = None) -> float | None:
     """``1 / (r prod s_i)`` for the multipliers of fraction ``t``, or None (unchecked, an
-    estimate only, with ``certify=False``)."""
-    y = torch.eye(mats[0].shape[1], dtype=torch.float64)
-    denominator = 1.0
-    for w, slope, err in zip(mats[:-1], slopes, errors, strict=False):
-        out = _step(y, w, slope, t, err, certify)
+    estimate only, with ``certify=False``: the checks that would make it a certificate are
+    appended to ``pending``); ``start``: take the first two steps together."""
+    y = torch.eye(mats[0].shape[1], dtype=mats[0].dtype)
+    denominator, first = 1.0, 0
+    if start is not None:
+        out = _start_steps(start, mats, slopes, t, certify, pending)
+        if out is None:
+            return None
+        (y, denominator), first = out, 2
+    for w, slope, err in zip(mats[first:-1], slopes[first:], errors[first:], strict=False):
+        out = _step(y, w, slope, t, err, certify, pending)
         if out is None:
             return None
         y, s = out
         denominator *= s
-    r = _last(y, mats[-1], errors[-1], certify)
+    r = _last(y, mats[-1], errors[-1], certify, pending)
     return None if r is None else 1.0 / (r * denominator)
+
+
+def _start_steps(start: _Start, mats: list[Tensor], slopes: Sequence[tuple[float, float]],
+                 t: float, certify: bool, pending: Checks | None
+                 ) -> tuple[Tensor, float] | None:
+    for retry in _RETRIES:
+        shrink = retry * _shrink(mats[0].shape[1] + mats[1].shape[0])
+        out = _fast_start(start, slopes, t, shrink, certify, pending)
+        if out is not None:
+            return out
+    return None
 
 
 def chain_lipschitz_bound(weights: Sequence[Tensor], slopes: Sequence[tuple[float, float]],
                           fractions: Sequence[float] = FRACTIONS,
-                          errors: Sequence[float] | None = None) -> Tensor | None:
+                          errors: Sequence[float] | None = None,
+                          fast_start: bool = True) -> Tensor | None:
     """Certified ECLipsE-Fast bound of ``x -> W_l s_{l-1}(... s_1(W_1 x))`` (biases free).
 
     Args:
@@ -215,12 +415,16 @@ def chain_lipschitz_bound(weights: Sequence[Tensor], slopes: Sequence[tuple[floa
         errors: ``e_i >= ||W_i^true - W_i||_2`` when the stored matrix is a rounded version of
             the network's (e.g. a product of two layers); the checks then hold for every
             matrix within ``e_i``. Default 0 (the matrices are exact).
+        fast_start: take the first two steps together when ``W_1`` expands (see the module
+            docstring: the same recursion, ``Y_1`` never formed, one check of size ``d_0 +
+            d_2`` instead of two of sizes ``d_0 + d_1`` and ``d_1 + d_2``); False: step by
+            step.
 
     Returns:
         0-dim float64 ``L`` with ``||f(x) - f(x')|| <= L ||x - x'||``, or None when a
         positive semidefiniteness check fails (the caller then uses another bound). The proof
         is in the module docstring; the final ``1 / (r prod s_i)`` is rounded up by
-        ``(1 + 4 (l + 3) u)``, more than its ``l + 2`` roundings.
+        ``(1 + 4 (l + 3) u)``, more than its ``l + 6`` roundings.
 
     Raises:
         ValueError: shapes that do not chain, or slope bounds outside the range above.
@@ -236,20 +440,55 @@ def chain_lipschitz_bound(weights: Sequence[Tensor], slopes: Sequence[tuple[floa
     errs = [0.0] * len(mats) if errors is None else [float(e) for e in errors]
     if len(errs) != len(mats) or not all(e >= 0 for e in errs):
         raise ValueError(f"errors must be {len(mats)} numbers >= 0, got {errors}")
-    for t in _ranked(mats, slopes, fractions, errs):
-        value = _chain_value(mats, slopes, t, errs)
+    start = (_Start(mats[0], mats[1]) if fast_start and _fast_start_applies(mats, slopes, errs)
+             else None)
+    if max(max(w.shape) for w in mats) > ROUGH_ABOVE and len(fractions) > 1:
+        order = _rough_order(mats, slopes, fractions, errs, start)
+    else:
+        order, best, checks = _ranked(mats, slopes, fractions, errs, start)
+        # The best unchecked pass is a certificate once its own checks pass: no second pass.
+        if best is not None and all(check() for check in checks):
+            return _rounded_up(best, len(mats))
+    for t in order:
+        value = _chain_value(mats, slopes, t, errs, start=start)
         if value is not None:
-            return torch.tensor(value * (1 + 4 * (len(mats) + 3) * _U), dtype=torch.float64)
+            return _rounded_up(value, len(mats))
     return None
 
 
+def _rounded_up(value: float, layers: int) -> Tensor:
+    return torch.tensor(value * (1 + 4 * (layers + 3) * _U), dtype=torch.float64)
+
+
+#: Above this many rows or columns in some matrix the fractions are ranked in float32 (about
+#: half the time per fraction); only the best one is then run, and certified, in float64.
+ROUGH_ABOVE = 1024
+
+
+def _rough_order(mats: list[Tensor], slopes: Sequence[tuple[float, float]],
+                 fractions: Sequence[float], errs: list[float], start: _Start | None
+                 ) -> list[float]:
+    """:func:`_ranked`'s order from the unchecked recursion in float32: a ranking needs no
+    accuracy, the certificate is the float64 pass that follows."""
+    rough = [w.float() for w in mats]
+    order, _, _ = _ranked(rough, slopes, fractions, errs,
+                          None if start is None else start.astype(torch.float32))
+    return order
+
+
 def _ranked(mats: list[Tensor], slopes: Sequence[tuple[float, float]],
-            fractions: Sequence[float], errs: list[float]) -> list[float]:
-    """The fractions by their unchecked value, best first (those that break down last):
-    only the best one is then certified, unless its checks fail."""
-    if len(fractions) == 1:
-        return list(fractions)
-    estimates = [_chain_value(mats, slopes, t, errs, certify=False) for t in fractions]
+            fractions: Sequence[float], errs: list[float], start: _Start | None
+            ) -> tuple[list[float], float | None, Checks]:
+    """The fractions by their unchecked value, best first (those that break down last), the
+    best value and the checks that make it a certificate (only the best one's are kept)."""
+    estimates: list[float | None] = []
+    best: tuple[float | None, Checks] = (None, [])
+    for t in fractions:
+        pending: Checks = []
+        value = _chain_value(mats, slopes, t, errs, certify=False, start=start, pending=pending)
+        estimates.append(value)
+        if value is not None and (best[0] is None or value < best[0]):
+            best = (value, pending)
     order = sorted(range(len(fractions)),
                    key=lambda i: math.inf if estimates[i] is None else estimates[i])
-    return [fractions[i] for i in order]
+    return [fractions[i] for i in order], best[0], best[1]

@@ -21,11 +21,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..functional.activations import activation_slope
-from ..functional.compositional import chain_lipschitz_bound
+from ..functional.compositional import _fast_start_applies, chain_lipschitz_bound
 from .api import _check_input_shape, _evaluating, network_lipschitz_bound
 from .common import LayerBound
 from .ownership import _behaves_as
-from .tracing import _has_hooks, _uncompiled
+from .tracing import _has_hooks, _trace, _uncompiled
 
 #: Largest unrolled matrix (entries) the chain bound forms; a larger layer: not a chain.
 MAX_ENTRIES = 16_000_000
@@ -190,10 +190,26 @@ def _compose_up(slope: tuple[float, float]) -> tuple[float, float]:
     return math.nextafter(lo, -math.inf) if lo > 0 else 0.0, math.nextafter(hi, math.inf)
 
 
-def sequential_chain_bound(model: nn.Module, input_shape: Sequence[int]) -> Tensor | None:
+def check_rows(weights: Sequence[Tensor], slopes: Sequence[tuple[float, float]],
+               errors: Sequence[float]) -> int:
+    """Rows of the largest matrix the chain bound factors: ``d_{i-1} + d_i`` per step, ``d_0 +
+    d_2`` for an expanding start taken in one check. The cost is about ``(FRACTIONS + 1)``
+    times a few Cholesky factorizations of that size, so this predicts it."""
+    dims = [weights[0].shape[1], *(w.shape[0] for w in weights)]
+    pairs = list(zip(dims[:-1], dims[1:], strict=True))
+    if _fast_start_applies(list(weights), slopes, list(errors)):
+        pairs = [(dims[0], dims[2]), *pairs[2:]]
+    return max(a + b for a, b in pairs)
+
+
+def sequential_chain_bound(model: nn.Module, input_shape: Sequence[int],
+                           max_rows: int | None = None, fast_start: bool = True
+                           ) -> Tensor | None:
     """The certified compositional bound of ``model`` in eval mode if it is a chain (see the
     module docstring), else None. Also None when a layer's unrolled matrix exceeds
-    ``MAX_ENTRIES`` or a certification check fails."""
+    ``MAX_ENTRIES``, :func:`check_rows` exceeds ``max_rows`` (a cost cap) or a certification
+    check fails. ``fast_start``: as in
+    :func:`~lightning_spectral.functional.compositional.chain_lipschitz_bound`."""
     shape = _check_input_shape(input_shape)
     model = _uncompiled(model)
     with _evaluating(model):
@@ -201,7 +217,54 @@ def sequential_chain_bound(model: nn.Module, input_shape: Sequence[int]) -> Tens
     if not items or not any(kind == "lin" for kind, _ in items):
         return None
     weights, slopes, errors = _alternate(items, math.prod(shape))
-    return chain_lipschitz_bound(weights, slopes, errors=errors)
+    if max_rows is not None and check_rows(weights, slopes, errors) > max_rows:
+        return None
+    return chain_lipschitz_bound(weights, slopes, errors=errors, fast_start=fast_start)
+
+
+#: The cost cap of :func:`chain_bound_of_forward` (see :func:`check_rows`): a check of 2500
+#: rows is a few seconds on one CPU thread for all fractions together.
+MAX_ROWS = 2500
+
+
+def _as_chain(model: nn.Module) -> nn.Module | None:
+    """``model`` if it is an ``nn.Sequential``; else the chain its traced forward is, when
+    that is a straight line of module calls each taking only the previous one's output
+    (``return self.model(x)`` traces into ``self.model``'s layers); else None. The trace is
+    fx's, as for the graph walk, which also checks that it reproduces the model (the tracker
+    runs the walk first)."""
+    model = _uncompiled(model)
+    if isinstance(model, nn.Sequential):
+        return model
+    if _has_hooks(model):
+        return None
+    try:
+        with _evaluating(model):  # the bound is for the eval-mode forward
+            graph = _trace(model)
+    except Exception:  # fx raises TraceError, TypeError, NotImplementedError...
+        return None
+    layers: list[nn.Module] = []
+    previous = None
+    for node in graph.graph.nodes:
+        if node.op == "placeholder" and previous is None:
+            previous = node
+        elif node.op == "call_module" and node.args == (previous,) and not node.kwargs:
+            layers.append(graph.get_submodule(node.target))
+            previous = node
+        elif node.op == "output" and node.args == (previous,) and layers:
+            return nn.Sequential(*layers)  # holds the same modules, it does not copy them
+        else:
+            return None
+    return None
+
+
+def chain_bound_of_forward(model: nn.Module, input_shape: Sequence[int],
+                           max_rows: int | None = MAX_ROWS) -> Tensor | None:
+    """:func:`sequential_chain_bound` of ``model``'s forward when it is a chain (``model``
+    itself, or the straight line of layers a LightningModule's ``forward`` calls) and
+    :func:`check_rows` is at most ``max_rows``; else None."""
+    chain = _as_chain(model)
+    return None if chain is None else sequential_chain_bound(chain, input_shape, max_rows)
 
 
 def compositional_lipschitz_bound(
