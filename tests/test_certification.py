@@ -16,7 +16,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.loggers import CSVLogger
-from torch import nn
+from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_spectral import SpectralBoundRegularizer
@@ -411,3 +411,28 @@ def test_compositional_leaves_a_forward_that_is_no_chain_alone() -> None:
     module = _Net()  # global average pooling: not a layer the chain bound takes
     batch = (_data(8, 6, 1).tensors[0], torch.zeros(8, dtype=torch.long))
     assert _validated(module, batch, True)[1] == _validated(module, batch, False)[1]
+
+
+def _callback_validated(module: nn.Module, x: Tensor, y: Tensor, compositional: bool) -> dict:
+    reg = SpectralBoundRegularizer(certify_epsilons=[0.0], log_per_layer=False,
+                                   certify_compositional=compositional)
+    trainer = pl.Trainer(accelerator="cpu", devices=1, logger=False, callbacks=[reg],
+                         enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False)
+    (out,) = trainer.validate(module, DataLoader(TensorDataset(x, y), batch_size=50),
+                              verbose=False)
+    return out
+
+
+def test_the_callback_certifies_with_the_chain_bound_when_asked() -> None:
+    torch.manual_seed(0)
+    module = _Mlp()
+    x = _data(100, 4, 5).tensors[0]
+    with torch.no_grad():
+        y = module(x).argmax(1)
+    plain = _callback_validated(module, x, y, compositional=False)
+    chain = _callback_validated(module, x, y, compositional=True)
+    assert float(chain["lipschitz/network"]) < 0.9 * float(plain["lipschitz/network"])
+    assert float(chain["certified/radius"]) > float(plain["certified/radius"])
+    with pytest.raises(ValueError, match="certify_compositional"):
+        SpectralBoundRegularizer(certify_epsilons=[0.1], certify_compositional="yes")

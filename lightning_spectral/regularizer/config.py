@@ -79,6 +79,7 @@ class RegularizerConfig:
     certified_weight: float = 1.0
     certified_warmup_steps: int = 0
     bound_max_cost: float | None = None
+    certify_compositional: bool = False
 
     def __post_init__(self) -> None:
         for name, value in self._checked().items():
@@ -132,6 +133,8 @@ class RegularizerConfig:
             "input_scale": check_real("input_scale", self.input_scale, low=0.0, strict=True),
             "bound_max_cost": _optional(check_real, "bound_max_cost", self.bound_max_cost,
                                         low=0.0),
+            "certify_compositional": check_bool("certify_compositional",
+                                                self.certify_compositional),
         }
 
 
@@ -168,6 +171,7 @@ class ConfigAttributes:
     certified_weight: float
     certified_warmup_steps: int
     bound_max_cost: float | None
+    certify_compositional: bool
 
 
 def _config_property(name: str) -> property:
