@@ -8,6 +8,14 @@ predicts, and resumes from the last checkpoint::
     python examples/torchvision_resnet18_mnist.py --data-dir data --train-size 512
     python -m lightning_spectral.report lightning_logs/resnet18_mnist/version_0
 
+The first fit logs to ``version_0``, the resumed one (and its test) to ``version_1``: a
+CSVLogger writing to an existing version deletes what was there.
+
+``--fast`` runs every step in seconds: torchvision's ResNet with one block per stage and the
+last two stages left out (the guaranteed bounds of the 256- and 512-channel convolutions
+take most of a validation), 64 training and 32 test images in batches of 16, one epoch
+then one more on resume, no progress bars: the smoke test of tests/test_example_resnet18.py.
+
 MNIST is read from ``--data-dir`` (torchvision layout, ``MNIST/raw``); ``--download`` fetches
 it there first.
 """
@@ -30,11 +38,20 @@ from lightning_spectral import SpectralBoundRegularizer
 MEAN, STD = 0.1307, 0.3081  # of MNIST's training images
 
 
-def mnist_resnet18() -> nn.Module:
-    """torchvision's ResNet-18 for 1-channel 28x28 digits: a 3x3 stride-1 first convolution."""
-    from torchvision.models import resnet18
+def mnist_resnet18(small: bool = False) -> nn.Module:
+    """torchvision's ResNet-18 for 1-channel 28x28 digits: a 3x3 stride-1 first convolution.
 
-    net = resnet18(num_classes=10)
+    ``small``: torchvision's ``ResNet`` with one ``BasicBlock`` per stage, stages 3 and 4
+    replaced by identities and a 128-feature head (fast bounds, for ``--fast``).
+    """
+    from torchvision.models.resnet import BasicBlock, ResNet, resnet18
+
+    if small:
+        net = ResNet(BasicBlock, [1, 1, 1, 1], num_classes=10)
+        net.layer3, net.layer4 = nn.Identity(), nn.Identity()
+        net.fc = nn.Linear(128, 10)
+    else:
+        net = resnet18(num_classes=10)
     net.conv1 = nn.Conv2d(1, 64, kernel_size=3, stride=1, padding=1, bias=False)
     return net
 
@@ -78,10 +95,10 @@ class MNISTSubset(LightningDataModule):
 class Classifier(LightningModule):
     """Cross-entropy classifier around any network; ``forward`` maps images to logits."""
 
-    def __init__(self, lr: float = 0.05) -> None:
+    def __init__(self, lr: float = 0.05, small: bool = False) -> None:
         super().__init__()
         self.save_hyperparameters()
-        self.net = mnist_resnet18()
+        self.net = mnist_resnet18(small)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.net(x)
@@ -96,7 +113,9 @@ class Classifier(LightningModule):
         x, y = batch
         self.log("val/acc", (self(x).argmax(1) == y).float().mean(), prog_bar=True)
 
-    test_step = validation_step
+    def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        x, y = batch
+        self.log("test/acc", (self(x).argmax(1) == y).float().mean())
 
     def predict_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         return self(batch[0]).argmax(1)
@@ -113,19 +132,27 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     parser.add_argument("--train-size", type=int, default=512)
     parser.add_argument("--val-size", type=int, default=256)
     parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--log-dir", default="lightning_logs")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     parser.add_argument("--bound-max-cost", type=float, default=0.0,
                         help="the callback's bound_max_cost (0: tight bounds only, fast)")
+    parser.add_argument("--fast", action="store_true",
+                        help="seconds, not minutes: a small torchvision ResNet, 64/32 images, "
+                             "1 epoch (+1 on resume), bound_max_cost=0, no progress bars")
     args = parser.parse_args(argv)
+    if args.fast:
+        args.train_size, args.val_size, args.epochs, args.batch_size = 64, 32, 1, 16
+        args.bound_max_cost, args.no_progress = 0.0, True
 
     seed_everything(0)
-    data = MNISTSubset(args.data_dir, args.train_size, args.val_size, download=args.download)
+    data = MNISTSubset(args.data_dir, args.train_size, args.val_size, args.batch_size,
+                       download=args.download)
 
-    def trainer(max_epochs: int) -> Trainer:
+    def trainer(max_epochs: int, version: int) -> Trainer:
         return Trainer(
             max_epochs=max_epochs, accelerator="cpu", devices=1, log_every_n_steps=2,
-            logger=CSVLogger(args.log_dir, name="resnet18_mnist", version=0),
+            logger=CSVLogger(args.log_dir, name="resnet18_mnist", version=version),
             callbacks=[
                 # Penalize the Fantastic Four bounds of every conv and the head; certify at
                 # l2 radii in pixel units (the data are standardized: input_scale = std).
@@ -138,12 +165,13 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
             enable_progress_bar=not args.no_progress,
         )
 
-    model = Classifier()
-    first = trainer(args.epochs)
+    model = Classifier(small=args.fast)
+    first = trainer(args.epochs, version=0)
     first.fit(model, data)
     # Resume: one more epoch from the last checkpoint (vectors and input sizes restored).
-    resumed = trainer(args.epochs + 1)
-    resumed.fit(Classifier(), data, ckpt_path=str(Path(args.log_dir) / "checkpoints/last.ckpt"))
+    resumed = trainer(args.epochs + 1, version=1)
+    last = Path(args.log_dir) / "checkpoints" / "last.ckpt"
+    resumed.fit(Classifier(small=args.fast), data, ckpt_path=str(last))
     metrics = resumed.test(resumed.lightning_module, data)[0]
     predictions = torch.cat(resumed.predict(resumed.lightning_module, data))
     print(f"predicted {len(predictions)} digits; test metrics: {metrics}")

@@ -24,6 +24,7 @@ from collections.abc import Callable
 from typing import Any
 
 import lightning.pytorch as pl
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 from typing_extensions import override
 
@@ -39,6 +40,7 @@ from .regularizer.config import (
     ConfigAttributes,
     Reduction,
     RegularizerConfig,
+    inert_options,
 )
 from .regularizer.constraint import AfterStep
 from .regularizer.curvature import CurvatureTerm
@@ -172,8 +174,8 @@ class SpectralBoundRegularizer(
         beta: float = 0.0,
         n_power_iterations: int = 1,
         warmup_power_iterations: int = 50,
-        include: list[str] | None = None,
-        exclude: list[str] | None = None,
+        include: str | list[str] | None = None,
+        exclude: str | list[str] | None = None,
         include_frozen: bool = False,
         reduction: Reduction = "sum",
         target: float | None = None,
@@ -200,6 +202,8 @@ class SpectralBoundRegularizer(
         arguments = {k: v for k, v in locals().items() if k not in ("self", "__class__")}
         super().__init__()
         self.config = cfg = RegularizerConfig(**arguments)
+        for inert in inert_options(cfg):
+            rank_zero_warn(f"SpectralBoundRegularizer: {inert}", category=UserWarning)
         self._tracker = None if cfg.certify_epsilons is None else CertificationTracker(
             cfg.certify_epsilons, cfg.input_scale, cfg.batch_to_input_target,
             self._certificate_bounds,

@@ -30,7 +30,9 @@ def _optional(check: Callable[..., Any], name: str, value: Any, **kwargs: Any) -
 
 def _check_epsilons(value: Any) -> list[float] | None:
     # A list, as the callback's YAML spells it; a scalar is refused so that a forgotten
-    # bracket is not silently read as one radius.
+    # bracket is not silently read as one radius. A 1-d array or tensor is a list.
+    if getattr(value, "ndim", None) == 1 and hasattr(value, "tolist"):
+        value = value.tolist()
     if value is not None and not isinstance(value, Sequence):
         raise ValueError(f"certify_epsilons must be a list of numbers >= 0, got {value!r}")
     return _optional(check_reals, "certify_epsilons", value, low=0.0, scalar=False)
@@ -136,6 +138,37 @@ class RegularizerConfig:
             "certify_compositional": check_bool("certify_compositional",
                                                 self.certify_compositional),
         }
+
+
+def inert_options(cfg: RegularizerConfig) -> list[str]:
+    """The options set away from their default that do nothing without another one.
+
+    Each entry names the option, its value and the option it needs, for a warning at
+    construction: a forgotten ``constraint`` or ``certified_eps`` would otherwise go unnoticed
+    through a whole run.
+    """
+    curvature = cfg.curvature_beta > 0 or (
+        cfg.certify_epsilons is not None and cfg.certify_method != "lipschitz")
+    needs = [
+        ("target", cfg.target is not None, cfg.beta > 0, "beta > 0 (target shapes the penalty)"),
+        ("constraint_tight_every_n_steps", cfg.constraint_tight_every_n_steps is not None,
+         cfg.constraint is not None, "constraint"),
+        ("certified_loss", cfg.certified_loss != "gloro", cfg.certified_eps is not None,
+         "certified_eps"),
+        ("certified_weight", cfg.certified_weight != 1.0, cfg.certified_eps is not None,
+         "certified_eps"),
+        ("certified_warmup_steps", cfg.certified_warmup_steps != 0,
+         cfg.certified_eps is not None, "certified_eps"),
+        ("curvature_input_shape", cfg.curvature_input_shape is not None, curvature,
+         "curvature_beta > 0 or certify_method 'curvature'/'both'"),
+        ("input_scale", cfg.input_scale != 1.0,
+         cfg.certify_epsilons is not None or cfg.certified_eps is not None,
+         "certify_epsilons or certified_eps"),
+        ("batch_to_input_target", cfg.batch_to_input_target is not None,
+         cfg.certify_epsilons is not None or curvature, "certify_epsilons or curvature_beta > 0"),
+    ]
+    return [f"{name}={getattr(cfg, name)!r} has no effect without {needed}"
+            for name, is_set, enabled, needed in needs if is_set and not enabled]
 
 
 class ConfigAttributes:
