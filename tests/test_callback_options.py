@@ -55,6 +55,7 @@ def _loader() -> DataLoader:
     ({"certified_loss": "trades"}, "without certified_eps"),
     ({"certified_weight": 0.5}, "without certified_eps"),
     ({"certified_warmup_steps": 10}, "without certified_eps"),
+    ({"certify_compositional": True}, "without certify_epsilons"),
     ({"curvature_input_shape": [1, 8, 8]}, "curvature_beta > 0"),
     ({"input_scale": 0.3}, "without certify_epsilons or certified_eps"),
     ({"batch_to_input_target": lambda b: b}, "without certify_epsilons"),
@@ -72,6 +73,7 @@ def test_an_option_without_the_one_it_needs_warns_at_construction(kwargs, needed
     {"certified_eps": 0.3, "certified_loss": "margin", "certified_weight": 0.5,
      "certified_warmup_steps": 10, "input_scale": 0.3},
     {"curvature_beta": 1e-3, "curvature_input_shape": [1, 8, 8]},
+    {"certify_epsilons": [0.1], "certify_compositional": True},
     {"certify_epsilons": [0.1], "certify_method": "curvature", "curvature_input_shape": [1, 8, 8],
      "batch_to_input_target": lambda b: b, "input_scale": 0.3},
 ])

@@ -166,6 +166,8 @@ def inert_options(cfg: RegularizerConfig) -> list[str]:
          "certify_epsilons or certified_eps"),
         ("batch_to_input_target", cfg.batch_to_input_target is not None,
          cfg.certify_epsilons is not None or curvature, "certify_epsilons or curvature_beta > 0"),
+        ("certify_compositional", cfg.certify_compositional, cfg.certify_epsilons is not None,
+         "certify_epsilons"),
     ]
     return [f"{name}={getattr(cfg, name)!r} has no effect without {needed}"
             for name, is_set, enabled, needed in needs if is_set and not enabled]
