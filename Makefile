@@ -1,5 +1,6 @@
 # Two commands on a fresh machine, each setting itself up first:
 #   make demo   train the digits demo        make test   run the test suite
+#   make lint   ruff over the package, tests, benchmarks and examples
 # The environment lives in $(VENV); it is (re)installed when it is missing or when
 # pyproject.toml is newer than the last install. Nothing is installed outside it, so this
 # works where the system Python refuses `pip install` (PEP 668).
@@ -17,13 +18,16 @@ PY := $(VENV)/bin/python
 # Written after a successful install: its age against pyproject.toml says whether to reinstall.
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test docs serve venv clean
+.PHONY: demo test lint docs serve venv clean
 
 demo: $(STAMP)
 	$(PY) -m lightning_spectral.demo
 
 test: $(STAMP)
 	$(PY) -m pytest $(ARGS)
+
+lint: $(STAMP)
+	$(PY) -m ruff check lightning_spectral tests benchmarks examples
 
 docs: $(STAMP)
 	$(PY) -m mkdocs build --strict

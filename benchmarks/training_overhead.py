@@ -1,10 +1,13 @@
-"""Training-step overhead of SpectralBoundRegularizer on ResNet-32 (the paper's CIFAR model).
+"""Training-step overhead of SpectralBoundRegularizer on ResNet-32 and the MNIST CNN.
 
-    python benchmarks/training_overhead.py                 # CPU, batch 8 and 128
+    python benchmarks/training_overhead.py                 # CPU, ResNet-32, batch 8 and 128
+    python benchmarks/training_overhead.py --model mnist --batches 128
     python benchmarks/training_overhead.py --device cuda   # when a GPU is available
 
-Three variants train the same ResNet-32 (models.resnet32, SGD) on random CIFAR-shaped data
-(3 x 32 x 32, 10 classes) under the same Lightning Trainer:
+Three variants train the same network (``--model resnet32``: the paper's CIFAR ResNet-32 on
+random CIFAR-shaped data, 3 x 32 x 32; ``--model mnist``: ``MnistCNN``, two strided 4x4
+convolutions and two linear layers, on random MNIST-shaped data, 1 x 28 x 28; 10 classes, SGD)
+under the same Lightning Trainer:
 
 * ``baseline``: cross-entropy only;
 * ``callback``: + ``SpectralBoundRegularizer(beta=1e-3, n_power_iterations=1)``, the paper's
@@ -27,6 +30,7 @@ import argparse
 import functools
 import logging
 import math
+import os
 import platform
 import statistics
 import time
@@ -42,8 +46,17 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_spectral.callback import SpectralBoundRegularizer
 from lightning_spectral.demos.models import ImageClassifier, resnet32
+from lightning_spectral.demos.models_digits import MnistCNN
+from lightning_spectral.regularizer.constraint import check_finite
 
 BETA = 1e-3
+#: name -> (network factory, input shape, description for the table)
+MODELS = {
+    "resnet32": (resnet32, (3, 32, 32), "ResNet-32 (0.47M parameters, 33 conv + 1 linear "
+                 "layers in 9 shapes), random CIFAR-shaped data"),
+    "mnist": (MnistCNN, (1, 28, 28), "MnistCNN (2 conv + 2 linear layers, 4 shapes), random "
+              "MNIST-shaped data"),
+}
 VARIANTS = ("baseline", "callback", "per-layer loop")
 
 
@@ -122,9 +135,11 @@ class StepTimer(Callback):
         self.times.append(time.perf_counter() - self._t0)
 
 
-def run(variant: str, batch: int, steps: int, warmup: int, device: torch.device) -> list[float]:
+def run(variant: str, model: str, batch: int, steps: int, warmup: int,
+        device: torch.device) -> list[float]:
     torch.manual_seed(0)
-    net = resnet32()
+    factory, shape, _ = MODELS[model]
+    net = factory()
     callbacks: list[Callback] = []
     if variant == "per-layer loop":
         module: ImageClassifier = PaperLoopClassifier(net, BETA)
@@ -134,7 +149,7 @@ def run(variant: str, batch: int, steps: int, warmup: int, device: torch.device)
             callbacks.append(SpectralBoundRegularizer(beta=BETA, n_power_iterations=1))
     timer = StepTimer(device)
     n = batch * (steps + warmup)
-    data = TensorDataset(torch.randn(n, 3, 32, 32), torch.randint(0, 10, (n,)))
+    data = TensorDataset(torch.randn(n, *shape), torch.randint(0, 10, (n,)))
     trainer = pl.Trainer(
         accelerator=device.type,
         devices=1,
@@ -150,14 +165,14 @@ def run(variant: str, batch: int, steps: int, warmup: int, device: torch.device)
     return timer.times[warmup:]
 
 
-def penalty_cost(variant: str, device: torch.device, repeats: int = 30) -> float:
+def penalty_cost(variant: str, model: str, device: torch.device, repeats: int = 30) -> float:
     """Median time of the added work alone: the penalty's forward and backward, no training step.
 
     Much less noisy than the difference of two step times on a shared machine; ``1 + cost /
     baseline step`` is the overhead ratio it implies.
     """
     torch.manual_seed(0)
-    net = resnet32().to(device)
+    net = MODELS[model][0]().to(device)
     if variant == "per-layer loop":
         module = PaperLoopClassifier(net, BETA).to(device)
         module.on_fit_start()
@@ -180,6 +195,39 @@ def penalty_cost(variant: str, device: torch.device, repeats: int = 30) -> float
     return statistics.median(times)
 
 
+def callback_parts(model: str, device: torch.device, repeats: int = 50) -> dict[str, float]:
+    """Median time of each part of the callback's work per step, timed alone.
+
+    ``penalty forward``: the estimates (one power iteration per layer) and the penalty;
+    ``penalty backward``: its share of the backward pass; ``post-step check``: the finiteness
+    check after the optimizer step (one host sync).
+    """
+    torch.manual_seed(0)
+    module = ImageClassifier(MODELS[model][0]().to(device))
+    reg = SpectralBoundRegularizer(beta=BETA, n_power_iterations=1)
+    reg.discover(module)
+    times: dict[str, list[float]] = {"penalty forward": [], "penalty backward": [],
+                                     "post-step check": []}
+
+    def clock() -> float:
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter()
+
+    for i in range(repeats + 3):
+        t0 = clock()
+        penalty = reg.penalty(module)
+        t1 = clock()
+        penalty.backward()
+        t2 = clock()
+        check_finite(reg._state.layers, reg._penalty.last_estimates, "benchmark")
+        t3 = clock()
+        if i >= 3:
+            for key, dt in zip(times, (t1 - t0, t2 - t1, t3 - t2), strict=True):
+                times[key].append(dt)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
 def machine(device: torch.device) -> str:
     if device.type == "cuda":
         return f"{torch.cuda.get_device_name(device)}, torch {torch.__version__}"
@@ -195,9 +243,17 @@ def machine(device: torch.device) -> str:
             f"Python {platform.python_version()}")
 
 
+def load_average() -> str:
+    try:
+        return ", ".join(f"{x:.1f}" for x in os.getloadavg())
+    except OSError:
+        return "unknown"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--model", default="resnet32", choices=sorted(MODELS))
     parser.add_argument("--batches", type=int, nargs="+", default=[8, 128])
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--steps", type=int, default=None, help="timed steps per run")
@@ -210,7 +266,7 @@ def main() -> None:
     warnings.filterwarnings("ignore")
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
 
-    cost = {v: penalty_cost(v, device) for v in VARIANTS[1:]}
+    cost = {v: penalty_cost(v, args.model, device) for v in VARIANTS[1:]}
     print(", ".join(f"{v}: penalty fwd+bwd {1e3 * c:.1f} ms" for v, c in cost.items()), flush=True)
     rows = []
     for batch in args.batches:
@@ -219,19 +275,19 @@ def main() -> None:
         for r in range(args.rounds):
             order = VARIANTS[r % 3:] + VARIANTS[:r % 3]
             for variant in order:
-                times[variant] += run(variant, batch, steps, warmup=2, device=device)
+                times[variant] += run(variant, args.model, batch, steps, warmup=2, device=device)
         med = {v: statistics.median(t) for v, t in times.items()}
         rows.append((batch, med, {v: len(t) for v, t in times.items()}))
         print(f"batch {batch}: " + ", ".join(f"{v} {1e3 * m:.1f} ms" for v, m in med.items()),
               flush=True)
 
     lines = [
-        f"# Training overhead of SpectralBoundRegularizer ({device.type})",
+        f"# Training overhead of SpectralBoundRegularizer ({device.type}, {args.model})",
         "",
-        f"Machine: {machine(device)}.",
-        "ResNet-32 (0.47M parameters, 33 conv + 1 linear layers in 9 shapes), SGD, random "
-        f"CIFAR-shaped data; beta = {BETA:g}, one power iteration per step; median step time over "
-        f"{args.rounds} interleaved rounds (`python benchmarks/training_overhead.py"
+        f"Machine: {machine(device)}; load average {load_average()} at the end.",
+        f"{MODELS[args.model][2]}, SGD; beta = {BETA:g}, one power iteration per step; median "
+        f"step time over {args.rounds} interleaved rounds (`python benchmarks/training_overhead.py"
+        f" --model {args.model} --batches {' '.join(map(str, args.batches))}"
         f"{' --device ' + args.device if device.type != 'cpu' else ''}`).",
         "",
         "| batch | baseline (ms) | callback (ms) | callback / baseline "
@@ -260,10 +316,23 @@ def main() -> None:
             f"| {batch} | {1e3 * cost['callback']:.1f} | {1 + cost['callback'] / base:.3f} "
             f"| {1e3 * cost['per-layer loop']:.1f} | {1 + cost['per-layer loop'] / base:.3f} |"
         )
+    parts = callback_parts(args.model, device)
+    lines += [
+        "",
+        "Where the callback's time goes (each part timed alone, median of 50; its share of the "
+        "baseline step of the last batch size):",
+        "",
+        "| part | time (ms) | share of baseline step |",
+        "|---|---|---|",
+    ]
+    base = rows[-1][1]["baseline"]
+    for part, t in parts.items():
+        lines.append(f"| {part} | {1e3 * t:.2f} | {t / base:.3f} |")
     table = "\n".join(lines) + "\n"
     print()
     print(table)
-    out = args.out or Path(__file__).parent / "results" / f"training_overhead_{device.type}.md"
+    stem = "training_overhead" if args.model == "resnet32" else f"training_overhead_{args.model}"
+    out = args.out or Path(__file__).parent / "results" / f"{stem}_{device.type}.md"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(table)
     print(f"written to {out}")

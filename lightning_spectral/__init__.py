@@ -16,6 +16,7 @@ __version__ = "0.1.0"
 _LAZY = {
     "SpectralBoundRegularizer": "lightning_spectral.callback",
     "network_lipschitz_bound": "lightning_spectral.lipschitz",
+    "compositional_lipschitz_bound": "lightning_spectral.lipschitz",
     "register_lipschitz_rule": "lightning_spectral.lipschitz",
     "network_curvature_bound": "lightning_spectral.lipschitz",
     "network_pairwise_lipschitz": "lightning_spectral.lipschitz",

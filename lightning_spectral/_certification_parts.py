@@ -9,6 +9,7 @@ eval-mode network, the one the bounds are for.
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -17,6 +18,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 
 from .functional import curvature_certified_radius
+from .lipschitz.compositional import chain_bound_of_forward
 from .metrics import CertifiedRadius, CertifiedRobustAccuracy
 
 __all__ = [
@@ -130,11 +132,12 @@ class Run:
 
 
 def checked_lipschitz(lipschitz_fn: Callable[[Any, tuple[int, ...]], Any], pl_module: Any,
-                      shape: tuple[int, ...]) -> tuple[Tensor, Tensor | None]:
+                      shape: tuple[int, ...], compositional: bool = False
+                      ) -> tuple[Tensor, Tensor | None]:
     """``lipschitz_fn(pl_module, shape)`` as ``(L, K)``: ``L`` a float64 CPU scalar and ``K``
     the ``(C, C)`` pairwise margin bounds or ``None`` (when the function returns ``L`` alone),
     refused unless finite and ``>= 0``; a forward the graph walk cannot bound raises a
-    ``TypeError`` saying what to do."""
+    ``TypeError`` saying what to do. ``compositional``: see :func:`with_chain_bound`."""
     try:
         result = lipschitz_fn(pl_module, shape)
     except TypeError as exc:
@@ -156,6 +159,22 @@ def checked_lipschitz(lipschitz_fn: Callable[[Any, tuple[int, ...]], Any], pl_mo
             f"{shape} is {float(lip)}, not a finite number >= 0: no certificate can "
             "follow from it (diverged or non-finite weights?)"
         )
+    return with_chain_bound(lip, k, pl_module, shape) if compositional else (lip, k)
+
+
+def with_chain_bound(lip: Tensor, k: Tensor | None, pl_module: Any, shape: tuple[int, ...]
+                     ) -> tuple[Tensor, Tensor | None]:
+    """``L`` lowered to the certified chain bound of the forward when it is a chain whose
+    cost is predicted small (:func:`~lightning_spectral.lipschitz.compositional.
+    chain_bound_of_forward`, at most ``MAX_ROWS`` rows per check), and ``K`` to ``sqrt(2) L``
+    (a margin ``z_y - z_j`` is ``f`` followed by a map of norm ``sqrt(2)``; the product is
+    rounded up). Both bounds are guaranteed, so their minimum is."""
+    chain = chain_bound_of_forward(pl_module, shape)
+    if chain is None or not bool(chain < lip):
+        return lip, k
+    lip = chain.to(torch.float64).reshape(())
+    if k is not None:
+        k = torch.minimum(k, lip * (math.sqrt(2) * (1 + 2.0**-50)))
     return lip, k
 
 

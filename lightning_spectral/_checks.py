@@ -56,11 +56,10 @@ def check_patterns(name: str, value: Any) -> list[str] | None:
     """Glob patterns as a list (one string is one pattern); ``None`` stays ``None``."""
     if value is None:
         return None
-    if isinstance(value, str):
-        value = [value]
-    if not isinstance(value, Sequence) or not all(isinstance(p, str) and p for p in value):
+    patterns = [value] if isinstance(value, str) else value
+    if not isinstance(patterns, Sequence) or not all(isinstance(p, str) and p for p in patterns):
         raise ValueError(f"{name} must be a list of non-empty glob patterns, got {value!r}")
-    return list(value)
+    return list(patterns)
 
 
 def check_reals(

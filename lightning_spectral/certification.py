@@ -46,6 +46,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from . import _progress
 from ._certification_parts import (
     Run,
     checked_curvature,
@@ -120,6 +121,13 @@ class CertificationTracker:
         curvature_fn: ``fn(pl_module, input_shape) -> (C, K)``, guaranteed bounds (default:
             :func:`lightning_spectral.network_curvature_bound` and
             :func:`lightning_spectral.network_pairwise_curvature`, from one graph walk).
+        compositional: also compute the certified ECLipsE-Fast chain bound when the forward
+            is a chain of supported layers (``return self.model(x)`` with ``self.model`` an
+            ``nn.Sequential`` of Linear / Conv2d / activations / Flatten / dropout) and its
+            largest check has at most
+            :data:`~lightning_spectral.lipschitz.compositional.MAX_ROWS` rows (a few seconds
+            on one CPU thread), and use ``L = min(L, chain)``, ``K_yj = min(K_yj, sqrt(2)
+            L)``: larger certified radii, still guaranteed. Off by default.
 
     ``runs["validate"]`` and ``runs["test"]`` hold each run kind's metrics (``accuracy``,
     ``radius``) and its bounds by input shape (``lipschitz``).
@@ -133,6 +141,7 @@ class CertificationTracker:
         lipschitz_fn: Callable[[Any, tuple[int, ...]], Any] | None = None,
         method: str = "lipschitz",
         curvature_fn: CurvatureFn | None = None,
+        compositional: bool = False,
     ) -> None:
         if method not in _METHODS:
             raise ValueError(f"method must be one of {_METHODS}, got {method!r}")
@@ -142,6 +151,7 @@ class CertificationTracker:
         self.lipschitz_fn = lipschitz_fn or certificate_bounds
         self.method = method
         self.curvature_fn = curvature_fn or curvature_and_pairwise
+        self.compositional = compositional
         self.runs = {stage: Run(self.epsilons, prefix) for stage, prefix in _PREFIXES.items()}
         self._warned_precision = False
 
@@ -153,7 +163,11 @@ class CertificationTracker:
     def _lipschitz_for(self, run: Run, pl_module: Any, x: Tensor) -> tuple[Tensor, Tensor | None]:
         shape = tuple(int(s) for s in x.shape[1:])
         if shape not in run.lipschitz:
-            lip, pairwise = checked_lipschitz(self.lipschitz_fn, pl_module, shape)
+            _progress.announce(
+                f"computing the network's Lipschitz bound for certification at input shape "
+                f"{shape}", getattr(pl_module, "_trainer", None))
+            lip, pairwise = checked_lipschitz(self.lipschitz_fn, pl_module, shape,
+                                              self.compositional)
             # Lipschitz constants w.r.t. the raw input: ||delta / std|| <= ||delta|| / min(std).
             run.lipschitz[shape] = lip / self.input_scale
             run.pairwise[shape] = None if pairwise is None else pairwise / self.input_scale
@@ -166,6 +180,9 @@ class CertificationTracker:
     def _curvature_for(self, run: Run, pl_module: Any, x: Tensor) -> tuple[Tensor, Tensor]:
         shape = tuple(int(s) for s in x.shape[1:])
         if shape not in run.curvature:
+            _progress.announce(
+                f"computing the network's curvature bound for certification at input shape "
+                f"{shape}", getattr(pl_module, "_trainer", None))
             run.curvature[shape] = checked_curvature(self.curvature_fn, pl_module, shape)
         return run.curvature[shape]
 

@@ -18,11 +18,14 @@ the report is still a valid bound.
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 from collections.abc import Callable, Sequence
 from decimal import ROUND_CEILING, ROUND_FLOOR, ROUND_HALF_EVEN, Context
 from pathlib import Path
 from typing import TYPE_CHECKING
+
+from ._progress import progress
 
 # Reading the logs lives in .report_logs; every name this module offered stays importable here.
 from .report_logs import (  # noqa: F401
@@ -48,6 +51,8 @@ if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
 __all__ = ["KEYS", "Point", "RunLog", "load_log", "make_report", "main"]
+
+_log = logging.getLogger(__name__)
 
 
 # ----------------------------------------------------------------------------- formatting
@@ -218,14 +223,17 @@ def make_report(log_path: str | Path, out_dir: str | Path | None = None) -> list
     """
     if out_dir is not None and Path(out_dir).exists() and not Path(out_dir).is_dir():
         raise NotADirectoryError(f"--out {str(out_dir)!r} exists and is not a directory")
+    _log.info("reading the logs at %s", log_path)
     log = load_log(log_path)
     base = log.source if log.source.is_dir() else log.source.parent
     out = Path(out_dir) if out_dir is not None else base / "report"
-    figures = {name: fig for name, make in FIGURES.items() if (fig := make(log)) is not None}
+    _log.info("drawing up to %d figures of %d logged keys", len(FIGURES), len(log.series))
+    drawn = progress(FIGURES.items(), total=len(FIGURES), desc="figures", unit="figure")
+    figures = {name: fig for name, make in drawn if (fig := make(log)) is not None}
     out.mkdir(parents=True, exist_ok=True)
     written = [out / "report.md"]
     written[0].write_text(render_markdown(log, list(figures)))
-    for name, fig in figures.items():
+    for name, fig in progress(figures.items(), total=len(figures), desc="saving", unit="figure"):
         fig.savefig(out / name, dpi=100)
         written.append(out / name)
     return written
@@ -240,6 +248,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("log", help="CSVLogger/TensorBoardLogger directory or a metrics.csv")
     parser.add_argument("--out", default=None, help="output directory (default: <log>/report)")
     args = parser.parse_args(argv)
+    if not logging.getLogger().handlers:  # a command: say what is being done, on stderr
+        logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         written = make_report(args.log, args.out)
     except (OSError, ValueError, ImportError) as err:

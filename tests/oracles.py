@@ -77,3 +77,23 @@ def fantastic_four_per_subset(weight: Tensor, groups: int = 1) -> Tensor:
     scale = math.sqrt(math.prod(w.shape[2:]))
     norms = [svd_norm(matricize(per_group, a, batch_dims=1)).amax() for a in subsets]
     return torch.stack(norms) * scale
+
+
+def eclipse_fast_reference(weights: Sequence[Tensor], alpha: float = 0.0, beta: float = 1.0
+                           ) -> float:
+    """ECLipsE-Fast (Xu & Sivaranjani, NeurIPS 2024) as the paper states it, in plain float64
+    with exact inverses and eigenvalues and no certification: ``X_0 = I``; for ``i < l``:
+    ``A = X_{i-1} + l_i p W_i^T W_i``, ``l_i = 1 / (2 m^2 lambda_max(W_i X_{i-1}^{-1}
+    W_i^T))``, ``X_i = l_i I - l_i^2 m^2 W_i A^{-1} W_i^T``; ``L^2 = lambda_max(W_l X_{l-1}^{-1}
+    W_l^T)``. The same slope bounds ``[alpha, beta]`` for every activation."""
+    m, p = (alpha + beta) / 2, alpha * beta
+    mats = [w.detach().double() for w in weights]
+    x = torch.eye(mats[0].shape[1], dtype=torch.float64)
+    for w in mats[:-1]:
+        inv = torch.linalg.inv(x)
+        lam = 1.0 / (2 * m * m * float(torch.linalg.eigvalsh(w @ inv @ w.T)[-1]))
+        a_inv = torch.linalg.inv(x + lam * p * w.T @ w)
+        x = lam * torch.eye(w.shape[0], dtype=torch.float64) - lam * lam * m * m * w @ a_inv @ w.T
+        x = (x + x.T) / 2
+    w = mats[-1]
+    return math.sqrt(float(torch.linalg.eigvalsh(w @ torch.linalg.inv(x) @ w.T)[-1]))

@@ -16,7 +16,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.loggers import CSVLogger
-from torch import nn
+from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_spectral import SpectralBoundRegularizer
@@ -372,3 +372,67 @@ def test_two_ddp_processes_with_different_input_sizes(tmp_path: Path) -> None:
                     (accs[0][k] + accs[1][k]) / 2, abs=1e-6)
             assert float(logged[f"{prefix}certified/radius"]) == pytest.approx(
                 sum(radii) / 2, rel=1e-5)
+
+
+class _Mlp(_Net):
+    """``return self.model(x)`` with a plain ReLU MLP: a chain the compositional bound takes."""
+
+    def __init__(self) -> None:
+        pl.LightningModule.__init__(self)
+        self.model = nn.Sequential(nn.Flatten(), nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 32),
+                                   nn.ReLU(), nn.Linear(32, 3))
+
+
+def _validated(module: nn.Module, batch, compositional: bool):
+    tracker = CertificationTracker([0.0], compositional=compositional)
+    tracker.on_validation_epoch_start(None, module)
+    tracker.on_validation_batch_end(None, module, batch)
+    run = tracker.runs["validate"]
+    return run.radius.radii(), float(next(iter(run.lipschitz.values())))
+
+
+def test_compositional_bound_enlarges_certified_radii_and_they_withstand_an_attack() -> None:
+    torch.manual_seed(0)
+    module = _Mlp()
+    x = _data(200, 4, 5).tensors[0]
+    with torch.no_grad():  # labels the network gets right: every radius is positive
+        batch = (x, module(x).argmax(1))
+    plain, lip_plain = _validated(module, batch, compositional=False)
+    chain, lip_chain = _validated(module, batch, compositional=True)
+    assert lip_plain == pytest.approx(float(network_lipschitz_bound(module, (1, 4, 4))))
+    assert lip_chain < 0.9 * lip_plain
+    assert (chain >= plain).all() and (chain > plain).any()
+    distance = _deepfool_distance(module, x)
+    assert torch.isfinite(distance).all() and (chain > 0).all()
+    assert (chain <= distance).all(), int((chain > distance).sum())
+
+
+def test_compositional_leaves_a_forward_that_is_no_chain_alone() -> None:
+    module = _Net()  # global average pooling: not a layer the chain bound takes
+    batch = (_data(8, 6, 1).tensors[0], torch.zeros(8, dtype=torch.long))
+    assert _validated(module, batch, True)[1] == _validated(module, batch, False)[1]
+
+
+def _callback_validated(module: nn.Module, x: Tensor, y: Tensor, compositional: bool) -> dict:
+    reg = SpectralBoundRegularizer(certify_epsilons=[0.0], log_per_layer=False,
+                                   certify_compositional=compositional)
+    trainer = pl.Trainer(accelerator="cpu", devices=1, logger=False, callbacks=[reg],
+                         enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False)
+    (out,) = trainer.validate(module, DataLoader(TensorDataset(x, y), batch_size=50),
+                              verbose=False)
+    return out
+
+
+def test_the_callback_certifies_with_the_chain_bound_when_asked() -> None:
+    torch.manual_seed(0)
+    module = _Mlp()
+    x = _data(100, 4, 5).tensors[0]
+    with torch.no_grad():
+        y = module(x).argmax(1)
+    plain = _callback_validated(module, x, y, compositional=False)
+    chain = _callback_validated(module, x, y, compositional=True)
+    assert float(chain["lipschitz/network"]) < 0.9 * float(plain["lipschitz/network"])
+    assert float(chain["certified/radius"]) > float(plain["certified/radius"])
+    with pytest.raises(ValueError, match="certify_compositional"):
+        SpectralBoundRegularizer(certify_epsilons=[0.1], certify_compositional="yes")

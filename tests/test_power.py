@@ -14,9 +14,12 @@ from oracles import svd_norm
 from lightning_spectral.functional.matricize import row_subsets
 from lightning_spectral.functional.power import (
     _Plan,
+    concatenated_state,
     fantastic_four_estimate,
+    fantastic_four_estimate_cat,
     init_singular_vectors,
     power_iteration_,
+    state_views,
 )
 
 # (g, c_out, c_in, *k): Linear (d = 0), 1d, 2d with groups, 3d; the 5x5x5 kernel is too
@@ -287,3 +290,40 @@ def test_bad_state_is_rejected_with_a_message():
         power_iteration_(w[0, 0, 0], us, vs)
     with pytest.raises(ValueError, match="grouped_shape"):
         init_singular_vectors((3, 0, 2), seed=0)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("n_iter", [0, 1, 3])
+def test_concatenated_state_gives_the_same_estimates_and_vectors(shape, n_iter):
+    gen = torch.Generator().manual_seed(1)
+    w = torch.randn(2, *shape, generator=gen, dtype=torch.float64, requires_grad=True)
+    us, vs = _state(shape, n_layers=2)
+    u_cat, v_cat = concatenated_state(w.shape, us, vs)
+    views_u, views_v = state_views(w.shape, u_cat, v_cat)
+    for a, b in zip(views_u + views_v, us + vs, strict=True):
+        assert torch.equal(a, b)
+    ref = fantastic_four_estimate(w, us, vs, n_iter)
+    (grad_ref,) = torch.autograd.grad(ref.sum(), w)
+    got = fantastic_four_estimate_cat(w, u_cat, v_cat, n_iter)
+    (grad,) = torch.autograd.grad(got.sum(), w)
+    assert torch.equal(got, ref) and torch.equal(grad, grad_ref)
+    # the state moved on exactly as the list state did, seen through the views
+    for a, b in zip(views_u + views_v, us + vs, strict=True):
+        assert torch.equal(a, b)
+
+
+def test_views_of_a_concatenated_state_write_through():
+    shape = (1, 3, 2, 3, 3)
+    us, vs = _state(shape)
+    u_cat, v_cat = concatenated_state((1, *shape), us, vs)
+    views_u, _ = state_views((1, *shape), u_cat, v_cat)
+    views_u[1].fill_(7.0)
+    assert (u_cat == 7.0).sum() == views_u[1].numel()
+
+
+def test_concatenated_state_of_the_wrong_shape_is_rejected():
+    shape = (1, 3, 2, 3, 3)
+    us, vs = _state(shape)
+    u_cat, v_cat = concatenated_state((1, *shape), us, vs)
+    with pytest.raises(ValueError, match="need u_cat"):
+        fantastic_four_estimate_cat(torch.randn(1, 1, 3, 2, 3, 2), u_cat, v_cat)

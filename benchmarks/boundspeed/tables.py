@@ -11,6 +11,7 @@ from benchmarks.boundspeed.config import Config, Layer
 from benchmarks.boundspeed.layers import circular_standin, representatives, trained_digits_cnn
 from benchmarks.boundspeed.measure import Timing, measure
 from benchmarks.boundspeed.methods import FILTER_METHODS, METHODS, Size
+from lightning_spectral._progress import progress
 
 PAPER_METHODS = ["FF-PI(1)", "FF-PI(50)", "FF", "Gram-FF", "tightest", "FFT"]
 REAL_METHODS = ["FF-PI(1)", "FF-PI(50)", "FF", "Gram-FF", "tightest", "grid-Gram", "op-PI",
@@ -94,7 +95,8 @@ def paper_table(
 ) -> tuple[list[Layer], list[FftCheck]]:
     """Table 1 rows (one per filter shape) and the FFT extrapolation checks."""
     rows, checks = [], []
-    for rep in representatives(chosen, lambda lay: tuple(lay.module.weight.shape)):
+    reps = representatives(chosen, lambda lay: tuple(lay.module.weight.shape))
+    for rep in progress(reps, total=len(reps), desc="table 1: paper sizes"):
         layer, check = paper_row(rep, cfg, cache)
         rows.append(layer)
         checks.extend(check)
@@ -106,7 +108,7 @@ def real_table(chosen: list[Layer], cfg: Config, cache: Cache) -> list[Layer]:
     reps = representatives(
         chosen, lambda lay: (tuple(lay.module.weight.shape), lay.module.stride, lay.input_size)
     )
-    for layer in reps:
+    for layer in progress(reps, total=len(reps), desc="table 2: ResNet-18 layers"):
         fill(layer, REAL_METHODS, cfg, cache)
     return reps
 
@@ -114,6 +116,6 @@ def real_table(chosen: list[Layer], cfg: Config, cache: Cache) -> list[Layer]:
 def digits_table(cfg: Config) -> tuple[list[Layer], float]:
     """Table 3 rows and the CNN's test accuracy."""
     layers, acc = trained_digits_cnn(cfg)
-    for layer in layers:
+    for layer in progress(layers, total=len(layers), desc="table 3: digits CNN"):
         fill(layer, DIGIT_METHODS, cfg)
     return layers, acc

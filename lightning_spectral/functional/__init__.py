@@ -3,6 +3,7 @@
 Nothing here imports Lightning.
 """
 
+from .activations import activation_slope
 from .bounds import (
     SUPPORTED_LAYERS,
     fantastic_four,
@@ -17,6 +18,7 @@ from .certified_losses import (
     lipschitz_margin_loss,
 )
 from .certify import certified_radius, logit_margins, pairwise_certified_radius
+from .compositional import certified_psd, chain_lipschitz_bound
 from .crc_attack import CurvatureAttack, curvature_attack
 from .curvature import (
     NonSmoothActivationError,
@@ -53,6 +55,9 @@ __all__ = [
     "NonSmoothActivationError",
     "SmoothSoftplus",
     "activation_curvature",
+    "activation_slope",
+    "certified_psd",
+    "chain_lipschitz_bound",
     "crc_certified_radius",
     "curvature_certified_radius",
     "linear_head_pairwise_curvature",

@@ -18,7 +18,12 @@ from torch import Tensor, nn
 
 from ..activations import GroupSort, MaxMin
 
-__all__ = ["NonSmoothActivationError", "SmoothSoftplus", "activation_curvature"]
+__all__ = [
+    "NonSmoothActivationError",
+    "SmoothSoftplus",
+    "activation_curvature",
+    "activation_slope",
+]
 
 # ----------------------------------------------------------------------------------------
 # Activation constants (g, h): g = sup |s'|, h = Lipschitz constant of s' (= sup |s''|).
@@ -176,12 +181,13 @@ _MODULES: dict[type[nn.Module], tuple[str, Callable[[Any], dict[str, Any]]]] = {
     nn.LogSigmoid: ("logsigmoid", lambda m: {}),
     nn.ReLU: ("relu", lambda m: {}),
     nn.ReLU6: ("relu6", lambda m: {}),
-    nn.LeakyReLU: ("leaky_relu", lambda m: {}),
+    nn.LeakyReLU: ("leaky_relu", lambda m: {"negative_slope": m.negative_slope}),
     nn.PReLU: ("prelu", lambda m: {}),
     nn.RReLU: ("rrelu", lambda m: {}),
     nn.Hardtanh: ("hardtanh", lambda m: {}),
     nn.Hardswish: ("hardswish", lambda m: {}),
     nn.Hardsigmoid: ("hardsigmoid", lambda m: {}),
+    nn.Identity: ("identity", lambda m: {}),
     nn.SELU: ("selu", lambda m: {}),
     nn.Hardshrink: ("hardshrink", lambda m: {}),
     nn.Softshrink: ("softshrink", lambda m: {}),
@@ -344,3 +350,80 @@ def activation_curvature(
         return _SMOOTH[name](**kwargs)
     except TypeError as err:
         raise ValueError(f"{label}: unexpected parameters {sorted(kwargs)} ({err})") from None
+
+
+# ----------------------------------------------------------------------------------------
+# Slope bounds [alpha, beta]: alpha <= (s(a) - s(b)) / (a - b) <= beta for all a != b.
+# ----------------------------------------------------------------------------------------
+_HARDSIGMOID_SLOPE = math.nextafter(1.0 / 6.0, math.inf)  # 1/6 rounded up
+
+
+def _leaky_slope(negative_slope: float = 0.01) -> tuple[float, float] | None:
+    a = float(negative_slope)
+    if not (math.isfinite(a) and a >= 0):
+        return None  # a negative slope makes alpha < 0, which the chain bound does not take
+    return min(a, 1.0), max(a, 1.0)
+
+
+def _elu_slope(alpha: float = 1.0) -> tuple[float, float] | None:
+    a = float(alpha)
+    return (0.0, max(1.0, a)) if math.isfinite(a) and a >= 0 else None
+
+
+def _celu_slope(alpha: float = 1.0) -> tuple[float, float] | None:
+    return (0.0, 1.0) if math.isfinite(alpha) and alpha > 0 else None
+
+
+def _softplus_slope(beta: float = 1.0, threshold: float = math.inf) -> tuple[float, float] | None:
+    if not (math.isfinite(beta) and beta != 0) or math.isfinite(threshold):
+        return None  # a finite threshold switches to the identity with a jump in value
+    return 0.0, 1.0
+
+
+_SLOPES: dict[str, Callable[..., tuple[float, float] | None]] = {
+    "identity": lambda: (1.0, 1.0),
+    "relu": lambda: (0.0, 1.0),
+    "relu6": lambda: (0.0, 1.0),
+    "hardtanh": lambda: (0.0, 1.0),
+    "tanh": lambda: (0.0, 1.0),
+    "sigmoid": lambda: (0.0, 0.25),
+    "hardsigmoid": lambda: (0.0, _HARDSIGMOID_SLOPE),
+    "softsign": lambda: (0.0, 1.0),
+    "tanhshrink": lambda: (0.0, 1.0),
+    "logsigmoid": lambda: (0.0, 1.0),
+    "leaky_relu": _leaky_slope,
+    "elu": _elu_slope,
+    "celu": _celu_slope,
+    "softplus": _softplus_slope,
+    "smooth_softplus": lambda beta=1.0: _softplus_slope(beta, math.inf),
+}
+
+
+def activation_slope(module: nn.Module) -> tuple[float, float] | None:
+    """Slope bounds ``(alpha, beta)``, ``0 <= alpha <= beta``, of an elementwise activation
+    module: ``alpha <= (s(a) - s(b)) / (a - b) <= beta`` for all reals ``a != b``.
+
+    For an absolutely continuous ``s`` the difference quotient is the mean of ``s'`` over
+    ``[b, a]``, so bounds on ``s'`` (where it exists) are slope bounds:
+
+    * ReLU, ReLU6, Hardtanh (clipping): ``s'`` is 0 or 1: ``(0, 1)``; Hardsigmoid: 0 or
+      ``1/6``: ``(0, 1/6)`` (rounded up); ``nn.Identity``: ``(1, 1)``;
+    * tanh ``1 - t^2``, Softsign ``(1 + |x|)^-2``, Tanhshrink ``t^2``, LogSigmoid
+      ``sigmoid(-x)``, CELU (``alpha > 0``) ``exp(x / alpha)`` or 1: all in ``[0, 1]``;
+      sigmoid ``p(1 - p) <= 1/4``: ``(0, 1/4)``;
+    * Softplus ``sigmoid(beta x) in (0, 1)``: ``(0, 1)`` only without the switch to the
+      identity (:class:`SmoothSoftplus`, or ``threshold=inf``): ``nn.Softplus`` with a finite
+      threshold jumps in value there, so no slope bound holds;
+    * LeakyReLU with slope ``a >= 0``: ``(min(a, 1), max(a, 1))``; ELU (``alpha >= 0``):
+      ``alpha e^x`` or 1: ``(0, max(1, alpha))``.
+
+    Returns None for anything else (SiLU, GELU, Mish, Hardswish have ``alpha < 0``; a
+    negative LeakyReLU slope too), and, as :func:`activation_curvature`, for a subclass that
+    overrides ``forward``, an instance whose ``forward`` was replaced, or one with hooks.
+    """
+    entry = _module_entry(module)
+    if entry is None or entry[0] not in _SLOPES:
+        return None
+    name, kwargs = entry
+    kwargs = {k: v for k, v in kwargs.items() if k != "inplace"}
+    return _SLOPES[name](**kwargs)

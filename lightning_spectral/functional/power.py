@@ -45,9 +45,16 @@ from torch import Tensor
 
 from ._args import check_count
 from .matricize import row_subsets
-from .power_plan import _arange, _check_state, _Constants, _Plan, _store
+from .power_plan import _arange, _check_state, _Constants, _Plan, _plan, _store
 
-__all__ = ["init_singular_vectors", "power_iteration_", "fantastic_four_estimate"]
+__all__ = [
+    "init_singular_vectors",
+    "power_iteration_",
+    "fantastic_four_estimate",
+    "fantastic_four_estimate_cat",
+    "concatenated_state",
+    "state_views",
+]
 
 
 def _check_shape(grouped_shape: Sequence[int]) -> tuple[int, ...]:
@@ -125,21 +132,19 @@ def _no_autocast(device_type: str) -> contextlib.AbstractContextManager:
     return contextlib.nullcontext()
 
 
-def _iterate(
-    plan: _Plan, t: Tensor, us: Sequence[Tensor], vs: Sequence[Tensor], n_iter: int
+def _iterate_cat(
+    plan: _Plan, t: Tensor, u_cat: Tensor, v_cat: Tensor, n_iter: int
 ) -> tuple[Tensor, Tensor, Tensor, _Constants]:
     """``n_iter`` iterations but the last ``u`` half-step: returns ``(u_cat, v_cat, V, const)``.
 
     ``t`` is the ``(z, c_out, c_in * prod k)`` view ``T`` of the filters, in the compute
-    dtype; ``V`` is the expanded ``v`` of :meth:`_Plan.expand_v`, so that ``bmm(t, V)``,
-    the last half-step's product, is every ``M_A v_A``. With ``n_iter = 0``: the stored
-    vectors. A dozen kernels per iteration whatever ``d`` (dense selector).
+    dtype; ``u_cat``/``v_cat`` the concatenated vectors (:class:`_Plan`), not modified;
+    ``V`` is the expanded ``v`` of :meth:`_Plan.expand_v`, so that ``bmm(t, V)``, the last
+    half-step's product, is every ``M_A v_A``. With ``n_iter = 0``: the given vectors. A
+    dozen kernels per iteration whatever ``d`` (dense selector).
     """
-    dtype = t.dtype
     const = plan.constants(t)
     eps = const.eps
-    u_cat = plan.cat([u if u.dtype == dtype else u.to(dtype) for u in us], plan.c_out, plan.p)
-    v_cat = plan.cat([v if v.dtype == dtype else v.to(dtype) for v in vs], plan.c_in, plan.q)
     for it in range(n_iter):
         if it > 0:
             x = torch.bmm(t, plan.expand_v(v_cat, const))
@@ -176,7 +181,9 @@ def power_iteration_(weights: Tensor, us: list[Tensor], vs: list[Tensor], n_iter
         return
     with torch.no_grad(), _no_autocast(weights.device.type):
         t = _matrix(plan, weights)
-        u_cat, v_cat, v_big, const = _iterate(plan, t, us, vs, n_iter)
+        u_cat = plan.cat([u.to(t.dtype) for u in us], plan.c_out, plan.p)
+        v_cat = plan.cat([v.to(t.dtype) for v in vs], plan.c_in, plan.q)
+        u_cat, v_cat, v_big, const = _iterate_cat(plan, t, u_cat, v_cat, n_iter)
         u_cat, _ = _normalize(torch.bmm(t, v_big), u_cat, const.block_p, const.eps)
         _store(plan, us, vs, u_cat, v_cat)
 
@@ -203,17 +210,84 @@ def fantastic_four_estimate(
     """
     n_iter = _check_n_iter(n_iter)
     plan = _check_state(weights, us, vs)
+    dtype = _compute_dtype(weights.dtype)
+    u_cat = plan.cat([u.to(dtype) for u in us], plan.c_out, plan.p)
+    v_cat = plan.cat([v.to(dtype) for v in vs], plan.c_in, plan.q)
+    value, u_new, v_new = _estimate(plan, weights, u_cat, v_cat, n_iter)
+    if n_iter > 0:
+        with torch.no_grad():
+            _store(plan, us, vs, u_new, v_new)
+    return value
+
+
+def concatenated_state(
+    grouped_shape: Sequence[int], us: Sequence[Tensor], vs: Sequence[Tensor]
+) -> tuple[Tensor, Tensor]:
+    """The vectors of :func:`init_singular_vectors` (stacked over ``L`` layers) in the
+    concatenated layout the iteration works in: ``u_cat (L * g, c_out, sum_A p_A)`` and
+    ``v_cat (L * g, c_in, sum_A q_A)``, ``grouped_shape = (L, g, c_out, c_in, *k)``.
+
+    A state kept in this layout (see :func:`fantastic_four_estimate_cat`) saves the
+    concatenation and the ``2^(d+1)`` copies back of every call; :func:`state_views` gives
+    the per-matricization views of it.
+    """
+    plan = _plan(tuple(int(s) for s in grouped_shape))
+    return (plan.cat(list(us), plan.c_out, plan.p).clone(),
+            plan.cat(list(vs), plan.c_in, plan.q).clone())
+
+
+def state_views(
+    grouped_shape: Sequence[int], u_cat: Tensor, v_cat: Tensor
+) -> tuple[list[Tensor], list[Tensor]]:
+    """Views of a concatenated state in the shapes of :func:`init_singular_vectors` stacked
+    over ``L`` layers (``us[m]``: ``(L, g, c_out, *k_A)``): writing into them writes the
+    state."""
+    plan = _plan(tuple(int(s) for s in grouped_shape))
+    us = [part.view(*shape) for part, shape in
+          zip(u_cat.split_with_sizes(plan.p, -1), plan.u_shapes, strict=True)]
+    vs = [part.view(*shape) for part, shape in
+          zip(v_cat.split_with_sizes(plan.q, -1), plan.v_shapes, strict=True)]
+    return us, vs
+
+
+def fantastic_four_estimate_cat(
+    weights: Tensor, u_cat: Tensor, v_cat: Tensor, n_iter: int = 1
+) -> Tensor:
+    """:func:`fantastic_four_estimate` on a state in the layout of :func:`concatenated_state`
+    (the same value, bit for bit), updated in place: two copies instead of the concatenation
+    and the per-matricization copies, for the callback's every training step.
+
+    The state must have the compute dtype (float64 for float64 weights, else float32) and
+    the weights' device; checked by shape only, once per call.
+    """
+    plan = _plan(tuple(weights.shape))
+    z, p_all, q_all = plan.z, plan.off_p[-1], plan.off_q[-1]
+    if u_cat.shape != (z, plan.c_out, p_all) or v_cat.shape != (z, plan.c_in, q_all):
+        raise ValueError(
+            f"weights of shape {tuple(weights.shape)} need u_cat {(z, plan.c_out, p_all)} and "
+            f"v_cat {(z, plan.c_in, q_all)}, got {tuple(u_cat.shape)} and {tuple(v_cat.shape)}"
+        )
+    value, u_new, v_new = _estimate(plan, weights, u_cat, v_cat, n_iter)
+    if n_iter > 0:
+        with torch.no_grad():
+            u_cat.copy_(u_new)
+            v_cat.copy_(v_new)
+    return value
+
+
+def _estimate(
+    plan: _Plan, weights: Tensor, u_cat: Tensor, v_cat: Tensor, n_iter: int
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The estimate of every stacked layer and the iterated ``(u_cat, v_cat)`` (not stored)."""
     with _no_autocast(weights.device.type):
         t = _matrix(plan, weights)  # differentiable: a view of the weights
         with torch.no_grad():
-            u_cat, v_cat, v_big, const = _iterate(plan, t, us, vs, n_iter)
+            u_cat, v_cat, v_big, const = _iterate_cat(plan, t, u_cat, v_cat, n_iter)
         # The last half-step's product X = T V, every M_A v_A, is the iteration's own pass
         # over the weights; recording it for autograd is what makes the value differentiable.
         x = torch.bmm(t, v_big)
         with torch.no_grad():
             u_cat, per_col = _normalize(x, u_cat, const.block_p, const.eps)
-            if n_iter > 0:
-                _store(plan, us, vs, u_cat, v_cat)
             u_sel = u_cat * _selection(plan, const, per_col).unsqueeze(1)
         # u_sel^T X = sqrt(prod k) u_A^T M_A v_A = sqrt(prod k) sigma_A of the selected
         # (group, subset) of each layer, with u held fixed: linear in the weights, its
@@ -222,7 +296,8 @@ def fantastic_four_estimate(
         value = (x * u_sel).sum(dim=(1, 2))
         if plan.g > 1:
             value = value.view(plan.n_layers, plan.g).sum(dim=-1)
-    return value if value.dtype == weights.dtype else value.to(weights.dtype)
+    value = value if value.dtype == weights.dtype else value.to(weights.dtype)
+    return value, u_cat, v_cat
 
 
 def _selection(plan: _Plan, const: _Constants, per_col: Tensor) -> Tensor:

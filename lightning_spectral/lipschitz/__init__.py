@@ -62,6 +62,7 @@ A ``torch.compile``d model or submodule is bounded as the module it wraps (``_or
 from .api import _sequential_bound as _sequential_bound  # the Sequential fallback (tests)
 from .api import network_lipschitz_bound
 from .common import LipschitzRule, NonSmoothOperationError, UnsupportedOperationError
+from .compositional import compositional_lipschitz_bound, sequential_chain_bound
 from .curvature import network_curvature_bound, network_pairwise_curvature
 from .lipschitz_tape import LipschitzProgram, record_lipschitz
 from .ownership import (
@@ -81,6 +82,7 @@ __all__ = [
     "LipschitzRule",
     "NonSmoothOperationError",
     "UnsupportedOperationError",
+    "compositional_lipschitz_bound",
     "network_curvature_bound",
     "lipschitz_and_pairwise",
     "network_lipschitz_bound",
@@ -90,6 +92,7 @@ __all__ = [
     "record_lipschitz",
     "register_curvature_rule",
     "register_lipschitz_rule",
+    "sequential_chain_bound",
     "unregister_curvature_rule",
     "unregister_lipschitz_rule",
 ]

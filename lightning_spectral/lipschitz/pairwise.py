@@ -54,14 +54,14 @@ def network_pairwise_lipschitz(
 
 
 def certificate_bounds(
-    model: nn.Module, input_shape: Sequence[int]
+    model: nn.Module, input_shape: Sequence[int], layer_bound: LayerBound | None = None
 ) -> tuple[Tensor, Tensor | None]:
     """``(L, K)`` for first-order certificates: :func:`lipschitz_and_pairwise`, or for an
     ``nn.Sequential`` that ``torch.fx`` cannot trace (bounded child by child)
-    ``(network_lipschitz_bound, None)``."""
+    ``(network_lipschitz_bound, None)``. ``layer_bound`` as in those functions."""
     if isinstance(model, nn.Sequential) and _trace_fails(model):
-        return network_lipschitz_bound(model, input_shape), None
-    return lipschitz_and_pairwise(model, input_shape)
+        return network_lipschitz_bound(model, input_shape, layer_bound=layer_bound), None
+    return lipschitz_and_pairwise(model, input_shape, layer_bound=layer_bound)
 
 
 def _trace_fails(model: nn.Module) -> bool:

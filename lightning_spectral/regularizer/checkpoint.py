@@ -18,6 +18,7 @@ from typing_extensions import override
 from . import selection
 from .certified import CertifiedTerm
 from .config import RegularizerConfig
+from .constraint import AfterStep
 from .curvature import CurvatureTerm
 from .state import LayerState
 
@@ -32,6 +33,7 @@ class CheckpointHooks(Callback):
     _curvature: CurvatureTerm
     _certified: CertifiedTerm
     _sent_away: bool
+    _after_step: AfterStep
 
     @property
     @override
@@ -70,6 +72,8 @@ class CheckpointHooks(Callback):
         curvature = self._curvature.state_dict(self._state.layers)
         if curvature is not None:
             state["curvature"] = curvature
+        if self.config.constraint is not None:
+            state["constraint"] = self._after_step.projection.state_dict()
         certified = self._certified.state_dict()
         if certified is not None:
             state["certified"] = certified
@@ -81,4 +85,7 @@ class CheckpointHooks(Callback):
         state_dict = dict(state_dict)
         self._curvature.load_state_dict(state_dict.pop("curvature", None))
         self._certified.load_state_dict(state_dict.pop("certified", None))
+        constraint = state_dict.pop("constraint", None)
+        if constraint is not None:
+            self._after_step.projection.load_state_dict(constraint)
         self._state.load_state_dict(state_dict)

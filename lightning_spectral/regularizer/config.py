@@ -30,7 +30,9 @@ def _optional(check: Callable[..., Any], name: str, value: Any, **kwargs: Any) -
 
 def _check_epsilons(value: Any) -> list[float] | None:
     # A list, as the callback's YAML spells it; a scalar is refused so that a forgotten
-    # bracket is not silently read as one radius.
+    # bracket is not silently read as one radius. A 1-d array or tensor is a list.
+    if getattr(value, "ndim", None) == 1 and hasattr(value, "tolist"):
+        value = value.tolist()
     if value is not None and not isinstance(value, Sequence):
         raise ValueError(f"certify_epsilons must be a list of numbers >= 0, got {value!r}")
     return _optional(check_reals, "certify_epsilons", value, low=0.0, scalar=False)
@@ -63,6 +65,7 @@ class RegularizerConfig:
     reduction: Reduction = "sum"
     target: float | None = None
     constraint: float | None = None
+    constraint_tight_every_n_steps: int | None = None
     log_every_n_steps: int | None = None
     log_per_layer: bool = True
     exact_every_n_epochs: int | None = None
@@ -77,6 +80,8 @@ class RegularizerConfig:
     certified_loss: CertifiedLoss = "gloro"
     certified_weight: float = 1.0
     certified_warmup_steps: int = 0
+    bound_max_cost: float | None = None
+    certify_compositional: bool = False
 
     def __post_init__(self) -> None:
         for name, value in self._checked().items():
@@ -117,6 +122,9 @@ class RegularizerConfig:
             "target": _optional(check_real, "target", self.target, low=0.0),
             "constraint": _optional(check_real, "constraint", self.constraint, low=0.0,
                                     strict=True),
+            "constraint_tight_every_n_steps": _optional(
+                check_int, "constraint_tight_every_n_steps", self.constraint_tight_every_n_steps,
+                low=1),
             "log_every_n_steps": _optional(check_int, "log_every_n_steps",
                                            self.log_every_n_steps, low=1),
             "log_per_layer": check_bool("log_per_layer", self.log_per_layer),
@@ -125,7 +133,44 @@ class RegularizerConfig:
             "check_finite": check_bool("check_finite", self.check_finite),
             "certify_epsilons": _check_epsilons(self.certify_epsilons),
             "input_scale": check_real("input_scale", self.input_scale, low=0.0, strict=True),
+            "bound_max_cost": _optional(check_real, "bound_max_cost", self.bound_max_cost,
+                                        low=0.0),
+            "certify_compositional": check_bool("certify_compositional",
+                                                self.certify_compositional),
         }
+
+
+def inert_options(cfg: RegularizerConfig) -> list[str]:
+    """The options set away from their default that do nothing without another one.
+
+    Each entry names the option, its value and the option it needs, for a warning at
+    construction: a forgotten ``constraint`` or ``certified_eps`` would otherwise go unnoticed
+    through a whole run.
+    """
+    curvature = cfg.curvature_beta > 0 or (
+        cfg.certify_epsilons is not None and cfg.certify_method != "lipschitz")
+    needs = [
+        ("target", cfg.target is not None, cfg.beta > 0, "beta > 0 (target shapes the penalty)"),
+        ("constraint_tight_every_n_steps", cfg.constraint_tight_every_n_steps is not None,
+         cfg.constraint is not None, "constraint"),
+        ("certified_loss", cfg.certified_loss != "gloro", cfg.certified_eps is not None,
+         "certified_eps"),
+        ("certified_weight", cfg.certified_weight != 1.0, cfg.certified_eps is not None,
+         "certified_eps"),
+        ("certified_warmup_steps", cfg.certified_warmup_steps != 0,
+         cfg.certified_eps is not None, "certified_eps"),
+        ("curvature_input_shape", cfg.curvature_input_shape is not None, curvature,
+         "curvature_beta > 0 or certify_method 'curvature'/'both'"),
+        ("input_scale", cfg.input_scale != 1.0,
+         cfg.certify_epsilons is not None or cfg.certified_eps is not None,
+         "certify_epsilons or certified_eps"),
+        ("batch_to_input_target", cfg.batch_to_input_target is not None,
+         cfg.certify_epsilons is not None or curvature, "certify_epsilons or curvature_beta > 0"),
+        ("certify_compositional", cfg.certify_compositional, cfg.certify_epsilons is not None,
+         "certify_epsilons"),
+    ]
+    return [f"{name}={getattr(cfg, name)!r} has no effect without {needed}"
+            for name, is_set, enabled, needed in needs if is_set and not enabled]
 
 
 class ConfigAttributes:
@@ -145,6 +190,7 @@ class ConfigAttributes:
     reduction: Reduction
     target: float | None
     constraint: float | None
+    constraint_tight_every_n_steps: int | None
     log_every_n_steps: int | None
     log_per_layer: bool
     exact_every_n_epochs: int | None
@@ -159,6 +205,8 @@ class ConfigAttributes:
     certified_loss: CertifiedLoss
     certified_weight: float
     certified_warmup_steps: int
+    bound_max_cost: float | None
+    certify_compositional: bool
 
 
 def _config_property(name: str) -> property:

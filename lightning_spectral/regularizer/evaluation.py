@@ -17,6 +17,7 @@ import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
 from typing_extensions import override
 
+from .. import _progress
 from ..certification import CertificationTracker
 from . import monitor, sharding
 from .config import RegularizerConfig
@@ -32,6 +33,15 @@ _SENT_AWAY = (
     "a checkpoint (ModelCheckpoint). Or call discover(model) here to select the layers of the "
     "trained model afresh. strategy='ddp' runs the callback in this process."
 )
+
+
+def _points(dataloaders: Any) -> str:
+    """The number of samples in ``dataloaders`` (one or a list) as text, ``"the"`` if unsized."""
+    loaders = dataloaders if isinstance(dataloaders, (list, tuple)) else [dataloaders]
+    try:
+        return str(sum(len(dl.dataset) for dl in loaders))
+    except (AttributeError, TypeError):  # an iterable dataset, or no dataset attribute
+        return "the"
 
 
 class EvaluationHooks(Callback):
@@ -101,6 +111,9 @@ class EvaluationHooks(Callback):
     def on_test_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._tracker is not None:
             self._tracker.start("test")
+            points = _points(trainer.test_dataloaders)
+            _progress.announce(f"certifying {points} test points at l2 radii "
+                               f"{self._tracker.epsilons}", trainer)
 
     @override
     def on_test_batch_end(
@@ -115,32 +128,35 @@ class EvaluationHooks(Callback):
         if self._tracker is not None:
             self._tracker.log("test", pl_module)
 
-    def guaranteed_bounds(self) -> dict[str, float]:
+    def guaranteed_bounds(self, trainer: pl.Trainer | None = None) -> dict[str, float]:
         """Guaranteed upper bounds of every selected layer (``layer_spectral_bound``), by name.
 
         Uses the input size each layer saw in the first batch, when recorded (tighter for
         some layers); a layer never called gets the bound valid for every input size. Sharded
-        weights are gathered whole for it: then every rank must call it (collective).
+        weights are gathered whole for it: then every rank must call it (collective). Long
+        computations show progress; with ``trainer``, only if its progress bar is enabled.
         """
         self._check_ran_here()
         layers = self._state.layers
         with sharding.full_weights(*layers.values()):
-            return monitor.guaranteed_bounds(layers, self._state.input_sizes)
+            return monitor.guaranteed_bounds(layers, self._state.input_sizes,
+                                             self.config.bound_max_cost, trainer)
 
-    def exact_norms(self) -> dict[str, float]:
+    def exact_norms(self, trainer: pl.Trainer | None = None) -> dict[str, float]:
         """Exact spectral norms at the recorded input sizes (layers never called are skipped).
 
-        Collective when weights are sharded, like :meth:`guaranteed_bounds`.
+        Collective when weights are sharded, like :meth:`guaranteed_bounds`; progress as there.
         """
         self._check_ran_here()
         layers = self._state.layers
         with sharding.full_weights(*layers.values()):
-            return monitor.exact_norms(layers, self._state.input_sizes)
+            return monitor.exact_norms(layers, self._state.input_sizes, trainer)
 
     def _log_validation_values(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         every = self.config.exact_every_n_epochs
-        exact = None if every is None or trainer.current_epoch % every else self.exact_norms()
+        exact = (None if every is None or trainer.current_epoch % every
+                 else self.exact_norms(trainer))
         monitor.log_validation_values(
-            pl_module, self.guaranteed_bounds(), exact, self.config.log_per_layer
+            pl_module, self.guaranteed_bounds(trainer), exact, self.config.log_per_layer
         )
 

@@ -11,14 +11,17 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Mapping
+from typing import Any
 
 import lightning.pytorch as pl
 import torch
 from torch import Tensor, nn
 from torch.nn.parameter import is_lazy
 
+from .. import _progress
 from ..functional.bounds import layer_spectral_bound
 from ..functional.exact import conv_spectral_norm
+from .anchored import tight_cost
 
 __all__ = [
     "exact_norms", "float32_rounded_up", "guaranteed_bounds", "log_training_values",
@@ -91,26 +94,45 @@ def log_training_values(
             log(f"spectral_estimate/{name}", value)
 
 
+def _sized(layers: Mapping[str, nn.Module], sizes: Sizes) -> str:
+    n = len(layers)
+    at = "at their input sizes" if any(sizes.get(k) for k in layers) else "for every input size"
+    return f"{n} layer{'s' if n != 1 else ''} {at}"
+
+
 @torch.no_grad()
-def guaranteed_bounds(layers: Mapping[str, nn.Module], sizes: Sizes) -> dict[str, float]:
+def guaranteed_bounds(layers: Mapping[str, nn.Module], sizes: Sizes,
+                      max_cost: float | None = None, trainer: Any | None = None,
+                      ) -> dict[str, float]:
     """``layer_spectral_bound`` of every materialized layer at its recorded input size.
 
-    A layer without a recorded size gets the bound valid for every input size.
+    A layer without a recorded size gets the bound valid for every input size. ``max_cost``
+    is ``layer_spectral_bound``'s. When the work is large (over ``_progress.SLOW_COST``) it is
+    announced, and a bar shows past a second (see :mod:`lightning_spectral._progress`;
+    ``trainer`` decides whether bars are enabled).
     """
-    return {
-        name: float(layer_spectral_bound(m, sizes.get(name)))
-        for name, m in layers.items() if not is_lazy(m.weight)
-    }
+    todo = {name: m for name, m in layers.items() if not is_lazy(m.weight)}
+    if sum(tight_cost(m) for m in todo.values()) > _progress.SLOW_COST:
+        _progress.announce(f"computing guaranteed bounds of {_sized(todo, sizes)}", trainer)
+    items = _progress.progress(todo.items(), total=len(todo), desc="guaranteed bounds",
+                               trainer=trainer)
+    return {name: float(layer_spectral_bound(m, sizes.get(name), max_cost=max_cost))
+            for name, m in items}
 
 
 @torch.no_grad()
-def exact_norms(layers: Mapping[str, nn.Module], sizes: Sizes) -> dict[str, float]:
-    """Exact spectral norms at the recorded input sizes (layers never called are skipped)."""
-    return {
-        name: float(conv_spectral_norm(m, sizes.get(name)))
-        for name, m in layers.items()
-        if sizes.get(name) is not None or isinstance(m, nn.Linear)
-    }
+def exact_norms(layers: Mapping[str, nn.Module], sizes: Sizes, trainer: Any | None = None
+                ) -> dict[str, float]:
+    """Exact spectral norms at the recorded input sizes (layers never called are skipped).
+
+    Always announced (exact norms are the slowest values here), with a bar past a second.
+    """
+    todo = {name: m for name, m in layers.items()
+            if sizes.get(name) is not None or isinstance(m, nn.Linear)}
+    _progress.announce(f"computing exact spectral norms of {_sized(todo, sizes)}", trainer)
+    items = _progress.progress(todo.items(), total=len(todo), desc="exact norms",
+                               trainer=trainer)
+    return {name: float(conv_spectral_norm(m, sizes.get(name))) for name, m in items}
 
 
 def log_validation_values(

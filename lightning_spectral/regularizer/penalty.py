@@ -25,7 +25,6 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..functional.power import fantastic_four_estimate
 from .config import Reduction
 from .state import LayerState
 
@@ -45,9 +44,7 @@ def reduce(estimates: Tensor, reduction: Reduction, target: float | None) -> Ten
 def estimate(state: LayerState, n_iter: int) -> Tensor:
     """Per-layer estimates in model order, after ``n_iter`` iterations on the stored vectors."""
     groups = list(state.groups)
-    estimates = torch.cat([
-        fantastic_four_estimate(g.stacked_weights(), g.us, g.vs, n_iter) for g in groups
-    ])
+    estimates = torch.cat([g.estimate(n_iter) for g in groups])
     if len(groups) > 1:
         estimates = estimates[state.order]  # back to model order
     return estimates
@@ -74,7 +71,7 @@ class Penalty:
         ``curvature_beta * curvature(estimates)``: the curvature bound of the network evaluated
         on the same per-layer estimates, in the dtype of the estimates.
         """
-        device = state.groups[0].us[0].device
+        device = state.groups[0].u_cat.device
         with torch.autocast(device_type=device.type, enabled=False):
             estimates = estimate(state, n_iter)
             penalty = beta * reduce(estimates, reduction, target)

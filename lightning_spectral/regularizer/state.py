@@ -19,7 +19,14 @@ from torch import Tensor, nn
 from torch.nn.parameter import is_lazy
 
 from ..functional.matricize import grouped_weight
-from ..functional.power import _compute_dtype, init_singular_vectors, power_iteration_
+from ..functional.power import (
+    _compute_dtype,
+    concatenated_state,
+    fantastic_four_estimate_cat,
+    init_singular_vectors,
+    power_iteration_,
+    state_views,
+)
 from .sharding import full_weight
 
 __all__ = ["LayerState", "ShapeGroup"]
@@ -62,18 +69,30 @@ class ShapeGroup(nn.Module):
             for n, m in zip(names, modules, strict=True)
         ]
         self.n_u, self.n_v = len(per_layer[0][0]), len(per_layer[0][1])
-        for kind, which, count in (("u", 0, self.n_u), ("v", 1, self.n_v)):
-            for i in range(count):
-                self.register_buffer(f"{kind}{i}", torch.stack([p[which][i] for p in per_layer]))
+        self.shape = (len(modules), *_grouped_shape(modules[0]))
+        u_cat, v_cat = concatenated_state(
+            self.shape,
+            [torch.stack([p[0][i] for p in per_layer]) for i in range(self.n_u)],
+            [torch.stack([p[1][i] for p in per_layer]) for i in range(self.n_v)],
+        )
+        # One buffer per side in the layout the iteration works in (no concatenation or
+        # copies per step); the per-matricization vectors are views of it.
+        self.register_buffer("u_cat", u_cat)
+        self.register_buffer("v_cat", v_cat)
 
     @property
     def us(self) -> list[Tensor]:
-        """The left vectors, one ``(L, ...)`` stack per matricization (updated in place)."""
-        return [getattr(self, f"u{i}") for i in range(self.n_u)]
+        """The left vectors, one ``(L, ...)`` stack per matricization (views of the state)."""
+        return state_views(self.shape, self.u_cat, self.v_cat)[0]
 
     @property
     def vs(self) -> list[Tensor]:
-        return [getattr(self, f"v{i}") for i in range(self.n_v)]
+        return state_views(self.shape, self.u_cat, self.v_cat)[1]
+
+    def estimate(self, n_iter: int) -> Tensor:
+        """The Fantastic-Four estimates of the layers, ``(L,)``, after ``n_iter`` iterations
+        (:func:`~lightning_spectral.functional.power.fantastic_four_estimate_cat`)."""
+        return fantastic_four_estimate_cat(self.stacked_weights(), self.u_cat, self.v_cat, n_iter)
 
     def stacked_weights(self) -> Tensor:
         """``(L, g, c_out, c_in, *k)`` in the compute dtype; differentiable w.r.t. each weight.
@@ -172,7 +191,7 @@ class LayerState:
             grouped = [n for g in self.groups for n in g.names]
         if self.ready:
             index = {n: i for i, n in enumerate(grouped)}
-            device = self.groups[0].us[0].device
+            device = self.groups[0].u_cat.device
             self.order = torch.tensor([index[n] for n in self.layers], device=device)
         if self.pending is not None and self.ready:
             self._apply(self.pending)

@@ -202,6 +202,7 @@ class TrainingHooks(Callback):
         self._after_step.run(
             self._state.layers, self._penalty.last_estimates, check=self.config.check_finite,
             c=self.config.constraint, where=self._where(),
+            every_n=self.config.constraint_tight_every_n_steps,
         )
 
     def _where(self) -> str:
@@ -224,7 +225,8 @@ class TrainingHooks(Callback):
             sharding.refuse_flat_shards(pl_module, layers)
             self._state.layers, self._fsdp = layers, sharding.fsdp_modules(pl_module)
         sharding.reshard(self._fsdp)
-        self._after_step.project(self._state.layers, c, self._where())
+        self._after_step.project(self._state.layers, c, self._where(),
+                                 every_n=self.config.constraint_tight_every_n_steps)
 
     # ------------------------------------------------------------------ monitoring
 
