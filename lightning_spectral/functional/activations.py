@@ -381,7 +381,9 @@ def activation_curvature(
       / 2e -> inf``. Neglecting it would make the (L, C) composition and the radius formula
       claim something false; carrying it would need an extra additive slack term through the
       whole composition (and the value jump breaks even the integral form of Taylor's theorem
-      the certificate rests on). So a finite threshold is refused; ``threshold=math.inf``
+      the certificate rests on). So a finite threshold is refused here;
+      :func:`activation_curvature_slack` gives the constants of the smooth twin and the
+      slack, which the network walk carries (``network_curvature_bounds``); ``threshold=math.inf``
       (the exact formula) or :class:`SmoothSoftplus` (the same, computed without overflow)
       get ``(1, beta / 4)``; note that ``threshold=math.inf`` overflows to ``inf`` for
       ``beta x > 88`` in float32 (709 in float64), which the certificates then refuse as

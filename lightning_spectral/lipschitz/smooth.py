@@ -14,6 +14,19 @@ Composition. For ``v = phi(u(x))``,
 ``Dv(x) - Dv(x') = [Dphi(u(x)) - Dphi(u(x'))] Du(x) + Dphi(u(x')) [Du(x) - Du(x')]``, whose
 norm is at most ``C_phi L_u^2 ||x - x'|| + L_phi C_u ||x - x'||``. An elementwise ``s`` has
 ``Ds(u) = diag(s'(u))``, so ``L_phi = g`` and ``C_phi = h``.
+
+Slack. torch's softplus with a finite threshold has no ``h`` (its derivative jumps). Its
+*smooth twin* ``s~`` (:class:`~lightning_spectral.SmoothSoftplus`) has ``(g, h) = (1,
+|beta| / 4)``, and ``|s - s~| <= e``, ``|s' - s~'| <= delta`` (``softplus_switch_slack``).
+``C`` is computed for the twin network ``v~``; every node also carries ``E_v >= sup ||v - v~||``
+and ``D_v >= sup ||Dv - Dv~||``, 0 wherever no switching softplus comes before. A linear node
+maps both as it maps ``L`` (:meth:`_Walker.in_slack`). For ``v = s(u)`` (``n`` entries,
+``v~ = s~(u~)``; a smooth ``s`` is its own twin, ``delta = e = 0``):
+``||s(u) - s~(u~)|| <= ||s(u) - s~(u)|| + ||s~(u) - s~(u~)|| <= sqrt(n) e + g E_u``, and
+``Dv - Dv~ = diag(s'(u)) (Du - Du~) + diag(s'(u) - s~'(u)) Du~ + diag(s~'(u) - s~'(u~)) Du~``,
+with norm at most ``g D_u + delta L_u + h E_u L_u`` (``L_u`` bounds the twin's ``||Du~||``; a
+diagonal matrix has the norm of its largest entry, and ``|s~'(a) - s~'(b)| <= h |a - b|``).
+A registered ``(L, C)`` rule is the same map in both networks: ``delta = e = 0``.
 """
 
 from __future__ import annotations
