@@ -19,6 +19,7 @@ _LAZY = {
     "compositional_lipschitz_bound": "lightning_spectral.lipschitz",
     "register_lipschitz_rule": "lightning_spectral.lipschitz",
     "network_curvature_bound": "lightning_spectral.lipschitz",
+    "network_curvature_bounds": "lightning_spectral.lipschitz",
     "network_pairwise_lipschitz": "lightning_spectral.lipschitz",
     "network_pairwise_curvature": "lightning_spectral.lipschitz",
     "register_curvature_rule": "lightning_spectral.lipschitz",

@@ -3,7 +3,7 @@
 Nothing here imports Lightning.
 """
 
-from .activations import activation_slope
+from .activations import activation_curvature_slack, activation_slope, softplus_switch_slack
 from .bounds import (
     SUPPORTED_LAYERS,
     fantastic_four,
@@ -56,6 +56,8 @@ __all__ = [
     "SmoothSoftplus",
     "activation_curvature",
     "activation_slope",
+    "activation_curvature_slack",
+    "softplus_switch_slack",
     "certified_psd",
     "chain_lipschitz_bound",
     "crc_certified_radius",

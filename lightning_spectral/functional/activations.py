@@ -22,6 +22,7 @@ __all__ = [
     "NonSmoothActivationError",
     "SmoothSoftplus",
     "activation_curvature",
+    "activation_curvature_slack",
     "activation_slope",
 ]
 
@@ -239,6 +240,96 @@ def _module_entry(module: nn.Module) -> tuple[str, dict[str, Any]] | None:
     return None
 
 
+# Relative margin on the softplus threshold: torch compares the float32 product beta * x
+# with the float32 threshold, which may pick the identity branch for an exact beta * x down to
+# about t (1 - 3 * 2**-24); the slack is computed for t (1 - 1e-6) (any smaller t is covered).
+_THRESHOLD_MARGIN = 1e-6
+_SLACK_ROUND_UP = 1.0 + 1e-12  # far above the few-ulp error of exp, log1p and division
+
+
+def softplus_switch_slack(beta: float, threshold: float) -> tuple[float, float]:
+    """``(delta, e)``: how far torch's softplus is from :class:`SmoothSoftplus`.
+
+    ``F.softplus(x, beta, threshold)`` (and ``nn.Softplus``) computes
+    ``s(x) = x`` where ``beta x > threshold`` and ``log1p(exp(beta x)) / beta`` elsewhere;
+    the smooth twin is ``s~(x) = log1p(exp(beta x)) / beta`` everywhere. Where they differ,
+    ``beta x > t`` (``t = threshold``), and there
+
+    * ``s~(x) = (beta x + log1p(exp(-beta x))) / beta = x + log1p(exp(-beta x)) / beta``, so
+      ``|s(x) - s~(x)| = log1p(exp(-beta x)) / |beta| < log1p(exp(-t)) / |beta| = e``;
+    * ``s'(x) = 1`` and ``s~'(x) = sigmoid(beta x)``, so
+      ``|s'(x) - s~'(x)| = sigmoid(-beta x) < sigmoid(-t) = delta``,
+
+    both decreasing in ``beta x``. So ``sup |s - s~| <= e`` and ``sup |s' - s~'| <= delta``
+    (``s'`` the derivative of the branch torch takes, which is what autograd returns).
+    ``t = 20``: ``delta = 2.06e-9``, ``e = 2.06e-9 / |beta|``. Both are computed for the
+    slightly smaller ``t (1 - 1e-6)`` (``t - 1e-6`` for ``|t| < 1``), which also covers
+    the branch float32 rounding of ``beta x`` and of ``threshold`` may pick, and rounded up.
+    ``threshold = inf`` gives ``(0, 0)``.
+    """
+    if not (math.isfinite(beta) and beta != 0):
+        raise ValueError(f"Softplus: curvature constants need a finite beta != 0, got {beta}")
+    if math.isnan(threshold):
+        raise ValueError("Softplus: threshold must not be NaN")
+    if threshold == math.inf:
+        return 0.0, 0.0
+    if threshold == -math.inf:  # the identity everywhere: unbounded distance to the twin
+        raise ValueError("Softplus(threshold=-inf) is the identity, not a softplus")
+    t = threshold - _THRESHOLD_MARGIN * max(1.0, abs(threshold))
+    # sigmoid(-t) and log1p(exp(-t)) = max(-t, 0) + log1p(exp(-|t|)), neither overflowing.
+    z = math.exp(-abs(t))
+    delta = z / (1.0 + z) if t >= 0 else 1.0 / (1.0 + z)
+    gap = max(-t, 0.0) + math.log1p(z)
+    up = [math.nextafter(v * _SLACK_ROUND_UP, math.inf) for v in (delta, gap / abs(beta))]
+    return min(up[0], 1.0), up[1]
+
+
+def _resolve(
+    activation: nn.Module | Callable[..., Tensor] | str, kwargs: dict[str, Any]
+) -> tuple[str, str, dict[str, Any]] | None:
+    """``(table name, label, parameters)`` of an activation, or None if not in the table."""
+    if isinstance(activation, nn.Module):
+        if kwargs:
+            raise ValueError("pass the parameters of a module through the module itself, "
+                             f"not as keyword arguments {sorted(kwargs)}")
+        entry = _module_entry(activation)
+        if entry is None:
+            return None
+        name, kwargs = entry
+        return name, type(activation).__name__, kwargs
+    if isinstance(activation, str):
+        return activation, activation, kwargs
+    try:
+        name = _FUNCTIONS.get(activation)
+    except TypeError:  # unhashable callable
+        name = None
+    label = getattr(activation, "__name__", repr(activation))
+    return None if name is None else (name, label, kwargs)
+
+
+def activation_curvature_slack(
+    activation: nn.Module | Callable[..., Tensor] | str, **kwargs: Any
+) -> tuple[float, float, float, float] | None:
+    """``(g, h, delta, e)``: :func:`activation_curvature` of the activation's smooth twin, and
+    the twin's distance to it: ``sup |s' - s~'| <= delta``, ``sup |s - s~| <= e``.
+
+    For ``nn.Softplus`` / ``F.softplus`` with a finite ``threshold`` the twin is
+    :class:`SmoothSoftplus` (``(g, h) = (1, |beta| / 4)``) and ``(delta, e)`` come from
+    :func:`softplus_switch_slack`. Every other activation is its own twin: ``delta = e = 0``,
+    and ``(g, h)`` (or None, or the refusal) is exactly :func:`activation_curvature`'s.
+    """
+    resolved = _resolve(activation, dict(kwargs))
+    if resolved is not None and resolved[0] == "softplus":
+        params = {k: v for k, v in resolved[2].items() if k != "inplace"}
+        beta, threshold = params.pop("beta", 1.0), params.pop("threshold", 20.0)
+        if params:
+            raise ValueError(f"{resolved[1]}: unexpected parameters {sorted(params)}")
+        delta, e = softplus_switch_slack(float(beta), float(threshold))
+        return (*_softplus(float(beta), math.inf), delta, e)
+    constants = activation_curvature(activation, **kwargs)
+    return None if constants is None else (*constants, 0.0, 0.0)
+
+
 def activation_curvature(
     activation: nn.Module | Callable[..., Tensor] | str, **kwargs: Any
 ) -> tuple[float, float] | None:
@@ -290,7 +381,9 @@ def activation_curvature(
       / 2e -> inf``. Neglecting it would make the (L, C) composition and the radius formula
       claim something false; carrying it would need an extra additive slack term through the
       whole composition (and the value jump breaks even the integral form of Taylor's theorem
-      the certificate rests on). So a finite threshold is refused; ``threshold=math.inf``
+      the certificate rests on). So a finite threshold is refused here;
+      :func:`activation_curvature_slack` gives the constants of the smooth twin and the
+      slack, which the network walk carries (``network_curvature_bounds``); ``threshold=math.inf``
       (the exact formula) or :class:`SmoothSoftplus` (the same, computed without overflow)
       get ``(1, beta / 4)``; note that ``threshold=math.inf`` overflows to ``inf`` for
       ``beta x > 88`` in float32 (709 in float64), which the certificates then refuse as
@@ -322,25 +415,10 @@ def activation_curvature(
     In-place variants (``inplace=True``) compute the same function; what an in-place op does
     to *other* consumers of its input is the graph walk's concern, not this table's.
     """
-    if isinstance(activation, nn.Module):
-        if kwargs:
-            raise ValueError("pass the parameters of a module through the module itself, "
-                             f"not as keyword arguments {sorted(kwargs)}")
-        entry = _module_entry(activation)
-        if entry is None:
-            return None
-        name, kwargs = entry
-        label = type(activation).__name__
-    elif isinstance(activation, str):
-        name = label = activation
-    else:
-        try:
-            name = _FUNCTIONS.get(activation)
-        except TypeError:  # unhashable callable
-            name = None
-        label = getattr(activation, "__name__", repr(activation))
-    if name is None:
+    resolved = _resolve(activation, kwargs)
+    if resolved is None:
         return None
+    name, label, kwargs = resolved
     if name in _NONSMOOTH:
         raise _refuse(label, _NONSMOOTH[name])
     if name not in _SMOOTH:

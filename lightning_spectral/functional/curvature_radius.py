@@ -141,6 +141,8 @@ def curvature_certified_radius(
     *,
     dtype: torch.dtype | None = torch.float64,
     chunk_size: int | None = None,
+    jacobian_slack: Tensor | float = 0.0,
+    value_slack: Tensor | float = 0.0,
 ) -> Tensor:
     """Per-sample l2 radius within which the prediction provably stays ``target``.
 
@@ -165,6 +167,16 @@ def curvature_certified_radius(
         dtype: precision of the computation (default float64): a module is copied and cast
             (the caller's module is left alone), ``x`` is cast; ``None`` keeps both as given.
         chunk_size: samples per vectorized Jacobian call (memory ``~ chunk * C * D``).
+        jacobian_slack, value_slack: for a model whose gradient jumps (torch's softplus with
+            its finite threshold), bounds ``D_yt``, ``E_yt`` with
+            ``|mu_t(x + d) - mu_t(x) - G_t . d| <= K_yt ||d||^2 / 2 + D_yt ||d|| + 2 E_yt``
+            for all ``x, d`` (from
+            :func:`~lightning_spectral.network_curvature_bounds`; scalars or ``(C, C)``
+            matrices, read as ``curvature`` is: a scalar bounds the whole logit map and is
+            multiplied by ``sqrt 2``). Then ``mu_t(x + d) > 0`` for
+            ``||d|| < r_t``, the root of ``(mu_t - 2 E_yt) - (||G_t|| + D_yt) r - K_yt r^2 / 2``,
+            i.e. the radius above with ``mu_t - 2 E_yt`` and ``||G_t|| + D_yt`` (0 where
+            ``mu_t <= 2 E_yt``). At 0 (the default) the radius is bit for bit the one without.
 
     Returns:
         float64 ``(N,)`` radii; 0 for misclassified samples (ties count as misclassified),
@@ -174,10 +186,16 @@ def curvature_certified_radius(
         raise ValueError(f"x must have a batch axis, got shape {tuple(x.shape)}")
     if x.shape[0] == 0:
         _check_target(target, 0)
-        _curvature_tensor(curvature)
+        for value in (curvature, jacobian_slack, value_slack):
+            _curvature_tensor(value)
         return torch.zeros(0, dtype=torch.float64, device=x.device)
+    slacks = [_curvature_tensor(value) for value in (jacobian_slack, value_slack)]
     p = _pairs(model, x, target, curvature, dtype, chunk_size)
-    radii = _radius(p.margin, p.grad_norm, p.k)
+    num_classes = p.margin.shape[1]
+    d_slack, e_slack = (_pairwise_curvature(s, num_classes, p.margin.device)[p.y]
+                        for s in slacks)
+    # The Taylor bound with slack (see jacobian_slack): exact when both are 0 (x - 0 = x).
+    radii = _radius(p.margin - 2.0 * e_slack, p.grad_norm + d_slack, p.k)
     radii = radii.scatter(1, p.y[:, None], math.inf)  # t = y is no competitor
     return radii.min(dim=1).values
 

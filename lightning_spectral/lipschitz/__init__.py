@@ -63,7 +63,12 @@ from .api import _sequential_bound as _sequential_bound  # the Sequential fallba
 from .api import network_lipschitz_bound
 from .common import LipschitzRule, NonSmoothOperationError, UnsupportedOperationError
 from .compositional import compositional_lipschitz_bound, sequential_chain_bound
-from .curvature import network_curvature_bound, network_pairwise_curvature
+from .curvature import (
+    CurvatureBounds,
+    network_curvature_bound,
+    network_curvature_bounds,
+    network_pairwise_curvature,
+)
 from .lipschitz_tape import LipschitzProgram, record_lipschitz
 from .ownership import (
     CurvatureRule,
@@ -76,6 +81,7 @@ from .pairwise import lipschitz_and_pairwise, network_pairwise_lipschitz
 from .tape import CurvatureTape, record_curvature
 
 __all__ = [
+    "CurvatureBounds",
     "CurvatureRule",
     "CurvatureTape",
     "LipschitzProgram",
@@ -84,6 +90,7 @@ __all__ = [
     "UnsupportedOperationError",
     "compositional_lipschitz_bound",
     "network_curvature_bound",
+    "network_curvature_bounds",
     "lipschitz_and_pairwise",
     "network_lipschitz_bound",
     "network_pairwise_lipschitz",

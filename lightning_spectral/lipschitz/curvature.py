@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -13,7 +14,7 @@ from torch import Tensor, fx, nn
 
 from ..functional.curvature import linear_head_pairwise_curvature
 from .api import _not_nan, _walk_model
-from .common import LayerBound
+from .common import LayerBound, NonSmoothOperationError
 from .ownership import _builtin_class, _curvature_rule, _user_rule
 from .tracing import _arg, _shape
 from .walk import _Walker
@@ -24,6 +25,80 @@ def _curvature_walk(model: nn.Module, input_shape: Sequence[int],
                     walker_class: type[_Walker] = _Walker) -> _Walker:
     return _walk_model(model, input_shape, layer_bound, curvature=True,
                        walker_class=walker_class)
+
+
+def _without_slack(walker: _Walker) -> _Walker:
+    """The walk, refused if the network differs from its smooth twin: then ``C`` alone is no
+    bound of the Lipschitz constant of its Jacobian (there is none: the Jacobian jumps)."""
+    out = walker.output
+    if bool(walker.value_slack[out] > 0) or bool(walker.jacobian_slack[out] > 0):
+        first = next(n for n, e in walker.value_slack.items()  # topological order
+                     if bool(e > 0) or bool(walker.jacobian_slack[n] > 0))
+        raise NonSmoothOperationError(
+            f"no curvature bound at node '{first.name}': the network uses torch's softplus "
+            "with a finite threshold (nn.Softplus, F.softplus): its Jacobian jumps where a "
+            "unit switches to the identity, so it "
+            "has no Lipschitz constant. network_curvature_bounds bounds it with the slack "
+            "terms that curvature_certified_radius takes (jacobian_slack, value_slack); or "
+            "use lightning_spectral.SmoothSoftplus")
+    return walker
+
+
+class CurvatureBounds(NamedTuple):
+    """The bounds of :func:`network_curvature_bounds` (all float64, CPU)."""
+
+    curvature: Tensor  # C: Lipschitz constant of the smooth twin's Jacobian (0-dim)
+    pairwise: Tensor  # (C, C) K_yt: of the gradient of the twin's margin z_y - z_t
+    jacobian_slack: Tensor  # (C, C) D_yt >= sup ||grad mu_yt - grad mu~_yt||
+    value_slack: Tensor  # (C, C) E_yt >= sup |mu_yt - mu~_yt|
+
+
+def network_curvature_bounds(
+    model: nn.Module,
+    input_shape: Sequence[int],
+    *,
+    layer_bound: LayerBound | None = None,
+) -> CurvatureBounds:
+    """Curvature bounds that also cover torch's softplus with its finite threshold.
+
+    ``nn.Softplus`` and ``F.softplus`` return ``x`` itself where ``beta x > threshold``, so the
+    network's Jacobian jumps there and has no Lipschitz constant. Its *smooth twin* ``z~``,
+    the same network with each of them replaced by
+    :class:`~lightning_spectral.SmoothSoftplus` (no switch), has one, and stays close:
+    for every pair ``(y, t)`` with margins ``mu = z_y - z_t`` and ``mu~ = z~_y - z~_t``, and
+    every input ``x``, ``|mu(x) - mu~(x)| <= E_yt`` and
+    ``||grad mu(x) - grad mu~(x)|| <= D_yt`` (``grad mu`` the gradient autograd computes:
+    each unit differentiated on the branch it takes). With ``K_yt`` the twin's pairwise
+    curvature bound, for all ``x, d``::
+
+        |mu(x + d) - mu(x) - grad mu(x) . d| <= K_yt ||d||^2 / 2 + D_yt ||d|| + 2 E_yt
+
+    (proof: the same expression for ``mu~`` is at most ``K_yt ||d||^2 / 2`` by Taylor's
+    formula with integral remainder, ``mu~`` having a ``K_yt``-Lipschitz gradient; replacing
+    ``mu~`` by ``mu`` at ``x + d`` and at ``x`` costs ``E_yt`` each, and
+    ``|(grad mu(x) - grad mu~(x)) . d| <= D_yt ||d||``). So pass ``pairwise``,
+    ``jacobian_slack`` and ``value_slack`` to
+    :func:`~lightning_spectral.functional.curvature_certified_radius`. For a network without a
+    switching softplus both slacks are 0 and ``curvature``, ``pairwise`` are those of
+    :func:`curvature_and_pairwise`.
+
+    The slacks come from the same graph walk: every node ``v`` also carries
+    ``E_v >= sup ||v - v~||`` and ``D_v >= sup ||Dv - Dv~||`` (see
+    :mod:`lightning_spectral.lipschitz.smooth`); the pairs are formed as ``pairwise`` is (a
+    linear head ``W phi + b``: ``||W_y - W_t||`` times the features' slack, else ``sqrt 2``
+    times the logits'). They describe the exact real function torch's formula defines, as
+    every bound here does (see :func:`~lightning_spectral.functional.softplus_switch_slack`
+    for the float32 comparison at the switch).
+
+    Raises:
+        as :func:`network_curvature_bound`, which still refuses what has no bound at all
+        (ReLU, max pooling, ...).
+    """
+    walker = _curvature_walk(model, input_shape, layer_bound)
+    return CurvatureBounds(
+        _not_nan(walker.curv[walker.output], "curvature"), _pairwise(walker),
+        _pairwise(walker, table=walker.jacobian_slack, name="Jacobian slack"),
+        _pairwise(walker, table=walker.value_slack, name="value slack"))
 
 
 def network_curvature_bound(
@@ -66,7 +141,7 @@ def network_curvature_bound(
             two input-dependent tensors, in-place updates of shared tensors, casts, ...).
         ValueError: ``input_shape`` invalid or the model fails on it.
     """
-    walker = _curvature_walk(model, input_shape, layer_bound)
+    walker = _without_slack(_curvature_walk(model, input_shape, layer_bound))
     return _not_nan(walker.curv[walker.output], "curvature")
 
 
@@ -92,7 +167,7 @@ def network_pairwise_curvature(
         ValueError: the model does not output logits ``(N, C)`` with ``C >= 2``; otherwise as
             :func:`network_curvature_bound`.
     """
-    return _pairwise(_curvature_walk(model, input_shape, layer_bound))
+    return _pairwise(_without_slack(_curvature_walk(model, input_shape, layer_bound)))
 
 
 def curvature_and_pairwise(
@@ -102,15 +177,19 @@ def curvature_and_pairwise(
     layer_bound: LayerBound | None = None,
 ) -> tuple[Tensor, Tensor]:
     """:func:`network_curvature_bound` and :func:`network_pairwise_curvature` from one walk."""
-    walker = _curvature_walk(model, input_shape, layer_bound)
+    walker = _without_slack(_curvature_walk(model, input_shape, layer_bound))
     return _not_nan(walker.curv[walker.output], "curvature"), _pairwise(walker)
 
 
-def _pairwise(walker: _Walker, first_order: bool = False) -> Tensor:
+def _pairwise(walker: _Walker, first_order: bool = False,
+              table: dict[fx.Node, Tensor] | None = None, name: str = "curvature") -> Tensor:
     """The ``(C, C)`` pairwise bounds of a walked graph's logits: of the margins' gradients
-    (curvature), or of the margins themselves (``first_order``: the Lipschitz bounds)."""
-    table = walker.lip if first_order else walker.curv
-    name = "Lipschitz" if first_order else "curvature"
+    (curvature), or of the margins themselves (``first_order``: the Lipschitz bounds), or
+    from another table of the walk (the slacks: ``v - v~`` and ``Dv - Dv~`` go through a
+    linear head as values and Jacobians do)."""
+    if table is None:
+        table = walker.lip if first_order else walker.curv
+        name = "Lipschitz" if first_order else "curvature"
     out = walker.output
     shape = _shape(out)
     if len(shape) != 2 or shape[1] < 2:

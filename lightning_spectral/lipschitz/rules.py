@@ -92,3 +92,36 @@ def node_curvature(w: _Walker, node: fx.Node, fold: dict[fx.Node, fx.Node]) -> T
     if rule is None or rule.curvature is None:
         raise smooth.refusal(node, smooth.why_refused(target))
     return rule.curvature(w, node, target)
+
+
+def node_slack(w: _Walker, node: fx.Node, fold: dict[fx.Node, fx.Node]
+               ) -> tuple[Tensor, Tensor]:
+    """``(E, D)`` of one node against its smooth twin (after :func:`node_bounds`, which has
+    made the walk's checks and refused what has no curvature rule): see :mod:`.smooth`."""
+    zero = (_f64(0.0), _f64(0.0))
+    if node.op in ("placeholder", "get_attr"):
+        return zero  # the same input and constants in both networks
+    inputs = fold[node] if node in fold else node
+    args = list(inputs.args) + list(inputs.kwargs.values())
+    if not w.dependent(args) or not (w.has_slack(args) or smooth.switches(w, node)):
+        return zero  # the node and its inputs are the same in both networks
+    slack = _slack(w, node, fold, zero)
+    if not w.tracks_slack and (bool(slack[0] > 0) or bool(slack[1] > 0)):
+        raise smooth.refusal(node, "this walk carries no slack for the switch of a softplus "
+                                   "to the identity; Replace it by "
+                                   "lightning_spectral.SmoothSoftplus")
+    return slack
+
+
+def _slack(w: _Walker, node: fx.Node, fold: dict[fx.Node, fx.Node],
+           zero: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
+    if node in fold:
+        return w.in_slack(w.visit_fold, node, fold[node])
+    if node.op == "call_module":
+        return smooth.module_slack(w, node)
+    if _metadata_only(node):
+        return zero
+    _, target = inplace_target(w.gm, node)
+    if target in smooth.LINEAR:
+        return w.in_slack(RULES[target].lipschitz, w, node, target)
+    return smooth.call_slack(w, node, target)

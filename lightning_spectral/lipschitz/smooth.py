@@ -14,11 +14,25 @@ Composition. For ``v = phi(u(x))``,
 ``Dv(x) - Dv(x') = [Dphi(u(x)) - Dphi(u(x'))] Du(x) + Dphi(u(x')) [Du(x) - Du(x')]``, whose
 norm is at most ``C_phi L_u^2 ||x - x'|| + L_phi C_u ||x - x'||``. An elementwise ``s`` has
 ``Ds(u) = diag(s'(u))``, so ``L_phi = g`` and ``C_phi = h``.
+
+Slack. torch's softplus with a finite threshold has no ``h`` (its derivative jumps). Its
+*smooth twin* ``s~`` (:class:`~lightning_spectral.SmoothSoftplus`) has ``(g, h) = (1,
+|beta| / 4)``, and ``|s - s~| <= e``, ``|s' - s~'| <= delta`` (``softplus_switch_slack``).
+``C`` is computed for the twin network ``v~``; every node also carries ``E_v >= sup ||v - v~||``
+and ``D_v >= sup ||Dv - Dv~||``, 0 wherever no switching softplus comes before. A linear node
+maps both as it maps ``L`` (:meth:`_Walker.in_slack`). For ``v = s(u)`` (``n`` entries,
+``v~ = s~(u~)``; a smooth ``s`` is its own twin, ``delta = e = 0``):
+``||s(u) - s~(u~)|| <= ||s(u) - s~(u)|| + ||s~(u) - s~(u~)|| <= sqrt(n) e + g E_u``, and
+``Dv - Dv~ = diag(s'(u)) (Du - Du~) + diag(s'(u) - s~'(u)) Du~ + diag(s~'(u) - s~'(u~)) Du~``,
+with norm at most ``g D_u + delta L_u + h E_u L_u`` (``L_u`` bounds the twin's ``||Du~||``; a
+diagonal matrix has the norm of its largest entry, and ``|s~'(a) - s~'(b)| <= h |a - b|``).
+A registered ``(L, C)`` rule is the same map in both networks: ``delta = e = 0``.
 """
 
 from __future__ import annotations
 
 import copy
+import math
 import operator
 from collections import OrderedDict
 from typing import TYPE_CHECKING, Any
@@ -27,6 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, fx, nn
 
+from ..functional.activations import activation_curvature_slack
 from ..functional.curvature import NonSmoothActivationError, activation_curvature
 from .common import (
     _ADAPTIVE_MAX,
@@ -107,9 +122,10 @@ def _params(node: fx.Node, t: Any) -> dict[str, Any]:
             for i, (name, default) in enumerate(_PARAMS.get(t, ()), start=1)}
 
 
-def _constants(node: fx.Node, t: Any) -> tuple[float, float]:
+def _constants(node: fx.Node, t: Any) -> tuple[float, float, float, float]:
+    """``(g, h, delta, e)`` of a functional activation (see ``activation_curvature_slack``)."""
     try:
-        constants = activation_curvature(t, **_params(node, t))
+        constants = activation_curvature_slack(t, **_params(node, t))
     except NonSmoothActivationError as err:
         raise refusal(node, str(err)) from err
     except ValueError as err:  # invalid parameters (beta = 0, ...)
@@ -129,10 +145,63 @@ def _activation(w: _Walker, node: fx.Node, t: Any) -> Tensor:
     """``s(u)``; an input that broadcasting repeats (``sqrt(r)``-fold) enters as ``R u`` with
     ``||R|| = sqrt(r)``: ``(sqrt(r) L_u, sqrt(r) C_u)``."""
     w.only_first_dependent(node)
-    g, h = _constants(node, t)
+    g, h, _, _ = _constants(node, t)
     x = node.args[0]
     r = w.spread(x, node)
     return _compose(g, h, r * w.lipschitz(x), r * w.C(x))
+
+
+def _compose_slack(g: float | Tensor, h: float | Tensor, delta: float, e: float, n: int,
+                   lip_in: Tensor, value_in: Tensor, jacobian_in: Tensor
+                   ) -> tuple[Tensor, Tensor]:
+    """``(E_v, D_v)`` of ``v = s(u)`` (twin ``v~ = s~(u~)``, ``n`` entries per sample):
+    ``(g E_u + sqrt(n) e, g D_u + (delta + h E_u) L_u)``; see the module docstring."""
+    value = g * value_in + math.sqrt(n) * e
+    jacobian = g * jacobian_in + (delta + h * value_in) * lip_in
+    return _f64(value), _f64(jacobian)
+
+
+def _entries(node: fx.Node) -> int:
+    shape = _shape(node)
+    if shape is None or len(shape) < 1:
+        raise refusal(node, "its output shape is unknown")
+    return math.prod(shape[1:])
+
+
+def switches(w: _Walker, node: fx.Node) -> bool:
+    """Whether ``node`` may be a softplus that switches to the identity (its twin differs)."""
+    if node.op == "call_module":
+        return isinstance(w.gm.get_submodule(node.target), nn.Softplus)
+    return node.op == "call_function" and node.target is F.softplus
+
+
+def call_slack(w: _Walker, node: fx.Node, t: Any) -> tuple[Tensor, Tensor]:
+    """``(E, D)`` of a non-linear function / method node (after its curvature rule)."""
+    if t in _POOL_FUNCS:  # average pooling: linear (max pooling was refused)
+        return w.in_slack(_pool, w, node, t)
+    if TABLE.get(t) is not _activation:
+        raise refusal(node, "no slack rule for it")  # pragma: no cover (the tables agree)
+    g, h, delta, e = _constants(node, t)
+    x = node.args[0]
+    r = w.spread(x, node)
+    return _compose_slack(g, h, delta, e, _entries(node), r * w.lipschitz(x),
+                          r * w.E(x), r * w.D(x))
+
+
+def module_slack(w: _Walker, node: fx.Node) -> tuple[Tensor, Tensor]:
+    """``(E, D)`` of a leaf module's node (after :func:`module_curvature` accepted it)."""
+    module = w.gm.get_submodule(node.target)
+    args = [a for a in (*node.args, *node.kwargs.values()) if _shape(a) is not None]
+    lip_in = w.lipschitz(args)
+    value_in, jacobian_in = w.E(args), w.D(args)
+    rule = _curvature_rule(module)
+    if rule is not None:  # the same module in both networks, with (L, C) as registered
+        lip, curv = _checked_pair(node, rule(module, [torch.Size(_shape(a)[1:]) for a in args]))
+        return _compose_slack(lip, curv, 0.0, 0.0, 1, lip_in, value_in, jacobian_in)
+    if MODULE_RULES[_builtin_class(module)].curvature == "linear":
+        return w.in_slack(w.visit_module, node)
+    g, h, delta, e = _module_constants(node, module)
+    return _compose_slack(g, h, delta, e, _entries(node), lip_in, value_in, jacobian_in)
 
 
 def _pool_curvature(w: _Walker, node: fx.Node, t: Any) -> Tensor:
@@ -170,7 +239,7 @@ def module_curvature(w: _Walker, node: fx.Node) -> Tensor:
         return w.in_curvature(w.visit_module, node)
     if kind is None:  # max pooling, GroupSort, MaxMin: the activation table says why
         raise refusal(node, why_refused(_without_hooks(module)))
-    g, h = _module_constants(node, module)
+    g, h, _, _ = _module_constants(node, module)
     return _compose(g, h, w.lipschitz(args), w.C(args))
 
 
@@ -183,9 +252,9 @@ def _without_hooks(module: nn.Module) -> nn.Module:
     return bare
 
 
-def _module_constants(node: fx.Node, module: nn.Module) -> tuple[float, float]:
+def _module_constants(node: fx.Node, module: nn.Module) -> tuple[float, float, float, float]:
     try:
-        constants = activation_curvature(_without_hooks(module))
+        constants = activation_curvature_slack(_without_hooks(module))
     except NonSmoothActivationError as err:
         raise refusal(node, str(err)) from err
     except ValueError as err:  # invalid parameters

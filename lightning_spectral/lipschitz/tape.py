@@ -142,6 +142,8 @@ def _recorder_of(value: Any) -> _Recorder:
 class _RecordingWalker(_Walker):
     """The curvature walk, with a folded BatchNorm read as ``n * b_folded / b`` (see module)."""
 
+    tracks_slack = False  # the tape replays C alone, which a softplus switch voids
+
     def visit_fold(self, bn_node: fx.Node, layer_node: fx.Node) -> Tensor:
         layer = self.gm.get_submodule(layer_node.target)
         size = _shape(layer_node.args[0])

@@ -17,12 +17,14 @@ from torch import Tensor, fx
 from .common import _BATCH, LayerBound, UnsupportedOperationError, _f64
 from .inplace import _RANDOM, check_inplace, inplace_target
 from .modules import _foldable, _folded_layer, _layer_bound_of, _module_lip
-from .rules import RULES, node_bounds
+from .rules import RULES, node_bounds, node_slack
 from .tracing import _BatchDependent, _dtypes, _metadata_only, _refuse, _shape, _static
 
 
 class _Walker:
     """Bounds ``L_v`` for every node ``v`` of a shape-propagated graph."""
+
+    tracks_slack = True  # False: a node that differs from its smooth twin is refused
 
     def __init__(self, gm: fx.GraphModule, layer_bound: LayerBound,
                  other_batch: dict[fx.Node, torch.Size], curvature: bool = False) -> None:
@@ -32,6 +34,11 @@ class _Walker:
         self.lip: dict[fx.Node, Tensor] = {}
         # C_v (Lipschitz constant of the Jacobian of input -> v), when asked for.
         self.curv: dict[fx.Node, Tensor] | None = {} if curvature else None
+        # With curvature, the slack against the smooth twin (the network with every finite-
+        # threshold softplus replaced by SmoothSoftplus, see .smooth): E_v >= sup ||v - v~||
+        # and D_v >= sup ||Dv - Dv~||.
+        self.value_slack: dict[fx.Node, Tensor] | None = {} if curvature else None
+        self.jacobian_slack: dict[fx.Node, Tensor] | None = {} if curvature else None
         self.output: fx.Node | None = None
         self._read = self.lip  # the table L() reads (see in_curvature)
         # The first input-dependent node computed in float16 / bfloat16, with its dtype.
@@ -49,6 +56,14 @@ class _Walker:
         """Curvature bound of an argument (nested args: root-sum-square, see ``_bound``)."""
         return _bound(self.curv, value)
 
+    def E(self, value: Any) -> Tensor:
+        """Value slack of an argument against the smooth twin (nested: root-sum-square)."""
+        return _bound(self.value_slack, value)
+
+    def D(self, value: Any) -> Tensor:
+        """Jacobian slack of an argument against the smooth twin (nested: root-sum-square)."""
+        return _bound(self.jacobian_slack, value)
+
     def in_curvature(self, rule: Callable[..., Tensor], *args: Any) -> Tensor:
         """``rule(*args)`` with ``L()`` reading the curvature bounds.
 
@@ -58,11 +73,27 @@ class _Walker:
         ``Dv(x) - Dv(x') = A o (Du_i(x) - Du_i(x'))_i``: the Jacobian differences go through
         the same linear map as the differences of values, and the same rule applied to the
         ``C_u`` bounds ``C_v``."""
-        self._read = self.curv
+        return self.in_table(self.curv, rule, *args)
+
+    def in_table(self, table: dict[fx.Node, Tensor], rule: Callable[..., Tensor],
+                 *args: Any) -> Tensor:
+        """``rule(*args)`` with ``L()`` reading ``table`` (see :meth:`in_curvature`)."""
+        self._read = table
         try:
             return rule(*args)
         finally:
             self._read = self.lip
+
+    def in_slack(self, rule: Callable[..., Tensor], *args: Any) -> tuple[Tensor, Tensor]:
+        """A linear node's ``(E, D)``: ``v - v~ = A(u - u~)`` and ``Dv - Dv~ = A o (Du - Du~)``
+        (the twin computes the same linear map), so the Lipschitz rule applied to the
+        inputs' slacks bounds both, as :meth:`in_curvature` argues for ``C``."""
+        return (self.in_table(self.value_slack, rule, *args),
+                self.in_table(self.jacobian_slack, rule, *args))
+
+    def has_slack(self, value: Any) -> bool:
+        """Whether an argument (nested allowed) differs from its smooth twin."""
+        return bool(self.E(value) > 0) or bool(self.D(value) > 0)
 
     def dependent(self, value: Any) -> bool:
         if isinstance(value, dict):
@@ -127,6 +158,8 @@ class _Walker:
                     self.lip[node] = self.visit(node, fold)
                 else:
                     self.lip[node], self.curv[node] = node_bounds(self, node, fold)
+                    self.value_slack[node], self.jacobian_slack[node] = node_slack(
+                        self, node, fold)
             except _BatchDependent as exc:  # a rule read a constant taken from the batch size
                 raise _refuse(node, str(exc)) from exc
             self.check_batch(node)
