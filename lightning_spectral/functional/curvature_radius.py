@@ -167,16 +167,16 @@ def curvature_certified_radius(
         dtype: precision of the computation (default float64): a module is copied and cast
             (the caller's module is left alone), ``x`` is cast; ``None`` keeps both as given.
         chunk_size: samples per vectorized Jacobian call (memory ``~ chunk * C * D``).
-        jacobian_slack, value_slack: for a model whose gradient jumps (torch's softplus with
-            its finite threshold), bounds ``D_yt``, ``E_yt`` with
+        jacobian_slack: for a model whose gradient jumps (torch's softplus with its finite
+            threshold), a bound ``D_yt`` with, together with ``value_slack``'s ``E_yt``,
             ``|mu_t(x + d) - mu_t(x) - G_t . d| <= K_yt ||d||^2 / 2 + D_yt ||d|| + 2 E_yt``
-            for all ``x, d`` (from
-            :func:`~lightning_spectral.network_curvature_bounds`; scalars or ``(C, C)``
-            matrices, read as ``curvature`` is: a scalar bounds the whole logit map and is
-            multiplied by ``sqrt 2``). Then ``mu_t(x + d) > 0`` for
-            ``||d|| < r_t``, the root of ``(mu_t - 2 E_yt) - (||G_t|| + D_yt) r - K_yt r^2 / 2``,
-            i.e. the radius above with ``mu_t - 2 E_yt`` and ``||G_t|| + D_yt`` (0 where
-            ``mu_t <= 2 E_yt``). At 0 (the default) the radius is bit for bit the one without.
+            for all ``x, d`` (from :func:`~lightning_spectral.network_curvature_bounds`; a
+            scalar or a ``(C, C)`` matrix, read as ``curvature`` is: a scalar bounds the whole
+            logit map and is multiplied by ``sqrt 2``). Then ``mu_t(x + d) > 0`` for
+            ``||d|| < r_t``, the root of ``(mu_t - 2 E_yt) - (||G_t|| + D_yt) r - K_yt r^2 / 2``
+            (0 where ``mu_t <= 2 E_yt``). At 0 (the default) the radius is bit for bit the one
+            without.
+        value_slack: the value slack ``E_yt`` of the inequality above (same forms, default 0).
 
     Returns:
         float64 ``(N,)`` radii; 0 for misclassified samples (ties count as misclassified),

@@ -91,8 +91,8 @@ def network_curvature_bounds(
     for the float32 comparison at the switch).
 
     Raises:
-        as :func:`network_curvature_bound`, which still refuses what has no bound at all
-        (ReLU, max pooling, ...).
+        ValueError: as :func:`network_curvature_bound`, which still refuses what has no
+            bound at all (ReLU, max pooling and the like).
     """
     walker = _curvature_walk(model, input_shape, layer_bound)
     return CurvatureBounds(
