@@ -27,6 +27,8 @@ def test_readme_demo_command_runs(tmp_path: Path) -> None:
     log_dir = tmp_path / "demo_logs"
     proc = _python("-m", "lightning_spectral.demo", "--epochs", "2", "--log-dir", str(log_dir))
     assert proc.returncode == 0, proc.stderr[-3000:]
+    # The demo sets no option that does nothing (the callback warns about such options).
+    assert "has no effect" not in proc.stderr, proc.stderr[-3000:]
     rows = {
         cells[0]: cells[1:]
         for line in proc.stdout.splitlines()

@@ -60,7 +60,7 @@ def _train(
         exact_every_n_epochs=1 if logged else None,
         certify_epsilons=sorted({0.1, 0.25, 0.5, eps}),
         certified_eps=certified_eps,
-        certified_warmup_steps=100,
+        certified_warmup_steps=0 if certified_eps is None else 100,
         log_per_layer=logged,
     )
     trainer = pl.Trainer(
