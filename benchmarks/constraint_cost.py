@@ -124,7 +124,7 @@ def table(results: list[dict[str, object]]) -> str:
     lines = [
         "# Per-step cost of the constraint (cpu)", "",
         f"Machine: {cpu}, {torch.get_num_threads()} torch thread, torch {torch.__version__}, "
-        f"Python {platform.python_version()} (shared 2-core VM: other jobs were running).",
+        f"Python {platform.python_version()} (shared 2-core VM).",
         "SGD, random data, batch 32, `SpectralBoundRegularizer(constraint=1.0)`'s post-step "
         "projection; median step (forward, backward, optimizer step, projection), variants "
         "interleaved round by round (`python benchmarks/constraint_cost.py`).", "",

@@ -81,20 +81,29 @@ def layer_families(module: nn.Module, names: list[str]) -> LayerFamilies:
     )
 
 
+#: The fixed cost of one pass of the tight bound (its eigenvalue calls and their Python side),
+#: in multiply-add units: about 3 ms on one CPU thread of the machine of
+#: ``benchmarks/results/constraint_cost_cpu.md`` (2.7e9 multiply-adds/s on large layers), which
+#: is what a 16x16x3x3 layer's bound costs. Without it the schedule counts small layers as
+#: nearly free and refreshes dozens of them per step.
+PASS_OVERHEAD = 1e7
+
+
 def tight_cost(module: nn.Module) -> float:
     """Multiply-adds of the tight bound of ``module`` (the ``opnorm_cost`` model): the
-    ``2^d`` Fantastic-Four norms and the tap norms, twice for strided layers (polyphase)."""
+    ``2^d`` Fantastic-Four norms and the tap norms, twice for strided layers (polyphase),
+    plus :data:`PASS_OVERHEAD` per pass."""
     geo = Geometry(module)
     w = geo.weight
     if geo.linear:
-        return opnorm_cost(int(w.shape[0]), int(w.shape[1]))
+        return opnorm_cost(int(w.shape[0]), int(w.shape[1])) + PASS_OVERHEAD
     g, k = geo.groups, geo.kernel
     co, ci = w.shape[0] // g, int(w.shape[1])
     cost = math.prod(k) * g * opnorm_cost(co, ci)
     for a in row_subsets(len(k)):
         rows = co * math.prod(k[i] for i in a)
         cost += g * opnorm_cost(rows, co * ci * math.prod(k) // rows)
-    return cost * (2 if any(s > 1 for s in geo.stride) else 1)
+    return (cost + PASS_OVERHEAD) * (2 if any(s > 1 for s in geo.stride) else 1)
 
 
 @dataclass

@@ -7,8 +7,9 @@ layers as the uninterrupted one (its state is checkpointed).
 * ``every_n`` given: every layer after steps ``n, 2n, ...`` (``1``: after every step).
 * ``None`` (automatic): a round robin over the layers paid for by a credit of
   :data:`CREDIT_PER_STEP` multiply-adds (the ``opnorm_cost`` model) per step: a layer is
-  refreshed when the credit covers its cost. Small layers are refreshed every step; on a large
-  network each layer every few hundred steps.
+  refreshed when the credit covers its cost (which includes a fixed overhead per bound, see
+  :data:`~lightning_spectral.regularizer.anchored.PASS_OVERHEAD`). ResNet-32's layers are
+  refreshed about every ten steps; on a large network each layer every few hundred steps.
 """
 
 from __future__ import annotations
