@@ -18,6 +18,7 @@ uses. Float64 rounding in computing it is covered by explicit margins (:func:`_c
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -50,6 +51,14 @@ class LayerFamilies:
     tap_coef: tuple[float, ...]
     max_fro_coef: float
     conv: bool
+
+
+@functools.lru_cache(maxsize=256)
+def _coefficients(fam: LayerFamilies, device: torch.device) -> tuple[Tensor, Tensor]:
+    # Built once per layer family and device: a tensor made from a list every step would be a
+    # blocking host-to-device copy per layer on a GPU.
+    f64 = dict(dtype=torch.float64, device=device)
+    return torch.tensor(fam.fro_coef, **f64), torch.tensor(fam.tap_coef, **f64)
 
 
 def _polyphase_taps(geo: Geometry) -> int:
@@ -188,8 +197,7 @@ def _change_bounds(weight: Tensor, anchor: Anchor, fam: LayerFamilies
     taps = ((squares * margin).sqrt() * (1 + 4 * _U64)).sum() * (1 + squares.numel() * _U64)
     err = 1.01 * u * (sigma * anchor.fro + fro)
     root_k = math.sqrt(squares.numel()) if fam.conv else 1.0
-    fro_coef = torch.tensor(fam.fro_coef, dtype=torch.float64, device=d.device)
-    tap_coef = torch.tensor(fam.tap_coef, dtype=torch.float64, device=d.device)
+    fro_coef, tap_coef = _coefficients(fam, d.device)
     change = fro_coef * (fro + err) + tap_coef * (taps + root_k * err)
     weight_fro = (sigma * anchor.fro + fro + err) * (1 + _SUM_MARGIN)
     return change, sigma, weight_fro
