@@ -1,6 +1,7 @@
 # Two commands on a fresh machine, each setting itself up first:
 #   make demo   train the digits demo        make test   run the test suite
 #   make lint   ruff over the package, tests, benchmarks and examples
+#   make typecheck   mypy over the package (every definition typed)
 # The environment lives in $(VENV); it is (re)installed when it is missing or when
 # pyproject.toml is newer than the last install. Nothing is installed outside it, so this
 # works where the system Python refuses `pip install` (PEP 668).
@@ -18,7 +19,7 @@ PY := $(VENV)/bin/python
 # Written after a successful install: its age against pyproject.toml says whether to reinstall.
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint docs serve venv clean
+.PHONY: demo test lint typecheck docs serve venv clean
 
 demo: $(STAMP)
 	$(PY) -m lightning_spectral.demo
@@ -28,6 +29,9 @@ test: $(STAMP)
 
 lint: $(STAMP)
 	$(PY) -m ruff check lightning_spectral tests benchmarks examples
+
+typecheck: $(STAMP)
+	$(PY) -m mypy
 
 docs: $(STAMP)
 	$(PY) -m mkdocs build --strict
