@@ -8,49 +8,63 @@ The training objective of Singla & Feizi (ICLR 2021) is
 linear layer (``M_A`` the ``2^d`` matricizations of its filter, ``k`` its kernel size),
 estimated during training by one power iteration per step on persistent vectors.
 
-The callback composes the parts in :mod:`lightning_spectral.regularizer` (``config``,
-``selection``, ``state``, ``penalty``, ``constraint``, ``monitor``, ``curvature``; one job
-each) and its hooks live in mixins there: ``regularizer.training`` (training batches, the
-penalty, the projection), ``regularizer.curvature_hooks`` (when the curvature is recorded or
-checked), ``regularizer.checkpoint`` (state key and state) and ``regularizer.evaluation``
-(validation and test); certification is the
-:class:`~lightning_spectral.certification.CertificationTracker`'s.
+The callback is one class: every Lightning hook and public method is here, each delegating the
+work to the parts in :mod:`lightning_spectral.regularizer` that own their state (``config``
+the arguments, ``selection`` the layers, ``state`` their vectors and input sizes, ``penalty``
+the loss term, ``constraint`` the post-step check and projection, ``curvature`` the curvature
+term, ``certified`` the certified-training term, ``monitor`` what is logged); certification is
+the :class:`~lightning_spectral.certification.CertificationTracker`'s.
 """
 
 from __future__ import annotations
 
+import copy
 import functools
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 from typing_extensions import override
 
 from .certification import CertificationTracker
 from .functional.bounds import layer_spectral_bound
+from .lipschitz import CurvatureTape
 from .lipschitz.pairwise import certificate_bounds
-from .regularizer import selection, sharding
+from .regularizer import monitor, selection, sharding
 from .regularizer.certified import CertifiedTerm
-from .regularizer.checkpoint import CheckpointHooks
 from .regularizer.config import (
     CertifiedLoss,
     CertifyMethod,
-    ConfigAttributes,
     Reduction,
     RegularizerConfig,
     inert_options,
+    option_attributes,
 )
 from .regularizer.constraint import AfterStep
-from .regularizer.curvature import CurvatureTerm
-from .regularizer.curvature_hooks import CurvatureHooks, whole_curvature
-from .regularizer.evaluation import EvaluationHooks
-from .regularizer.penalty import Penalty
+from .regularizer.curvature import CurvatureTerm, needs_curvature, whole_curvature
+from .regularizer.penalty import Penalty, unwrap_training_step, wrap_training_step
 from .regularizer.state import LayerState
-from .regularizer.training import TrainingHooks
 
 __all__ = ["SpectralBoundRegularizer"]
+
+_MANUAL_OPTIMIZATION_HINT = (
+    "SpectralBoundRegularizer(beta > 0) with manual optimization: the callback cannot add the "
+    "penalty to your loss. In training_step write `loss = loss + regularizer.penalty(self)` "
+    "before `self.manual_backward(loss)`."
+)
+
+_SENT_AWAY = (
+    "SpectralBoundRegularizer: this instance was sent to worker processes (strategy='ddp_spawn' "
+    "and the other spawn-based strategies pickle the Trainer) and has not run in this process: "
+    "its layers, vectors and estimates stayed in the workers. Lightning brings back the trained "
+    "weights and trainer.callback_metrics (the logged spectral_* values); for the vectors, save "
+    "a checkpoint (ModelCheckpoint). Or call discover(model) here to select the layers of the "
+    "trained model afresh. strategy='ddp' runs the callback in this process."
+)
 
 
 def _whole_lipschitz(pl_module: nn.Module, shape: tuple[int, ...], max_cost: float | None = None
@@ -67,9 +81,8 @@ def _layer_bound_within(module: nn.Module, size: tuple[int, ...] | None, *, max_
     return layer_spectral_bound(module, size, max_cost=max_cost)
 
 
-class SpectralBoundRegularizer(
-    ConfigAttributes, CheckpointHooks, TrainingHooks, CurvatureHooks, EvaluationHooks
-):
+@option_attributes
+class SpectralBoundRegularizer(Callback):
     r"""Regularize, constrain and monitor the spectral norms of convolution and linear layers.
 
     Adds ``beta * reduction(bounds)`` to the training loss, ``bounds`` the power-iteration
@@ -168,6 +181,35 @@ class SpectralBoundRegularizer(
             ReLU chains; other models keep the product/graph bound.
     """
 
+    if TYPE_CHECKING:  # the arguments as attributes (see option_attributes): set re-validates
+        beta: float
+        n_power_iterations: int
+        warmup_power_iterations: int
+        include: list[str] | None
+        exclude: list[str] | None
+        include_frozen: bool
+        reduction: Reduction
+        target: float | None
+        constraint: float | None
+        constraint_tight_every_n_steps: int | None
+        log_every_n_steps: int | None
+        log_per_layer: bool
+        exact_every_n_epochs: int | None
+        check_finite: bool
+        certify_epsilons: list[float] | None
+        input_scale: float
+        batch_to_input_target: Callable[[Any], tuple[Tensor, Tensor]] | None
+        curvature_beta: float
+        curvature_input_shape: list[int] | None
+        certify_method: CertifyMethod
+        certified_eps: float | None
+        certified_loss: CertifiedLoss
+        certified_weight: float
+        certified_warmup_steps: int
+        bound_max_cost: float | None
+        certify_compositional: bool
+
+    _sent_away = False  # pickled to worker processes, and nothing run in this one since
 
     def __init__(
         self,
@@ -215,7 +257,6 @@ class SpectralBoundRegularizer(
         self._after_step = AfterStep()
         self._curvature = CurvatureTerm()
         self._certified = CertifiedTerm()
-        self._curvature_checked = False  # smoothness checked / program recorded this fit
         self._trainer: pl.Trainer | None = None
         self._wrapped: nn.Module | None = None
         self._fsdp: list[nn.Module] = []  # FSDP2 modules of the model (sharded weights)
@@ -245,6 +286,13 @@ class SpectralBoundRegularizer(
         self._check_ran_here()
         return self._penalty.last_estimates
 
+    @property
+    def curvature_tape(self) -> CurvatureTape | None:
+        """The network curvature bound as a function of the per-layer norms (in the order of
+        :attr:`layer_names`), recorded at the start of ``fit`` when ``curvature_beta > 0``:
+        the training penalty is ``curvature_beta * curvature_tape.replay(last_estimates)``."""
+        return self._curvature.tape
+
     def select_layers(self, pl_module: nn.Module) -> dict[str, nn.Module]:
         """The layers to act on, by name in model order; override to choose them otherwise.
 
@@ -263,7 +311,7 @@ class SpectralBoundRegularizer(
         yourself only when using the callback without a Trainer. Returns :attr:`layer_names`.
         Raises for FSDP1 modules (flat shards); FSDP2's sharded weights are gathered whole.
         """
-        self._sent_away = False  # this process runs it now
+        self._set_sent_away(False)  # this process runs it now
         layers = self.select_layers(pl_module)
         sharding.refuse_flat_shards(pl_module, layers)
         self._fsdp = sharding.fsdp_modules(pl_module)
@@ -275,7 +323,136 @@ class SpectralBoundRegularizer(
             self.config.warmup_power_iterations, after_batch=after_batch
         )
 
-    # ------------------------------------------------------------------ Lightning hooks
+    # ------------------------------------------------------------------ the loss terms
+
+    def penalty(self, pl_module: nn.Module) -> Tensor:
+        """``beta * reduction(max(0, bounds - target))``, the term added to the loss (0-dim).
+
+        ``bounds`` are the power-iteration estimates of the Fantastic Four bound of every
+        selected layer; each call runs ``n_power_iterations`` iterations per layer, batched
+        over layers of equal shape, in float32 (float64 for float64 weights) outside autocast.
+        Differentiable w.r.t. the weights. Call it yourself only with manual optimization:
+        ``loss = loss + regularizer.penalty(self)``; with automatic optimization the callback
+        adds it.
+        """
+        state = self._state
+        if not state.ready:
+            if not state.layers and not state.lazy_pending:
+                self.discover(pl_module)
+            if not self._materialized() or not state.ready:
+                return torch.zeros(())
+        cfg = self.config
+        curvature = self._curvature.replay_for(cfg.curvature_beta)
+        if torch.is_grad_enabled():
+            sharding.reshard(self._fsdp)  # the gradient must reach the sharded parameters
+        return self._penalty(state, cfg.beta, cfg.n_power_iterations, cfg.reduction, cfg.target,
+                             curvature, cfg.curvature_beta)
+
+    def prepare_curvature(self, pl_module: nn.Module, input_shape: Any) -> None:
+        """Record the curvature program (``curvature_beta > 0``) and check that the network
+        has a curvature bound (``certify_method`` with curvature) at the per-sample
+        ``input_shape``; called at the start of ``fit``. Raises
+        :class:`~lightning_spectral.NonSmoothOperationError` naming the offending node."""
+        record = self.config.curvature_beta > 0
+        if record and not self._state.layers:
+            self.discover(pl_module)
+        self._curvature.settle(pl_module, self._state, tuple(int(s) for s in input_shape),
+                               record=record, check=self._needs_curvature())
+
+    def _needs_curvature(self) -> bool:
+        return needs_curvature(self.config, certifying=self._tracker is not None)
+
+    def _loss_term(self, pl_module: nn.Module) -> Tensor | None:
+        """What the wrapped ``training_step`` adds to the loss (``None``: nothing)."""
+        if not self._state.layers:
+            return None
+        step = self._trainer.global_step if self._trainer is not None else 0
+        certified = self._certified.training_term(pl_module, self.config, step)
+        if self.config.beta == 0 and self.config.curvature_beta == 0:
+            # Monitoring only: estimate, no graph, nothing added.
+            with torch.no_grad():
+                self.penalty(pl_module)
+            return certified
+        penalty = self.penalty(pl_module)
+        return penalty if certified is None else penalty + certified
+
+    def _estimate_without_loss(self, pl_module: pl.LightningModule) -> None:
+        # The step did not compute the penalty (manual optimization, a skipped batch): keep the
+        # vectors iterating and the logged values current, without a graph.
+        penalized = self.config.beta > 0 or self.config.curvature_beta > 0
+        if penalized and not pl_module.automatic_optimization:
+            raise RuntimeError(
+                "SpectralBoundRegularizer(beta > 0) with manual optimization: training_step "
+                "did not call `regularizer.penalty(self)`. Add it to your loss before "
+                "`self.manual_backward(loss)`, or set beta=0 to only monitor."
+            )
+        with torch.no_grad():
+            self.penalty(pl_module)
+
+    # ------------------------------------------------------------------ the constraint
+
+    def project(self, pl_module: nn.Module) -> None:
+        """Rescale every selected layer whose guaranteed bound exceeds ``constraint``.
+
+        A layer with guaranteed bound ``b > c`` is multiplied by ``c / b`` (slightly less, so
+        that rounding cannot push it back above ``c``): afterwards its guaranteed bound is
+        ``<= c``. See :func:`lightning_spectral.regularizer.constraint.project` for the bound
+        used and its cost. Lazy layers not materialized yet are skipped.
+        """
+        c = self.config.constraint
+        if c is None:
+            return
+        if not self._state.layers:
+            layers = self.select_layers(pl_module)
+            sharding.refuse_flat_shards(pl_module, layers)
+            self._state.layers, self._fsdp = layers, sharding.fsdp_modules(pl_module)
+        sharding.reshard(self._fsdp)
+        self._after_step.project(self._state.layers, c, self._where(),
+                                 every_n=self.config.constraint_tight_every_n_steps)
+
+    def _after_optimizer_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
+        # Runs inside optimizer.step(), before Lightning's on_train_batch_end hooks, where
+        # ModelCheckpoint writes: a raise here keeps non-finite weights out of every checkpoint.
+        if not self._state.layers or not self._materialized():
+            return
+        sharding.reshard(self._fsdp)  # the projection rescales the sharded parameters
+        cfg = self.config
+        self._after_step.run(
+            self._state.layers, self._penalty.last_estimates, check=cfg.check_finite,
+            c=cfg.constraint, where=self._where(), every_n=cfg.constraint_tight_every_n_steps,
+        )
+
+    def _where(self) -> str:
+        trainer = self._trainer
+        return "outside fit" if trainer is None else f"global step {trainer.global_step}"
+
+    # ------------------------------------------------------------------ guaranteed values
+
+    def guaranteed_bounds(self, trainer: pl.Trainer | None = None) -> dict[str, float]:
+        """Guaranteed upper bounds of every selected layer (``layer_spectral_bound``), by name.
+
+        Uses the input size each layer saw in the first batch, when recorded (tighter for
+        some layers); a layer never called gets the bound valid for every input size. Sharded
+        weights are gathered whole for it: then every rank must call it (collective). Long
+        computations show progress; with ``trainer``, only if its progress bar is enabled.
+        """
+        self._check_ran_here()
+        layers = self._state.layers
+        with sharding.full_weights(*layers.values()):
+            return monitor.guaranteed_bounds(layers, self._state.input_sizes,
+                                             self.config.bound_max_cost, trainer)
+
+    def exact_norms(self, trainer: pl.Trainer | None = None) -> dict[str, float]:
+        """Exact spectral norms at the recorded input sizes (layers never called are skipped).
+
+        Collective when weights are sharded, like :meth:`guaranteed_bounds`; progress as there.
+        """
+        self._check_ran_here()
+        layers = self._state.layers
+        with sharding.full_weights(*layers.values()):
+            return monitor.exact_norms(layers, self._state.input_sizes, trainer)
+
+    # ------------------------------------------------------------------ Lightning hooks: fit
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -285,9 +462,76 @@ class SpectralBoundRegularizer(
         self.discover(pl_module)
         self._trainer = trainer
         self._state.record_input_sizes()
-        self._start_curvature(pl_module)
+        self._curvature.reset()  # a new fit records anew (the model may have changed)
+        if self.config.curvature_input_shape is not None:
+            self.prepare_curvature(pl_module, self.config.curvature_input_shape)
         self._certified.reset()  # recorded anew at the first batch (the model may have changed)
         self._hook_into_training(trainer, pl_module)
+
+    def _hook_into_training(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # The loss term into training_step, the post-step hook into the optimizers (they exist
+        # only once the strategy is set up), the first projection.
+        cfg = self.config
+        if pl_module.automatic_optimization:
+            if self._wrapped is None:
+                wrap_training_step(pl_module, functools.partial(self._loss_term, pl_module))
+                self._wrapped = pl_module
+        elif cfg.certified_eps is not None:
+            raise ValueError(
+                "SpectralBoundRegularizer(certified_eps=...) replaces nothing in a manual "
+                "optimization loop: it adds its term to the loss training_step returns, so it "
+                "needs automatic optimization")
+        elif cfg.beta > 0 or cfg.curvature_beta > 0:
+            rank_zero_warn(_MANUAL_OPTIMIZATION_HINT)
+        if cfg.constraint is not None or cfg.check_finite:
+            self._after_step.register(trainer.optimizers, self._after_optimizer_step)
+        if cfg.constraint is not None and not self._state.lazy_pending:
+            # Lazy layers: first projected after the first optimizer step (their first forward
+            # necessarily runs with the initial weights).
+            self.project(pl_module)
+
+    @override
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        self._penalty.estimated_this_batch = False
+        # Without curvature_input_shape, the first training batch gives the per-sample shape.
+        if not self._curvature.settled and self._needs_curvature():
+            self.prepare_curvature(pl_module, tuple(self.config.input_target(batch)[0].shape[1:]))
+        if self.config.certified_eps is not None and self._state.layers:
+            self._certified.prepare_batch(pl_module, self._state, batch, self.config)
+
+    @override
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+        batch_idx: int,
+    ) -> None:
+        if not self._state.layers:
+            return
+        self._materialized(after_batch=True)
+        if not self._penalty.estimated_this_batch:
+            self._estimate_without_loss(pl_module)
+        self._state.remove_size_hooks()
+        if pl_module.automatic_optimization and trainer.fit_loop._should_accumulate():
+            return  # Lightning writes step logs only when the optimizer steps
+        cfg = self.config
+        if monitor.should_log(trainer, cfg.log_every_n_steps):
+            guaranteed = None if cfg.constraint is None else self._after_step.last_guaranteed_max
+            self._penalty.log(pl_module, self.layer_names, guaranteed, cfg.log_per_layer,
+                              curvature=cfg.curvature_beta > 0)
+
+    @override
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if self._wrapped is not None:
+            unwrap_training_step(self._wrapped)
+            self._wrapped = None
+        self._after_step.remove()
+        self._certified.capture.remove()
+        self._state.remove_size_hooks()
+        self._state.pending = None
+        self._trainer = None
+
+    # ------------------------------------------------------------------ validation and test
 
     @override
     def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -297,9 +541,135 @@ class SpectralBoundRegularizer(
             self._state.record_input_sizes()
 
     @override
-    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        self._unhook_training()
-        self._certified.capture.remove()
+    def on_validation_epoch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule
+    ) -> None:
+        if self._tracker is not None and not trainer.sanity_checking:
+            self._tracker.start("validate")
+
+    @override
+    def on_validation_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+        batch_idx: int, dataloader_idx: int = 0,
+    ) -> None:
         self._state.remove_size_hooks()
-        self._state.pending = None
-        self._trainer = None
+        if self._state.layers:  # lazy layers: the first validation batch materialized them
+            # In fit, a layer that validation does not call may be called by training_step.
+            self._materialized(after_batch=trainer.state.fn != "fit")
+        if self._tracker is not None and not trainer.sanity_checking:
+            self._tracker.update("validate", pl_module, batch)
+
+    @override
+    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.sanity_checking:
+            return
+        if self._state.layers and not self._state.lazy_pending:
+            every = self.config.exact_every_n_epochs
+            exact = (None if every is None or trainer.current_epoch % every
+                     else self.exact_norms(trainer))
+            monitor.log_validation_values(pl_module, self.guaranteed_bounds(trainer), exact,
+                                          self.config.log_per_layer)
+        if self._tracker is not None:
+            self._tracker.log("validate", pl_module)
+
+    # trainer.test certifies too; the tracker logs under "test/", apart from validation.
+
+    @override
+    def on_test_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._tracker is not None:
+            self._tracker.start("test")
+            monitor.announce_test_certification(trainer, self._tracker.epsilons)
+
+    @override
+    def on_test_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+        batch_idx: int, dataloader_idx: int = 0,
+    ) -> None:
+        if self._tracker is not None:
+            self._tracker.update("test", pl_module, batch)
+
+    @override
+    def on_test_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._tracker is not None:
+            self._tracker.log("test", pl_module)
+
+    # ------------------------------------------------------------------ checkpoints
+
+    @property
+    @override
+    def state_key(self) -> str:
+        """Checkpoint key: the class name, plus the selection arguments when not the default.
+
+        Distinct selections (e.g. a penalty on the convolutions and a constraint on the head)
+        give distinct keys, so several instances can share one Trainer and its checkpoints.
+        """
+        cfg = self.config
+        chosen = selection.non_default_selection(cfg.include, cfg.exclude, cfg.include_frozen)
+        return self._generate_state_key(**chosen) if chosen else type(self).__qualname__
+
+    @property
+    @override
+    def _legacy_state_key(self) -> str:  # type: ignore[override]
+        # Lightning falls back to this key when ``state_key`` is not in a checkpoint: the class
+        # name, the key of every instance before the key named the selection.
+        return type(self).__qualname__
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        """Per-layer singular vectors (keyed by layer name) and recorded input sizes.
+
+        Does not raise in the launching process of ``ddp_spawn`` (see :attr:`layer_names`), so
+        that a checkpoint of the weights can still be saved there; the state it holds is empty,
+        and resuming from it warns that the layers start from fresh vectors.
+        """
+        state = self._state.state_dict()
+        parts = {
+            "curvature": self._curvature.state_dict(self._state.layers),
+            "constraint": (None if self.config.constraint is None
+                           else self._after_step.projection.state_dict()),
+            "certified": self._certified.state_dict(),
+        }
+        state.update({key: part for key, part in parts.items() if part is not None})
+        return state
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._set_sent_away(False)
+        state_dict = dict(state_dict)
+        self._curvature.load_state_dict(state_dict.pop("curvature", None))
+        self._certified.load_state_dict(state_dict.pop("certified", None))
+        constraint = state_dict.pop("constraint", None)
+        if constraint is not None:
+            self._after_step.projection.load_state_dict(constraint)
+        self._state.load_state_dict(state_dict)
+
+    # ------------------------------------------------------------------ spawn-based strategies
+
+    def _set_sent_away(self, sent: bool) -> None:
+        # The one writer of _sent_away: True once pickled to the workers of a spawn-based
+        # strategy, False again as soon as this process runs the callback itself.
+        self._sent_away = sent
+
+    def _check_ran_here(self) -> None:
+        """Raise in the launching process of a spawn-based strategy instead of returning empty
+        values (Lightning does not bring callbacks back from the workers)."""
+        if self._sent_away and not self._state.layers:
+            raise RuntimeError(_SENT_AWAY)
+
+    def __getstate__(self) -> dict[str, Any]:
+        # Pickling is how spawn-based strategies send the Trainer to the workers (copies do not
+        # come here, see __deepcopy__): this instance stays behind, unused; the pickled one has
+        # not been sent anywhere (the class default).
+        self._set_sent_away(True)
+        return {k: v for k, v in self.__dict__.items() if k != "_sent_away"}
+
+    def __copy__(self) -> SpectralBoundRegularizer:
+        new = type(self).__new__(type(self))
+        new.__dict__.update(self.__dict__)
+        return new
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> SpectralBoundRegularizer:
+        new = type(self).__new__(type(self))
+        memo[id(self)] = new
+        new.__dict__.update(copy.deepcopy(self.__dict__, memo))
+        return new

@@ -28,6 +28,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+import lightning.pytorch as pl
 import torch
 from torch import Tensor, nn
 
@@ -35,6 +36,8 @@ from ..functional.certified_losses import gloro_loss, gloro_trades_kl, lipschitz
 from ..functional.operator_power import operator_norm_estimate, operator_vector
 from ..lipschitz.lipschitz_tape import LipschitzProgram, record_lipschitz
 from . import sharding
+from .config import RegularizerConfig
+from .state import LayerState
 
 __all__ = ["CERTIFIED_LOSSES", "CertifiedTerm", "scheduled_eps"]
 
@@ -102,6 +105,37 @@ class CertifiedTerm:
     def reset(self) -> None:
         self.program = None
         self.capture.remove()
+
+    def prepare_batch(self, pl_module: nn.Module, state: LayerState, batch: Any,
+                      cfg: RegularizerConfig) -> None:
+        """Before ``training_step``: record the program at the first batch's per-sample shape,
+        keep the batch's labels and capture the forward's logits for :meth:`training_term`."""
+        x, y = cfg.input_target(batch)
+        if self.program is None:
+            if not state.build_if_materialized(cfg.warmup_power_iterations):
+                raise ValueError(
+                    "certified_eps needs every selected layer materialized when fit starts: "
+                    "run one forward pass of the model before fit (lazy layers)")
+            self.prepare(pl_module, state.layers, tuple(int(s) for s in x.shape[1:]),
+                         cfg.warmup_power_iterations)
+        self.target = y
+        self.capture.install(pl_module)
+
+    def training_term(self, pl_module: nn.Module, cfg: RegularizerConfig, step: int
+                      ) -> Tensor | None:
+        """``certified_weight * term`` at the scheduled radius of optimizer step ``step``,
+        logged as ``certified_train/*`` (``None`` without ``certified_eps`` or program)."""
+        if cfg.certified_eps is None or self.program is None:
+            return None
+        eps = scheduled_eps(cfg.certified_eps, step, cfg.certified_warmup_steps)
+        term = self.loss(cfg.certified_loss, eps, cfg.n_power_iterations, cfg.input_scale)
+        if isinstance(pl_module, pl.LightningModule) and pl_module._current_fx_name:
+            assert self.last_lipschitz is not None  # set by loss()
+            pl_module.log("certified_train/eps", eps, on_step=True, on_epoch=False)
+            pl_module.log("certified_train/lipschitz_estimate", self.last_lipschitz.float(),
+                          on_step=True, on_epoch=False)
+            pl_module.log("certified_train/loss", term.detach(), on_step=True, on_epoch=True)
+        return cfg.certified_weight * term
 
     def prepare(self, pl_module: nn.Module, layers: Mapping[str, nn.Module],
                 shape: tuple[int, ...], warmup: int) -> None:

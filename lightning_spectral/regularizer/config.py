@@ -5,11 +5,17 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, Protocol, TypeVar
 
 from torch import Tensor
 
 from .._checks import check_bool, check_int, check_patterns, check_real, check_reals
+from ..certification import default_batch_to_input_target
+
+__all__ = [
+    "CERTIFIED_LOSSES", "CERTIFY_METHODS", "REDUCTIONS", "CertifiedLoss", "CertifyMethod",
+    "Reduction", "RegularizerConfig", "inert_options", "option_attributes",
+]
 
 Reduction = Literal["sum", "max", "mean"]
 
@@ -82,6 +88,11 @@ class RegularizerConfig:
     certified_warmup_steps: int = 0
     bound_max_cost: float | None = None
     certify_compositional: bool = False
+
+    def input_target(self, batch: Any) -> tuple[Tensor, Tensor]:
+        """``(x, y)`` of a batch, by ``batch_to_input_target`` (default
+        ``default_batch_to_input_target``: ``batch[0], batch[1]`` or the keys of a dict)."""
+        return (self.batch_to_input_target or default_batch_to_input_target)(batch)
 
     def __post_init__(self) -> None:
         for name, value in self._checked().items():
@@ -173,51 +184,29 @@ def inert_options(cfg: RegularizerConfig) -> list[str]:
             for name, is_set, enabled, needed in needs if is_set and not enabled]
 
 
-class ConfigAttributes:
-    """The options as attributes (``callback.beta``, ...), read from ``config``.
-
-    Setting one replaces ``config`` by a re-validated copy: a bad value raises there, not
-    steps later inside training.
-    """
-
+class _HasConfig(Protocol):
     config: RegularizerConfig
-    beta: float
-    n_power_iterations: int
-    warmup_power_iterations: int
-    include: list[str] | None
-    exclude: list[str] | None
-    include_frozen: bool
-    reduction: Reduction
-    target: float | None
-    constraint: float | None
-    constraint_tight_every_n_steps: int | None
-    log_every_n_steps: int | None
-    log_per_layer: bool
-    exact_every_n_epochs: int | None
-    check_finite: bool
-    certify_epsilons: list[float] | None
-    input_scale: float
-    batch_to_input_target: Callable[[Any], tuple[Tensor, Tensor]] | None
-    curvature_beta: float
-    curvature_input_shape: list[int] | None
-    certify_method: CertifyMethod
-    certified_eps: float | None
-    certified_loss: CertifiedLoss
-    certified_weight: float
-    certified_warmup_steps: int
-    bound_max_cost: float | None
-    certify_compositional: bool
+
+
+_Cls = TypeVar("_Cls", bound=type)
 
 
 def _config_property(name: str) -> property:
-    def get(self: ConfigAttributes) -> Any:
+    def get(self: _HasConfig) -> Any:
         return getattr(self.config, name)
 
-    def set_(self: ConfigAttributes, value: Any) -> None:
+    def set_(self: _HasConfig, value: Any) -> None:
         self.config = dataclasses.replace(self.config, **{name: value})
 
     return property(get, set_, doc=f"The ``{name}`` option (see :class:`RegularizerConfig`).")
 
 
-for _field in dataclasses.fields(RegularizerConfig):
-    setattr(ConfigAttributes, _field.name, _config_property(_field.name))
+def option_attributes(cls: _Cls) -> _Cls:
+    """Class decorator: every option as an attribute of ``cls`` (``callback.beta``, ...).
+
+    The attribute reads ``self.config``; setting it replaces ``config`` by a re-validated copy,
+    so a bad value raises there, not steps later inside training.
+    """
+    for field in dataclasses.fields(RegularizerConfig):
+        setattr(cls, field.name, _config_property(field.name))
+    return cls

@@ -13,21 +13,43 @@ bounds of layers that are not selected are those at recording), logged as
 ``curvature_estimate/network``, never as a bound.
 
 The recording goes into the checkpoint, so a resumed run replays the same program.
+
+When. Two options need the curvature bound of the forward: ``curvature_beta > 0`` records the
+program, and a ``certify_method`` with curvature needs a network that has one. Both are settled
+once per ``fit`` (:meth:`CurvatureTerm.settle`), at its start (``curvature_input_shape``) or on
+the first training batch (the per-sample shape of its input), before any optimizer step, so a
+non-smooth network is refused before training time is spent.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 
-from ..lipschitz import CurvatureTape, record_curvature
+from ..lipschitz import CurvatureTape, network_curvature_bound, record_curvature
+from ..lipschitz.curvature import curvature_and_pairwise
 from ..lipschitz.tape import tape_from_state, tape_state
 from . import sharding
+from .config import RegularizerConfig
+from .state import LayerState
 
-__all__ = ["CurvatureTerm"]
+__all__ = ["CurvatureTerm", "needs_curvature", "whole_curvature"]
+
+
+def whole_curvature(pl_module: nn.Module, shape: tuple[int, ...]) -> tuple[Tensor, Tensor]:
+    """The guaranteed curvature bound ``C`` and the pairwise bounds ``K``, of the whole weights
+    where they are sharded (collective)."""
+    with sharding.full_weights(pl_module):
+        return curvature_and_pairwise(pl_module, shape)
+
+
+def needs_curvature(cfg: RegularizerConfig, certifying: bool) -> bool:
+    """Whether the fit needs the curvature: ``curvature_beta > 0``, or ``certifying`` (a
+    certification tracker exists) with a ``certify_method`` other than ``"lipschitz"``."""
+    return cfg.curvature_beta > 0 or (certifying and cfg.certify_method != "lipschitz")
 
 
 class CurvatureTerm:
@@ -36,12 +58,45 @@ class CurvatureTerm:
     def __init__(self) -> None:
         self.tape: CurvatureTape | None = None
         self.shape: tuple[int, ...] | None = None
+        self.settled = False  # smoothness checked / program recorded this fit
         self._loaded: dict[str, Any] | None = None
 
     def reset(self) -> None:
         """A new fit records anew (the model may have changed), unless a checkpoint holds
         a recording for the same layers and input shape."""
         self.tape, self.shape = None, None
+        self.settled = False
+
+    def settle(self, pl_module: nn.Module, state: LayerState, shape: tuple[int, ...], *,
+               record: bool, check: bool) -> None:
+        """Once per fit: ``record`` the program for the selected layers at the per-sample
+        ``shape`` (``curvature_beta > 0``), or else ``check`` that the network has a curvature
+        bound there (``certify_method`` with curvature).
+
+        Raises ``ValueError`` for lazy layers not materialized yet, and what the curvature walk
+        raises (``NonSmoothOperationError`` naming the offending node).
+        """
+        if record:
+            if state.lazy_pending:
+                raise ValueError(
+                    "curvature_beta > 0 needs every selected layer materialized when fit "
+                    "starts: run one forward pass of the model before fit (lazy layers)")
+            self.prepare(pl_module, state.layers, shape)
+        elif check:
+            with sharding.full_weights(pl_module):
+                network_curvature_bound(pl_module, shape)
+        self.settled = True
+
+    def replay_for(self, curvature_beta: float) -> Callable[[Tensor], Tensor] | None:
+        """What the penalty replays on the estimates (``None`` without ``curvature_beta``)."""
+        if curvature_beta > 0:
+            if self.tape is None:
+                raise RuntimeError(
+                    "SpectralBoundRegularizer(curvature_beta > 0): the curvature program is "
+                    "recorded at the start of fit; outside a Trainer call "
+                    "`regularizer.prepare_curvature(model, input_shape)` first")
+            return self.replay
+        return None
 
     def prepare(self, pl_module: nn.Module, layers: Mapping[str, nn.Module],
                 shape: tuple[int, ...]) -> None:

@@ -24,8 +24,8 @@ from ..functional.exact import conv_spectral_norm
 from .anchored import tight_cost
 
 __all__ = [
-    "exact_norms", "float32_rounded_up", "guaranteed_bounds", "log_training_values",
-    "log_validation_values", "round_up_to_float32", "should_log",
+    "announce_test_certification", "exact_norms", "float32_rounded_up", "guaranteed_bounds",
+    "log_training_values", "log_validation_values", "round_up_to_float32", "should_log",
 ]
 
 Sizes = Mapping[str, "tuple[int, ...] | None"]
@@ -158,3 +158,18 @@ def log_validation_values(
             log(f"spectral_exact/{name}", value)
         for name, value in ratios.items():
             log(f"spectral_ratio/{name}", value)
+
+
+def _points(dataloaders: Any) -> str:
+    """The number of samples in ``dataloaders`` (one or a list) as text, ``"the"`` if unsized."""
+    loaders = dataloaders if isinstance(dataloaders, (list, tuple)) else [dataloaders]
+    try:
+        return str(sum(len(dl.dataset) for dl in loaders))
+    except (AttributeError, TypeError):  # an iterable dataset, or no dataset attribute
+        return "the"
+
+
+def announce_test_certification(trainer: pl.Trainer, epsilons: list[float]) -> None:
+    """Say, at the start of ``trainer.test``, how many points are certified at which radii."""
+    _progress.announce(f"certifying {_points(trainer.test_dataloaders)} test points at l2 radii "
+                       f"{epsilons}", trainer)

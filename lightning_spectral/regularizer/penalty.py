@@ -22,9 +22,11 @@ import functools
 from collections.abc import Callable, Mapping
 from typing import Any
 
+import lightning.pytorch as pl
 import torch
 from torch import Tensor, nn
 
+from . import monitor
 from .config import Reduction
 from .state import LayerState
 
@@ -83,6 +85,18 @@ class Penalty:
         self.last_penalty = penalty.detach()
         self.estimated_this_batch = True
         return penalty
+
+    def log(self, pl_module: pl.LightningModule, names: list[str], guaranteed: Tensor | None,
+            per_layer: bool, curvature: bool) -> None:
+        """Log the last values (:func:`~.monitor.log_training_values`), the constraint's
+        ``guaranteed`` maximum and, with ``curvature``, the curvature estimate; nothing before
+        the first penalty."""
+        if self.last_estimates is None or self.last_penalty is None:
+            return
+        monitor.log_training_values(
+            pl_module, names, self.last_penalty, self.last_estimates, guaranteed, per_layer,
+            self.last_curvature if curvature else None,
+        )
 
 
 def wrap_training_step(pl_module: nn.Module, term: Callable[[], Tensor | None]) -> None:

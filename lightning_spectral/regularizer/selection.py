@@ -18,13 +18,16 @@ from __future__ import annotations
 
 import fnmatch
 from dataclasses import dataclass, field
+from typing import Any
 
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 
 from ..functional.bounds import SUPPORTED_LAYERS
 
-__all__ = ["DEFAULT_INCLUDE", "canonical_name", "computes_w_x", "select_layers"]
+__all__ = [
+    "DEFAULT_INCLUDE", "canonical_name", "computes_w_x", "non_default_selection", "select_layers",
+]
 
 DEFAULT_INCLUDE = ("*",)
 
@@ -152,3 +155,17 @@ def _warn_no_match(
         f"exclude={list(exclude)!r} among {_supported_names()} layers ({found}){frozen_note}; "
         "the callback does nothing."
     )
+
+
+def non_default_selection(include: list[str] | None, exclude: list[str] | None,
+                          include_frozen: bool) -> dict[str, Any]:
+    """The selection arguments that differ from the default, by name (``{}``: the default).
+
+    They name a callback's checkpoint key, so distinct selections get distinct keys.
+    """
+    chosen = {
+        "include": include if include not in (None, list(DEFAULT_INCLUDE)) else None,
+        "exclude": exclude or None,
+        "include_frozen": include_frozen or None,
+    }
+    return {k: v for k, v in chosen.items() if v is not None}
