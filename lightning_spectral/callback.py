@@ -258,7 +258,7 @@ class SpectralBoundRegularizer(Callback):
         self._curvature = CurvatureTerm()
         self._certified = CertifiedTerm()
         self._trainer: pl.Trainer | None = None
-        self._wrapped: nn.Module | None = None
+        self._wrapped: pl.LightningModule | None = None
         self._fsdp: list[nn.Module] = []  # FSDP2 modules of the model (sharded weights)
 
     def _certificate_bounds(self, pl_module: nn.Module, shape: tuple[int, ...]
@@ -353,11 +353,12 @@ class SpectralBoundRegularizer(Callback):
         has a curvature bound (``certify_method`` with curvature) at the per-sample
         ``input_shape``; called at the start of ``fit``. Raises
         :class:`~lightning_spectral.NonSmoothOperationError` naming the offending node."""
+        shape = tuple(int(s) for s in input_shape)
         record = self.config.curvature_beta > 0
         if record and not self._state.layers:
             self.discover(pl_module)
-        self._curvature.settle(pl_module, self._state, tuple(int(s) for s in input_shape),
-                               record=record, check=self._needs_curvature())
+        self._curvature.settle(pl_module, self._state, shape, record=record,
+                               check=self._needs_curvature())
 
     def _needs_curvature(self) -> bool:
         return needs_curvature(self.config, certifying=self._tracker is not None)

@@ -57,8 +57,8 @@ class LayerFamilies:
 def _coefficients(fam: LayerFamilies, device: torch.device) -> tuple[Tensor, Tensor]:
     # Built once per layer family and device: a tensor made from a list every step would be a
     # blocking host-to-device copy per layer on a GPU.
-    f64 = dict(dtype=torch.float64, device=device)
-    return torch.tensor(fam.fro_coef, **f64), torch.tensor(fam.tap_coef, **f64)
+    return (torch.tensor(fam.fro_coef, dtype=torch.float64, device=device),
+            torch.tensor(fam.tap_coef, dtype=torch.float64, device=device))
 
 
 def _polyphase_taps(geo: Geometry) -> int:
@@ -140,9 +140,10 @@ class Anchor:
             raise ValueError(
                 f"the saved constraint anchor has shape {tuple(w.shape)}, the weight "
                 f"{tuple(like.shape)}")
-        f64 = dict(device=like.device, dtype=torch.float64)
-        return cls(w.clone(), state["sigma"].to(**f64), state["bounds"].to(**f64),
-                   state["fro"].to(**f64))
+        def f64(t: Tensor) -> Tensor:
+            return t.to(device=like.device, dtype=torch.float64)
+
+        return cls(w.clone(), f64(state["sigma"]), f64(state["bounds"]), f64(state["fro"]))
 
 
 def _fro_margin(n: int) -> float:

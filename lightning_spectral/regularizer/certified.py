@@ -37,6 +37,7 @@ from ..functional.operator_power import operator_norm_estimate, operator_vector
 from ..lipschitz.lipschitz_tape import LipschitzProgram, record_lipschitz
 from . import sharding
 from .config import RegularizerConfig
+from .selection import layer_weight
 from .state import LayerState
 
 __all__ = ["CERTIFIED_LOSSES", "CertifiedTerm", "scheduled_eps"]
@@ -174,7 +175,7 @@ class CertifiedTerm:
         out = []
         for k, (module, u) in enumerate(zip(self.modules, self.vectors, strict=True)):
             if u is None:
-                out.append(recorded[k].to(module.weight.device))
+                out.append(recorded[k].to(layer_weight(module).device))
             else:
                 out.append(operator_norm_estimate(module, u, n_iter).to(torch.float64))
         return torch.stack(out)

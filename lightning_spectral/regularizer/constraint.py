@@ -31,6 +31,7 @@ from .anchored import (
     tight_cost,
 )
 from .refresh import RefreshSchedule
+from .selection import layer_weight
 from .sharding import any_sharded, full_weights, local, sum_over_ranks
 
 __all__ = ["AfterStep", "Projection", "check_finite", "project", "raise_if_non_finite"]
@@ -39,7 +40,7 @@ __all__ = ["AfterStep", "Projection", "check_finite", "project", "raise_if_non_f
 def _non_finite_layers(layers: dict[str, nn.Module]) -> list[str]:
     # Counts of non-finite entries per layer, summed over the shards of sharded weights, so
     # that every rank names the same layers (and raises together). One host sync.
-    weights = [m.weight for m in layers.values()]
+    weights = [layer_weight(m) for m in layers.values()]
     device = local(weights[0]).device
     counts = torch.stack([(~torch.isfinite(local(w))).sum().to(device) for w in weights])
     if any_sharded(weights):
@@ -70,7 +71,7 @@ def check_finite(layers: dict[str, nn.Module], estimates: Tensor | None, where: 
     sums of the local shards are summed over the ranks (one all-reduce), so every rank decides
     alike.
     """
-    weights = [m.weight for m in layers.values()]
+    weights = [layer_weight(m) for m in layers.values()]
     sums = [local(w).sum(dtype=_compute_dtype(w.dtype)) for w in weights]
     device = sums[0].device
     flat = torch.stack([t.to(device) for t in sums])
@@ -94,7 +95,7 @@ def check_finite(layers: dict[str, nn.Module], estimates: Tensor | None, where: 
 def _tight_bounds(name: str, layers: dict[str, nn.Module], where: str) -> dict[str, Tensor]:
     # Of the whole weight, gathered when sharded: the bound of a shard bounds nothing.
     module = layers[name]
-    if not isinstance(module.weight, nn.Parameter):
+    if not isinstance(layer_weight(module), nn.Parameter):
         raise RuntimeError(
             f"SpectralBoundRegularizer(constraint=...): the weight of {name} is not a "
             "plain parameter (a parametrization?), so it cannot be rescaled in place"
@@ -121,7 +122,7 @@ def project(layers: dict[str, nn.Module], c: float, where: str) -> Tensor | None
     """
     after: list[Tensor] = []
     for name, module in layers.items():
-        w = module.weight
+        w = layer_weight(module)
         if is_lazy(w):
             continue
         bound = torch.stack(list(_tight_bounds(name, layers, where).values())).min()
@@ -170,11 +171,11 @@ class Projection:
         if fam is None:
             fam = self._families[name] = layer_families(module, list(bounds))
         values = torch.stack([bounds[n] for n in fam.names])
-        self.anchors[name] = new_anchor(module.weight, values)
+        self.anchors[name] = new_anchor(layer_weight(module), values)
 
     def _stale(self, name: str, module: nn.Module) -> bool:
         anchor = self.anchors.get(name)
-        w = module.weight
+        w = layer_weight(module)
         return anchor is None or name not in self._families or anchor.weight.shape != w.shape \
             or anchor.weight.device != w.device or anchor.weight.dtype != w.dtype
 
@@ -186,8 +187,8 @@ class Projection:
         """Project every materialized layer; ``step``: after an optimizer step (the schedule
         advances). Returns ``max_I min(b_I, c)``, a guaranteed bound of every layer as
         rescaled (on the device), or ``None`` when every layer is lazy."""
-        active = {n: m for n, m in layers.items() if not is_lazy(m.weight)}
-        if any_sharded([m.weight for m in active.values()]):
+        active = {n: m for n, m in layers.items() if not is_lazy(layer_weight(m))}
+        if any_sharded([layer_weight(m) for m in active.values()]):
             return project(active, c, where)
         self._apply_pending(active)
         self.schedule.every_n = every_n
@@ -208,7 +209,7 @@ class Projection:
 
     @staticmethod
     def _project_one(module: nn.Module, anchor: Anchor, fam: LayerFamilies, c: float) -> Tensor:
-        w = module.weight
+        w = layer_weight(module)
         bound, weight_fro = anchored_bound(w, anchor, fam)
         s = rescale_factor(bound, weight_fro, c, fam, w.dtype)
         w.mul_(s)
@@ -237,7 +238,7 @@ class Projection:
             if name in layers:
                 module = layers[name]
                 self._families[name] = layer_families(module, list(saved["families"]))
-                self.anchors[name] = Anchor.from_state(saved, module.weight)
+                self.anchors[name] = Anchor.from_state(saved, layer_weight(module))
 
 
 class AfterStep:

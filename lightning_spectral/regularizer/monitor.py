@@ -22,6 +22,7 @@ from .. import _progress
 from ..functional.bounds import layer_spectral_bound
 from ..functional.exact import conv_spectral_norm
 from .anchored import tight_cost
+from .selection import layer_weight
 
 __all__ = [
     "announce_test_certification", "exact_norms", "float32_rounded_up", "guaranteed_bounds",
@@ -50,7 +51,8 @@ def round_up_to_float32(value: float) -> float:
 
 def should_log(trainer: pl.Trainer, every_n_steps: int | None) -> bool:
     """Whether this optimizer step is a logging step (``None``: the trainer's cadence)."""
-    every = every_n_steps or trainer.log_every_n_steps
+    # Lightning's logger connector sets log_every_n_steps; Trainer does not declare it.
+    every = every_n_steps or trainer.log_every_n_steps  # type: ignore[attr-defined]
     if every == 0:
         return False
     epoch_loop = trainer.fit_loop.epoch_loop
@@ -111,7 +113,7 @@ def guaranteed_bounds(layers: Mapping[str, nn.Module], sizes: Sizes,
     announced, and a bar shows past a second (see :mod:`lightning_spectral._progress`;
     ``trainer`` decides whether bars are enabled).
     """
-    todo = {name: m for name, m in layers.items() if not is_lazy(m.weight)}
+    todo = {name: m for name, m in layers.items() if not is_lazy(layer_weight(m))}
     if sum(tight_cost(m) for m in todo.values()) > _progress.SLOW_COST:
         _progress.announce(f"computing guaranteed bounds of {_sized(todo, sizes)}", trainer)
     items = _progress.progress(todo.items(), total=len(todo), desc="guaranteed bounds",

@@ -24,7 +24,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from . import monitor
 from .config import Reduction
@@ -45,7 +45,7 @@ def reduce(estimates: Tensor, reduction: Reduction, target: float | None) -> Ten
 
 def estimate(state: LayerState, n_iter: int) -> Tensor:
     """Per-layer estimates in model order, after ``n_iter`` iterations on the stored vectors."""
-    groups = list(state.groups)
+    groups = state.shape_groups
     estimates = torch.cat([g.estimate(n_iter) for g in groups])
     if len(groups) > 1:
         estimates = estimates[state.order]  # back to model order
@@ -73,7 +73,7 @@ class Penalty:
         ``curvature_beta * curvature(estimates)``: the curvature bound of the network evaluated
         on the same per-layer estimates, in the dtype of the estimates.
         """
-        device = state.groups[0].u_cat.device
+        device = state.shape_groups[0].u_cat.device
         with torch.autocast(device_type=device.type, enabled=False):
             estimates = estimate(state, n_iter)
             penalty = beta * reduce(estimates, reduction, target)
@@ -99,7 +99,7 @@ class Penalty:
         )
 
 
-def wrap_training_step(pl_module: nn.Module, term: Callable[[], Tensor | None]) -> None:
+def wrap_training_step(pl_module: pl.LightningModule, term: Callable[[], Tensor | None]) -> None:
     """Make ``pl_module.training_step`` return its loss plus ``term()`` (when not ``None``).
 
     ``term`` runs after the user's step; ``None`` means nothing to add. A step returning
@@ -126,5 +126,5 @@ def wrap_training_step(pl_module: nn.Module, term: Callable[[], Tensor | None]) 
     pl_module.training_step = training_step  # type: ignore[method-assign]
 
 
-def unwrap_training_step(pl_module: nn.Module) -> None:
+def unwrap_training_step(pl_module: pl.LightningModule) -> None:
     pl_module.__dict__.pop("training_step", None)

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import fnmatch
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
@@ -26,7 +26,8 @@ from torch import Tensor, nn
 from ..functional.bounds import SUPPORTED_LAYERS
 
 __all__ = [
-    "DEFAULT_INCLUDE", "canonical_name", "computes_w_x", "non_default_selection", "select_layers",
+    "DEFAULT_INCLUDE", "canonical_name", "computes_w_x", "layer_weight", "non_default_selection",
+    "select_layers",
 ]
 
 DEFAULT_INCLUDE = ("*",)
@@ -70,12 +71,18 @@ class _Selection:
     frozen: int = 0
 
     def add(self, name: str, module: nn.Module, include_frozen: bool) -> None:
-        if not (include_frozen or module.weight.requires_grad):
+        if not (include_frozen or layer_weight(module).requires_grad):
             self.frozen += 1
         elif not computes_w_x(module):
             self.overriding.append(f"{name} ({type(module).__name__})")
         else:
             self.chosen[name] = module
+
+
+def layer_weight(module: nn.Module) -> Tensor:
+    """The weight of a selected layer (every supported layer has one), typed as a tensor: a
+    module's attributes read as ``Tensor | Module`` to a type checker."""
+    return cast(Tensor, module.weight)
 
 
 def _has_matrix_weight(module: nn.Module) -> bool:
@@ -101,7 +108,8 @@ def select_layers(
     for name, module in root.named_modules():
         if not name or not _matches(name, patterns) or _matches(name, exclude or []):
             continue
-        if isinstance(module, SUPPORTED_LAYERS):
+        supported = isinstance(module, SUPPORTED_LAYERS)  # not a narrowing: module stays one
+        if supported:
             found.add(canonical_name(name), module, include_frozen)
         elif include is not None and _has_matrix_weight(module):
             found.unsupported.append(f"{canonical_name(name)} ({type(module).__name__})")

@@ -26,7 +26,8 @@ from __future__ import annotations
 
 import contextlib
 from collections import OrderedDict
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any, cast
 
 import torch
 import torch.distributed as dist
@@ -35,6 +36,8 @@ from torch import Tensor, nn
 from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
 from torch.distributed.tensor import DTensor
 from torch.nn.parameter import is_lazy
+
+from .selection import layer_weight
 
 __all__ = [
     "any_sharded", "fsdp_modules", "full_weight", "full_weights", "local", "refuse_flat_shards",
@@ -88,7 +91,9 @@ _FSDP1_REFUSAL = (
 
 
 def _expected_ndim(module: nn.Module) -> int:
-    return 2 if isinstance(module, nn.Linear) else len(module.kernel_size) + 2
+    if isinstance(module, nn.Linear):
+        return 2
+    return len(cast(tuple[int, ...], module.kernel_size)) + 2
 
 
 def refuse_flat_shards(root: nn.Module, layers: dict[str, nn.Module] | None = None) -> None:
@@ -101,7 +106,7 @@ def refuse_flat_shards(root: nn.Module, layers: dict[str, nn.Module] | None = No
     if any(isinstance(m, FullyShardedDataParallel) for m in root.modules()):
         raise RuntimeError(_FSDP1_REFUSAL)
     for name, m in (layers or {}).items():
-        w = m.weight
+        w = layer_weight(m)
         if not is_lazy(w) and not isinstance(w, DTensor) and w.ndim != _expected_ndim(m):
             raise RuntimeError(
                 f"{_FSDP1_REFUSAL} (The weight of {name} has shape {tuple(w.shape)}, not that "
@@ -115,6 +120,9 @@ def refuse_fsdp1_strategy(strategy: object) -> None:
         raise RuntimeError(_FSDP1_REFUSAL)
 
 
+_Hooks = dict[int, Callable[..., Any]]  # a module's hook dicts, as torch types them
+
+
 @contextlib.contextmanager
 def full_weights(*roots: nn.Module) -> Iterator[None]:
     """Within the block, every sharded parameter under ``roots`` reads as the whole tensor.
@@ -125,7 +133,7 @@ def full_weights(*roots: nn.Module) -> Iterator[None]:
     neither gathers nor re-registers parameters. Writes inside are lost. Collective.
     """
     swapped: list[tuple[nn.Module, str, nn.Parameter]] = []
-    hooks: list[tuple[nn.Module, OrderedDict, OrderedDict]] = []
+    hooks: list[tuple[nn.Module, _Hooks, _Hooks]] = []
     with torch.no_grad():
         try:
             for m in dict.fromkeys(m for root in roots for m in root.modules()):

@@ -11,7 +11,7 @@ of the grouping: ``{"version": 1, "layers": {name: {"u": [...], "v": [...]}},
 from __future__ import annotations
 
 import zlib
-from typing import Any
+from typing import Any, cast
 
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
@@ -27,6 +27,7 @@ from ..functional.power import (
     power_iteration_,
     state_views,
 )
+from .selection import layer_weight
 from .sharding import full_weight
 
 __all__ = ["LayerState", "ShapeGroup"]
@@ -37,7 +38,7 @@ def _groups(module: nn.Module) -> int:
 
 
 def _grouped_shape(module: nn.Module) -> tuple[int, ...]:
-    w, g = module.weight, _groups(module)
+    w, g = layer_weight(module), _groups(module)
     return (g, w.shape[0] // g, *w.shape[1:])
 
 
@@ -48,19 +49,22 @@ def _layer_seed(name: str) -> int:
 
 
 def _group_key(module: nn.Module) -> tuple[Any, ...]:
-    w = module.weight
+    w = layer_weight(module)
     return (_grouped_shape(module), w.device, _compute_dtype(w.dtype))
 
 
 class ShapeGroup(nn.Module):
     """Layers whose grouped filters share one shape, with their stacked vectors as buffers."""
 
+    u_cat: Tensor  # buffers (registered in __init__)
+    v_cat: Tensor
+
     def __init__(self, names: list[str], modules: list[nn.Module]) -> None:
         super().__init__()
         self.names = names
         self.layers = modules  # a plain list: the model owns them, not this state
         self.groups = _groups(modules[0])
-        w = modules[0].weight
+        w = layer_weight(modules[0])
         self.dtype = _compute_dtype(w.dtype)
         per_layer = [
             init_singular_vectors(
@@ -99,7 +103,7 @@ class ShapeGroup(nn.Module):
 
         A sharded weight is gathered whole first (see :mod:`.sharding`): never a shard.
         """
-        ws = [full_weight(m.weight) for m in self.layers]
+        ws = [full_weight(layer_weight(m)) for m in self.layers]
         if ws[0].dtype != self.dtype:
             ws = [w.to(self.dtype) for w in ws]
         ws = [grouped_weight(w, self.groups) for w in ws]
@@ -114,6 +118,11 @@ class ShapeGroup(nn.Module):
         return [t[i] for t in self.us + self.vs]
 
 
+def _typed(groups: nn.ModuleList) -> list[ShapeGroup]:
+    # nn.ModuleList iterates as nn.Module to a type checker; it holds ShapeGroups only.
+    return [cast(ShapeGroup, g) for g in groups]
+
+
 def _build_groups(layers: dict[str, nn.Module], warmup: int) -> nn.ModuleList:
     by_key: dict[tuple[Any, ...], list[str]] = {}
     for name, module in layers.items():
@@ -123,7 +132,7 @@ def _build_groups(layers: dict[str, nn.Module], warmup: int) -> nn.ModuleList:
     )
     if warmup:
         with torch.no_grad():
-            for g in groups:
+            for g in _typed(groups):
                 power_iteration_(g.stacked_weights(), g.us, g.vs, warmup)
     return groups
 
@@ -146,6 +155,11 @@ class LayerState:
         self._size_hooks: list[Any] = []
 
     @property
+    def shape_groups(self) -> list[ShapeGroup]:
+        """The groups (those of :attr:`groups`), typed."""
+        return _typed(self.groups)
+
+    @property
     def ready(self) -> bool:
         """Whether the vectors exist (some layer is selected, none is lazy)."""
         return len(self.groups) > 0
@@ -153,7 +167,7 @@ class LayerState:
     def attach(self, layers: dict[str, nn.Module], warmup: int) -> None:
         """Take ``layers`` as the selection; build their vectors unless some are lazy."""
         self.layers = layers
-        self.lazy_pending = any(is_lazy(m.weight) for m in layers.values())
+        self.lazy_pending = any(is_lazy(layer_weight(m)) for m in layers.values())
         if not self.lazy_pending:
             self._build(warmup)
 
@@ -165,7 +179,7 @@ class LayerState:
         """
         if not self.lazy_pending:
             return True
-        lazy = [n for n, m in self.layers.items() if is_lazy(m.weight)]
+        lazy = [n for n, m in self.layers.items() if is_lazy(layer_weight(m))]
         if lazy and after_batch:
             rank_zero_warn(
                 f"SpectralBoundRegularizer: lazy layer(s) {', '.join(lazy)} were not "
@@ -179,19 +193,19 @@ class LayerState:
         return not self.lazy_pending
 
     def _build(self, warmup: int) -> None:
-        grouped = [n for g in self.groups for n in g.names]
+        grouped = [n for g in self.shape_groups for n in g.names]
         keep = sorted(grouped) == sorted(self.layers) and all(
-            g.holds(self.layers) for g in self.groups
+            g.holds(self.layers) for g in self.shape_groups
         )
         if keep:  # a second fit() on the same model continues with the vectors it has
-            for g in self.groups:
-                g.to(g.layers[0].weight.device)
+            for g in self.shape_groups:
+                g.to(layer_weight(g.layers[0]).device)
         else:
             self.groups = _build_groups(self.layers, warmup)
-            grouped = [n for g in self.groups for n in g.names]
+            grouped = [n for g in self.shape_groups for n in g.names]
         if self.ready:
             index = {n: i for i, n in enumerate(grouped)}
-            device = self.groups[0].u_cat.device
+            device = self.shape_groups[0].u_cat.device
             self.order = torch.tensor([index[n] for n in self.layers], device=device)
         if self.pending is not None and self.ready:
             self._apply(self.pending)
@@ -204,7 +218,7 @@ class LayerState:
         if not self.ready and self.pending is not None:
             return self.pending
         layers = {}
-        for g in self.groups:
+        for g in self.shape_groups:
             for i, name in enumerate(g.names):
                 layers[name] = {
                     "u": [u[i].detach().clone() for u in g.us],
@@ -225,7 +239,7 @@ class LayerState:
             {k: (None if v is None else tuple(v)) for k, v in state.get("input_sizes", {}).items()}
         )
         missing = []
-        for g in self.groups:
+        for g in self.shape_groups:
             for i, name in enumerate(g.names):
                 if name not in saved:
                     missing.append(name)
@@ -250,7 +264,7 @@ class LayerState:
                 continue
 
             def hook(mod: nn.Module, args: tuple[Any, ...], name: str = name) -> None:
-                d = mod.weight.ndim - 2
+                d = layer_weight(mod).ndim - 2
                 if args and isinstance(args[0], Tensor) and name not in self.input_sizes:
                     self.input_sizes[name] = tuple(int(s) for s in args[0].shape[-d:])
 
