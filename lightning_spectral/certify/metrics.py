@@ -6,7 +6,7 @@ the math lives there once. All states declare ``dist_reduce_fx`` so that, under 
 
 Units: the radii are in the units of the input the Lipschitz constant refers to. If the data
 is normalized outside the model, divide the model's constant by the normalization's std (see
-``input_scale`` of :class:`lightning_spectral.certification.CertificationTracker`).
+``input_scale`` of :class:`lightning_spectral.certify.tracker.CertificationTracker`).
 """
 
 from __future__ import annotations
@@ -20,8 +20,8 @@ from torch import Tensor
 from torchmetrics import Metric
 from torchmetrics.utilities.data import dim_zero_cat
 
-from ._checks import check_reals
-from .functional.certify import _check_logits_target, certified_radius
+from .._checks import check_reals
+from ..functional.certify import _check_logits_target, certified_radius
 
 __all__ = ["CertifiedRobustAccuracy", "CertifiedRadius"]
 
