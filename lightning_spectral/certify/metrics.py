@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor
@@ -145,6 +145,8 @@ class CertifiedRadius(Metric):
 
     radius_sum: Tensor
     count: Tensor
+    # A list while accumulating; a synchronized state may be one concatenated tensor.
+    radius_values: list[Tensor] | Tensor
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
@@ -165,7 +167,7 @@ class CertifiedRadius(Metric):
         radius = _radius_of(logits, target, lipschitz_constant, radius, refined).clamp_min(0.0)
         self.radius_sum += radius.sum().to(self.radius_sum.device)
         self.count += radius.numel()
-        self.radius_values.append(radius)
+        cast("list[Tensor]", self.radius_values).append(radius)
 
     def compute(self) -> Tensor:
         return self.radius_sum / self.count.clamp_min(1)
