@@ -45,8 +45,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_spectral.callback import SpectralBoundRegularizer
-from lightning_spectral.demos.models import ImageClassifier, resnet32
-from lightning_spectral.demos.models_digits import MnistCNN
+from lightning_spectral.demos import ImageClassifier, MnistCNN, resnet32
 from lightning_spectral.regularizer.constraint import check_finite
 
 BETA = 1e-3

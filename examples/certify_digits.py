@@ -41,8 +41,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lightning_spectral import SpectralBoundRegularizer, network_lipschitz_bound
-from lightning_spectral.demos.data import DigitsDataModule
-from lightning_spectral.demos.models import ImageClassifier
+from lightning_spectral.demos import DigitsDataModule, ImageClassifier
 from lightning_spectral.functional import certified_radius
 
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 from lightning.pytorch import LightningDataModule
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
-from lightning_spectral.demos.models import ImageClassifier
+from lightning_spectral.demos import ImageClassifier
 
 
 class SpectralCLI(LightningCLI):

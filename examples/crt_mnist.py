@@ -45,12 +45,12 @@ from lightning_spectral import (
     network_lipschitz_bound,
     network_pairwise_curvature,
 )
+from lightning_spectral.demos import MNISTDataModule
 from lightning_spectral.demos.crt import (
     ARCHITECTURES,
     CurvatureRegularizedClassifier,
     crt_network,
 )
-from lightning_spectral.demos.data import MNISTDataModule
 from lightning_spectral.functional import (
     certified_radius,
     crc_certified_radius,

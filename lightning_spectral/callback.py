@@ -13,14 +13,14 @@ work to the parts in :mod:`lightning_spectral.regularizer` that own their state 
 the arguments, ``selection`` the layers, ``state`` their vectors and input sizes, ``penalty``
 the loss term, ``constraint`` the post-step check and projection, ``curvature`` the curvature
 term, ``certified`` the certified-training term, ``monitor`` what is logged); certification is
-the :class:`~lightning_spectral.certification.CertificationTracker`'s.
+the :class:`~lightning_spectral.certify.CertificationTracker`'s.
 """
 
 from __future__ import annotations
 
 import copy
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import lightning.pytorch as pl
@@ -30,7 +30,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 from typing_extensions import override
 
-from .certification import CertificationTracker
+from .certify import CertificationTracker, CertifyMethod
 from .functional.bounds import layer_spectral_bound
 from .lipschitz import CurvatureTape
 from .lipschitz.pairwise import certificate_bounds
@@ -38,7 +38,6 @@ from .regularizer import monitor, selection, sharding
 from .regularizer.certified import CertifiedTerm
 from .regularizer.config import (
     CertifiedLoss,
-    CertifyMethod,
     Reduction,
     RegularizerConfig,
     inert_options,
@@ -133,7 +132,9 @@ class SpectralBoundRegularizer(Callback):
             non-finite (one host synchronization of one flag per step; free on CPU).
         certify_epsilons: l2 radii at which to log certified robust accuracy at validation.
         input_scale: factor turning a radius on the model's input into the units of the
-            epsilons (see :class:`lightning_spectral.certification.CertificationTracker`).
+            epsilons: the std of a normalization applied outside the model, one number or one
+            per channel (their minimum is used; see
+            :class:`lightning_spectral.certify.CertificationTracker`).
         batch_to_input_target: maps a validation batch to ``(x, y)`` for certification
             (default: ``batch[0], batch[1]``); also a training batch to its input, for the
             shape of ``curvature_beta``'s recording.
@@ -228,7 +229,7 @@ class SpectralBoundRegularizer(Callback):
         exact_every_n_epochs: int | None = None,
         check_finite: bool = True,
         certify_epsilons: list[float] | None = None,
-        input_scale: float = 1.0,
+        input_scale: float | Sequence[float] = 1.0,
         batch_to_input_target: Callable[[Any], tuple[Tensor, Tensor]] | None = None,
         curvature_beta: float = 0.0,
         curvature_input_shape: list[int] | None = None,

@@ -73,9 +73,9 @@ def plot_layer_norms(
     layer missing from one mapping has no bar there. For every layer ``exact <= bound`` holds
     for a correct bound, so an exact bar above its bound bar is a visible error.
     """
-    series = [("Fantastic Four estimate (training)", estimate), ("guaranteed bound", bound),
-              ("exact norm", exact)]
-    series = [(label, values) for label, values in series if values]
+    given = [("Fantastic Four estimate (training)", estimate), ("guaranteed bound", bound),
+             ("exact norm", exact)]
+    series = [(label, values) for label, values in given if values]
     if not series:
         raise ValueError("plot_layer_norms: bound, estimate and exact are all empty")
     for label, values in series:

@@ -214,8 +214,10 @@ def curves(log: RunLog, kind: str, by_epoch: bool) -> dict[str, tuple[list[int],
         keys = {"max": agg["max"], **keys}
     out = {}
     for name, key in keys.items():
-        points = [p for p in log.series[key] if not by_epoch or p.epoch is not None]
-        out[name] = ([p.epoch if by_epoch else p.step for p in points], [p.value for p in points])
+        series = log.series[key]
+        pairs = ([(p.epoch, p.value) for p in series if p.epoch is not None] if by_epoch
+                 else [(p.step, p.value) for p in series])
+        out[name] = ([x for x, _ in pairs], [y for _, y in pairs])
     return out
 
 

@@ -20,7 +20,7 @@ from lightning_spectral import (
     network_pairwise_curvature,
 )
 from lightning_spectral.callback import SpectralBoundRegularizer
-from lightning_spectral.certification import CertificationTracker
+from lightning_spectral.certify import CertificationTracker
 from lightning_spectral.functional import (
     certified_radius,
     layer_spectral_bound,

@@ -20,9 +20,8 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_spectral import SpectralBoundRegularizer
-from lightning_spectral.certification import CertificationTracker
+from lightning_spectral.certify import CertificationTracker, CertifiedRobustAccuracy
 from lightning_spectral.lipschitz import network_lipschitz_bound
-from lightning_spectral.metrics import CertifiedRobustAccuracy
 
 
 def _reference(logits: torch.Tensor, target: torch.Tensor, lip: float, eps: list[float],
@@ -202,10 +201,10 @@ def test_tracker_keeps_validation_and_test_states_apart() -> None:
     module, eps = _Net(), [0.0]
     tracker = CertificationTracker(eps)
     val, test = _data(10, 6, 6), _data(10, 6, 7)
-    tracker.on_validation_epoch_start(None, module)
-    tracker.on_validation_batch_end(None, module, val.tensors)
-    tracker.on_test_epoch_start(None, module)
-    tracker.on_test_batch_end(None, module, test.tensors)
+    tracker.start("validate")
+    tracker.update("validate", module, val.tensors)
+    tracker.start("test")
+    tracker.update("test", module, test.tensors)
     for stage, data in (("validate", val), ("test", test)):
         x, y = data.tensors
         with torch.no_grad():
@@ -245,9 +244,9 @@ def test_half_precision_logits_are_certified_with_a_warning() -> None:
     module = _Net().half()
     tracker = CertificationTracker([0.0])
     x, y = _data(8, 6, 9).tensors
-    tracker.on_test_epoch_start(None, module)
+    tracker.start("test")
     with pytest.warns(UserWarning, match="float16.*rounding"):
-        tracker.on_test_batch_end(None, module, (x.half(), y))
+        tracker.update("test", module, (x.half(), y))
     with torch.no_grad():
         clean = float((module(x.half()).argmax(1) == y).float().mean())
     assert float(tracker.compute("test")["test/certified/acc@0"]) == pytest.approx(clean)
@@ -288,9 +287,9 @@ def test_certified_radii_withstand_an_attack_at_each_input_size() -> None:
     with torch.no_grad():  # labels the network gets right: every radius is positive
         big, small = (big, module(big).argmax(1)), (small, module(small).argmax(1))
     tracker = CertificationTracker([0.0])
-    tracker.on_validation_epoch_start(None, module)
-    tracker.on_validation_batch_end(None, module, big)
-    tracker.on_validation_batch_end(None, module, small)
+    tracker.start("validate")
+    tracker.update("validate", module, big)
+    tracker.update("validate", module, small)
     radii = tracker.runs["validate"].radius.radii()[40:]
     distance = _deepfool_distance(module, small[0])
     assert torch.isfinite(distance).all() and (radii > 0).all()
@@ -305,14 +304,14 @@ def test_logged_network_bound_is_rounded_up(tmp_path: Path) -> None:
 
     class Harness(pl.Callback):
         def on_validation_epoch_start(self, trainer, pl_module) -> None:
-            tracker.on_validation_epoch_start(trainer, pl_module)
+            tracker.start("validate")
 
         def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx,
                                     dataloader_idx=0) -> None:
-            tracker.on_validation_batch_end(trainer, pl_module, batch)
+            tracker.update("validate", pl_module, batch)
 
         def on_validation_epoch_end(self, trainer, pl_module) -> None:
-            tracker.on_validation_epoch_end(trainer, pl_module)
+            tracker.log("validate", pl_module)
 
     trainer = _trainer(tmp_path, Harness())
     trainer.validate(_Net(), DataLoader(_data(8, 6, 10), batch_size=8))
@@ -385,8 +384,8 @@ class _Mlp(_Net):
 
 def _validated(module: nn.Module, batch, compositional: bool):
     tracker = CertificationTracker([0.0], compositional=compositional)
-    tracker.on_validation_epoch_start(None, module)
-    tracker.on_validation_batch_end(None, module, batch)
+    tracker.start("validate")
+    tracker.update("validate", module, batch)
     run = tracker.runs["validate"]
     return run.radius.radii(), float(next(iter(run.lipschitz.values())))
 

@@ -16,8 +16,8 @@ from lightning.pytorch.loggers import CSVLogger
 from torch import nn
 
 from lightning_spectral import network_pairwise_curvature
+from lightning_spectral.demos import DigitsDataModule
 from lightning_spectral.demos.crt import CurvatureRegularizedClassifier, crt_network
-from lightning_spectral.demos.data import DigitsDataModule
 from lightning_spectral.functional import SmoothSoftplus, curvature_attack
 
 D64 = torch.float64

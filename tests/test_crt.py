@@ -17,12 +17,12 @@ from lightning.pytorch.loggers import CSVLogger
 from torch import nn
 
 from lightning_spectral import network_curvature_bound, network_pairwise_curvature
+from lightning_spectral.demos import DigitsDataModule
 from lightning_spectral.demos.crt import (
     CurvatureRegularizedClassifier,
     crt_network,
     exact_chain_curvature,
 )
-from lightning_spectral.demos.data import DigitsDataModule
 from lightning_spectral.functional import (
     NonSmoothActivationError,
     SmoothSoftplus,

@@ -12,7 +12,7 @@ import pytest
 import torch
 from sklearn.datasets import load_digits
 
-from lightning_spectral.demos.data import (
+from lightning_spectral.demos import (
     CIFAR10_MEAN,
     CIFAR10_STD,
     MNIST_MEAN,

@@ -52,7 +52,7 @@ def test_library_does_not_import_the_demos() -> None:
     code = (
         "import sys, lightning_spectral as ls\n"
         "import lightning_spectral.callback, lightning_spectral.lipschitz\n"
-        "import lightning_spectral.metrics, lightning_spectral.certification\n"
+        "import lightning_spectral.certify\n"
         "import lightning_spectral.functional\n"
         "[getattr(ls, name) for name in ls.__all__]\n"
         "print(sorted(m for m in sys.modules if m.startswith('lightning_spectral.demo')))\n"
@@ -64,9 +64,16 @@ def test_library_does_not_import_the_demos() -> None:
 
 def test_demos_package_exports_the_data_and_models() -> None:
     import lightning_spectral.demos as demos
-    from lightning_spectral.demos import data, models
+    from lightning_spectral.demos import (
+        classifier,
+        data_digits,
+        data_torchvision,
+        models_digits,
+        models_resnet,
+    )
 
-    assert set(demos.__all__) == set(data.__all__) | set(models.__all__)
+    sources = (classifier, data_digits, data_torchvision, models_digits, models_resnet)
+    assert set(demos.__all__) == {name for source in sources for name in source.__all__}
     for name in demos.__all__:
-        source = data if name in data.__all__ else models
+        source = next(source for source in sources if name in source.__all__)
         assert getattr(demos, name) is getattr(source, name)

@@ -14,9 +14,13 @@ import torch.multiprocessing as mp
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_spectral.certification import CertificationTracker, default_batch_to_input_target
+from lightning_spectral.certify import (
+    CertificationTracker,
+    CertifiedRadius,
+    CertifiedRobustAccuracy,
+    default_batch_to_input_target,
+)
 from lightning_spectral.lipschitz import network_lipschitz_bound
-from lightning_spectral.metrics import CertifiedRadius, CertifiedRobustAccuracy
 
 EPS = [0.0, 0.05, 0.2, 1.0]
 
@@ -159,14 +163,14 @@ class _Harness(pl.Callback):
         self.tracker = tracker
 
     def on_validation_epoch_start(self, trainer, pl_module) -> None:
-        self.tracker.on_validation_epoch_start(trainer, pl_module)
+        self.tracker.start("validate")
 
     def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx,
                                 dataloader_idx=0) -> None:
-        self.tracker.on_validation_batch_end(trainer, pl_module, batch)
+        self.tracker.update("validate", pl_module, batch)
 
     def on_validation_epoch_end(self, trainer, pl_module) -> None:
-        self.tracker.on_validation_epoch_end(trainer, pl_module)
+        self.tracker.log("validate", pl_module)
 
 
 @pytest.mark.parametrize("input_scale", [1.0, [0.5, 0.25]])
@@ -204,8 +208,8 @@ def test_tracker_rejects_untraceable_modules_with_a_clear_error() -> None:
 
     tracker = CertificationTracker([0.1])
     with pytest.raises(TypeError, match="Untraceable.forward"):
-        tracker.on_validation_batch_end(None, Untraceable(), (torch.randn(2, 1, 4, 4),
-                                                              torch.zeros(2, dtype=torch.long)))
+        tracker.update("validate", Untraceable(), (torch.randn(2, 1, 4, 4),
+                                                   torch.zeros(2, dtype=torch.long)))
 
 
 def test_batch_layouts_and_arguments() -> None:
@@ -293,9 +297,9 @@ def test_tracker_names_a_non_finite_network_bound() -> None:
     module = _Classifier()
     tracker = CertificationTracker([0.1], lipschitz_fn=lambda m, s: torch.tensor(float("nan")))
     batch = (torch.randn(3, 1, 4, 4), torch.zeros(3, dtype=torch.long))
-    tracker.on_validation_epoch_start(None, module)
+    tracker.start("validate")
     with pytest.raises(ValueError, match=r"network Lipschitz bound .*\(1, 4, 4\).*nan"):
-        tracker.on_validation_batch_end(None, module, batch)
+        tracker.update("validate", module, batch)
 
 
 @pytest.mark.parametrize("scale", [True, "0.5", [[0.5, 0.2]], float("nan"), -1.0, []])
@@ -309,3 +313,20 @@ def test_tracker_input_scale_takes_the_smallest_std() -> None:
 
     for scale in (np.float32(0.25), [0.5, np.float64(0.25)], torch.tensor([0.5, 0.25, 1.0])):
         assert CertificationTracker([0.1], input_scale=scale).input_scale == 0.25
+
+
+@pytest.mark.parametrize("scale", [0.25, [0.5, 0.25], (0.25, 1.0), torch.tensor([0.5, 0.25])])
+def test_callback_takes_the_input_scales_the_tracker_takes(scale) -> None:
+    from lightning_spectral import SpectralBoundRegularizer
+
+    callback = SpectralBoundRegularizer(certify_epsilons=[0.1], input_scale=scale)
+    assert callback.input_scale == CertificationTracker([0.1], input_scale=scale).input_scale
+    assert callback.input_scale == 0.25
+
+
+@pytest.mark.parametrize("scale", [True, "0.5", [[0.5, 0.2]], float("nan"), -1.0, [], 0.0])
+def test_callback_refuses_the_input_scales_the_tracker_refuses(scale) -> None:
+    from lightning_spectral import SpectralBoundRegularizer
+
+    with pytest.raises(ValueError, match="input_scale"):
+        SpectralBoundRegularizer(certify_epsilons=[0.1], input_scale=scale)

@@ -9,8 +9,13 @@ import pytest
 import torch
 from torch import nn
 
-from lightning_spectral.demos.data import DigitsDataModule
-from lightning_spectral.demos.models import BasicBlock, ImageClassifier, SmallCNN, resnet32
+from lightning_spectral.demos import (
+    BasicBlock,
+    DigitsDataModule,
+    ImageClassifier,
+    SmallCNN,
+    resnet32,
+)
 
 
 def _trainer(tmp_path: Path, **kwargs) -> pl.Trainer:

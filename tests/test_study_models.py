@@ -15,6 +15,7 @@ from torch.func import jacrev
 
 from lightning_spectral import network_lipschitz_bound
 from lightning_spectral.demos import (
+    CifarResNet,
     DigitsDataModule,
     ImageClassifier,
     MnistCNN,
@@ -23,7 +24,6 @@ from lightning_spectral.demos import (
     lipschitz_margin_loss,
     resnet32,
 )
-from lightning_spectral.demos.models import CifarResNet
 
 
 def _trainer(tmp_path: Path, **kwargs) -> pl.Trainer:

@@ -96,8 +96,7 @@ def trained_digits_cnn(cfg: Config) -> tuple[list[Layer], float]:
     """The convolutions of SmallCNN trained on the digits with plain SGD (seeded), with the
     input sizes they see, and the model's test accuracy."""
     # The only place the library's demo model and data are imported.
-    from lightning_spectral.demos.data import DigitsDataModule
-    from lightning_spectral.demos.models import SmallCNN
+    from lightning_spectral.demos import DigitsDataModule, SmallCNN
 
     torch.manual_seed(cfg.seed)
     data = DigitsDataModule(batch_size=32, seed=cfg.seed)

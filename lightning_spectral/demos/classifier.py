@@ -15,6 +15,7 @@ from typing import Literal
 import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.utilities.types import LRSchedulerConfigType, OptimizerLRScheduler
 from torch import Tensor, nn
 
 from ..functional.certified_losses import lipschitz_margin_loss
@@ -106,8 +107,9 @@ class ImageClassifier(pl.LightningModule):
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         x, y = batch
         logits = self(x)
-        if self.hparams.loss == "lipschitz_margin":
-            loss = lipschitz_margin_loss(logits, y, self.hparams.margin, self.hparams.temperature)
+        hp = self.hparams
+        if hp["loss"] == "lipschitz_margin":
+            loss = lipschitz_margin_loss(logits, y, hp["margin"], hp["temperature"])
         else:
             loss = F.cross_entropy(logits, y)
         self.log("train/loss", loss, prog_bar=True, batch_size=len(y))
@@ -127,22 +129,26 @@ class ImageClassifier(pl.LightningModule):
     def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
         self._evaluate(batch, "test")
 
-    def configure_optimizers(self):
+    def configure_optimizers(self) -> OptimizerLRScheduler:
         hp = self.hparams
-        if hp.optimizer == "adam":
-            optimizer = torch.optim.Adam(self.parameters(), lr=hp.lr, weight_decay=hp.weight_decay)
+        optimizer: torch.optim.Optimizer
+        if hp["optimizer"] == "adam":
+            optimizer = torch.optim.Adam(self.parameters(), lr=hp["lr"],
+                                         weight_decay=hp["weight_decay"])
         else:
             optimizer = torch.optim.SGD(
-                self.parameters(), lr=hp.lr, momentum=hp.momentum, weight_decay=hp.weight_decay
+                self.parameters(), lr=hp["lr"], momentum=hp["momentum"],
+                weight_decay=hp["weight_decay"],
             )
-        if hp.lr_schedule == "none":
+        if hp["lr_schedule"] == "none":
             return optimizer
-        if hp.lr_schedule == "cosine":
+        scheduler: torch.optim.lr_scheduler.LRScheduler
+        if hp["lr_schedule"] == "cosine":
             epochs = max(1, self.trainer.max_epochs or 1)
             scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs)
         else:
             scheduler = torch.optim.lr_scheduler.MultiStepLR(
-                optimizer, milestones=list(hp.milestones), gamma=hp.gamma
+                optimizer, milestones=list(hp["milestones"]), gamma=hp["gamma"]
             )
-        lr_scheduler = {"scheduler": scheduler, "interval": "epoch"}
+        lr_scheduler: LRSchedulerConfigType = {"scheduler": scheduler, "interval": "epoch"}
         return {"optimizer": optimizer, "lr_scheduler": lr_scheduler}

@@ -166,8 +166,8 @@ class CurvatureRegularizedClassifier(pl.LightningModule):
         self.model.eval()
         try:
             result = curvature_attack(
-                self.model, x, y, self.hparams.rho, curvature, classes="runner_up",
-                n_bisection=self.hparams.attack_bisection, n_inner=self.hparams.attack_inner)
+                self.model, x, y, self.hparams["rho"], curvature, classes="runner_up",
+                n_bisection=self.hparams["attack_bisection"], n_inner=self.hparams["attack_inner"])
         finally:
             for m, mode in modes:
                 m.training = mode
@@ -178,11 +178,11 @@ class CurvatureRegularizedClassifier(pl.LightningModule):
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         x, y = batch
         curvature = self.penalty()
-        if self.hparams.attack == "curvature" and self.hparams.rho > 0:
+        if self.hparams["attack"] == "curvature" and self.hparams["rho"] > 0:
             x = self.attack_points(x, y, curvature.detach())
         logits = self(x)
         ce = F.cross_entropy(logits, y)
-        loss = ce + self.hparams.gamma * curvature
+        loss = ce + self.hparams["gamma"] * curvature
         n = len(y)
         self.log("train/ce", ce, batch_size=n)
         self.log("train/curvature_estimate", curvature, prog_bar=True, batch_size=n)
@@ -202,4 +202,4 @@ class CurvatureRegularizedClassifier(pl.LightningModule):
         self._evaluate(batch, "test")
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
-        return torch.optim.Adam(self.model.parameters(), lr=self.hparams.lr)
+        return torch.optim.Adam(self.model.parameters(), lr=self.hparams["lr"])

@@ -7,16 +7,12 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 
 from .._checks import check_int
-from ._data_common import (
-    _LoaderMixin,
-    _require,
-    _seeded_split,
-)
+from .data_common import LoaderMixin, require_optional, seeded_split
 
 __all__ = ["DigitsDataModule"]
 
 
-class DigitsDataModule(_LoaderMixin, pl.LightningDataModule):
+class DigitsDataModule(LoaderMixin, pl.LightningDataModule):
     """scikit-learn's handwritten digits as ``(1, 8, 8)`` float images in ``[0, 1]``, 10 classes.
 
     The 1797 images (pixel values 0..16, divided by 16) are split into train / val / test by a
@@ -45,7 +41,7 @@ class DigitsDataModule(_LoaderMixin, pl.LightningDataModule):
         num_workers: int = 0,
     ) -> None:
         super().__init__()
-        _require("sklearn.datasets", "scikit-learn", type(self).__name__)
+        require_optional("sklearn.datasets", "scikit-learn", type(self).__name__)
         batch_size = check_int("batch_size", batch_size, low=1)
         num_workers = check_int("num_workers", num_workers, low=0)
         for name, frac in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
@@ -78,7 +74,7 @@ class DigitsDataModule(_LoaderMixin, pl.LightningDataModule):
         n_val = round(self.val_fraction * n)
         n_test = round(self.test_fraction * n)
         sizes = (n - n_val - n_test, n_val, n_test)
-        train_idx, val_idx, test_idx = _seeded_split(n, sizes, self.seed)
+        train_idx, val_idx, test_idx = seeded_split(n, sizes, self.seed)
         full = TensorDataset(images, targets)
         self.train_set = Subset(full, train_idx)
         self.val_set = Subset(full, val_idx)

@@ -6,17 +6,15 @@ Nothing is downloaded unless the user passes ``download=True``.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable, Sized
 from pathlib import Path
+from typing import Any, cast
 
 import lightning.pytorch as pl
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from .._checks import check_int
-from ._data_common import (
-    _LoaderMixin,
-    _require,
-    _seeded_split,
-)
+from .data_common import LoaderMixin, require_optional, seeded_split
 
 __all__ = [
     "MNISTDataModule",
@@ -27,6 +25,9 @@ __all__ = [
     "CIFAR10_STD",
 ]
 
+#: A torchvision transform: a callable from a PIL image (or tensor) to a tensor.
+Transform = Callable[[Any], Any]
+
 # Per-channel statistics of the training sets, the values commonly used with these datasets.
 MNIST_MEAN: tuple[float, ...] = (0.1307,)
 MNIST_STD: tuple[float, ...] = (0.3081,)
@@ -34,7 +35,7 @@ CIFAR10_MEAN: tuple[float, ...] = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD: tuple[float, ...] = (0.2470, 0.2435, 0.2616)
 
 
-class _TorchvisionDataModule(_LoaderMixin, pl.LightningDataModule):
+class _TorchvisionDataModule(LoaderMixin, pl.LightningDataModule):
     """Common logic: a torchvision train set split into train / val, and the official test set."""
 
     mean: tuple[float, ...]
@@ -52,7 +53,7 @@ class _TorchvisionDataModule(_LoaderMixin, pl.LightningDataModule):
         normalize: bool,
     ) -> None:
         super().__init__()
-        _require("torchvision.datasets", "torchvision", type(self).__name__)
+        require_optional("torchvision.datasets", "torchvision", type(self).__name__)
         batch_size = check_int("batch_size", batch_size, low=1)
         num_workers = check_int("num_workers", num_workers, low=0)
         val_size = check_int("val_size", val_size, low=0)
@@ -72,10 +73,11 @@ class _TorchvisionDataModule(_LoaderMixin, pl.LightningDataModule):
         """Pixel-space radius per unit of radius on the normalized input: ``min(std)``."""
         return min(self.std) if self.normalize else 1.0
 
-    def _dataset(self, *, train: bool, transform, download: bool = False) -> Dataset:
+    def _dataset(self, *, train: bool, transform: Transform | None,
+                 download: bool = False) -> Dataset:
         raise NotImplementedError
 
-    def _eval_transform(self):
+    def _eval_transform(self) -> Transform:
         from torchvision import transforms
 
         steps = [transforms.ToTensor()]
@@ -83,7 +85,7 @@ class _TorchvisionDataModule(_LoaderMixin, pl.LightningDataModule):
             steps.append(transforms.Normalize(self.mean, self.std))
         return transforms.Compose(steps)
 
-    def _train_transform(self):
+    def _train_transform(self) -> Transform:
         return self._eval_transform()
 
     def prepare_data(self) -> None:
@@ -97,10 +99,10 @@ class _TorchvisionDataModule(_LoaderMixin, pl.LightningDataModule):
             # Two views of the same files so validation images are not augmented.
             train_view = self._dataset(train=True, transform=self._train_transform())
             eval_view = self._dataset(train=True, transform=self._eval_transform())
-            n = len(train_view)
+            n = len(cast(Sized, train_view))
             if self.val_size >= n:
                 raise ValueError(f"val_size={self.val_size} leaves no training data out of {n}")
-            train_idx, val_idx = _seeded_split(n, (n - self.val_size, self.val_size), self.seed)
+            train_idx, val_idx = seeded_split(n, (n - self.val_size, self.val_size), self.seed)
             self.train_set = Subset(train_view, train_idx)
             self.val_set = Subset(eval_view, val_idx)
         if stage in (None, "test", "predict") and self.test_set is None:
@@ -156,13 +158,14 @@ class MNISTDataModule(_TorchvisionDataModule):
         super().__init__(data_dir, batch_size, download, val_size, seed, num_workers, normalize)
         self.save_hyperparameters()
 
-    def _dataset(self, *, train: bool, transform, download: bool = False) -> Dataset:
+    def _dataset(self, *, train: bool, transform: Transform | None,
+                 download: bool = False) -> Dataset:
         from torchvision.datasets import MNIST
 
         return MNIST(str(self.data_dir), train=train, transform=transform, download=download)
 
 
-def _cifar10_class(verify_checksums: bool):
+def _cifar10_class(verify_checksums: bool) -> Callable[..., Dataset]:
     from torchvision.datasets import CIFAR10
 
     if verify_checksums:
@@ -232,7 +235,7 @@ class CIFAR10DataModule(_TorchvisionDataModule):
         self.verify_checksums = verify_checksums
         self.save_hyperparameters()
 
-    def _train_transform(self):
+    def _train_transform(self) -> Transform:
         if not self.augment:
             return self._eval_transform()
         from torchvision import transforms
@@ -245,6 +248,7 @@ class CIFAR10DataModule(_TorchvisionDataModule):
             ]
         )
 
-    def _dataset(self, *, train: bool, transform, download: bool = False) -> Dataset:
+    def _dataset(self, *, train: bool, transform: Transform | None,
+                 download: bool = False) -> Dataset:
         cls = _cifar10_class(self.verify_checksums)
         return cls(str(self.data_dir), train=train, transform=transform, download=download)

@@ -27,8 +27,9 @@ from lightning.pytorch.loggers import CSVLogger
 from ..callback import SpectralBoundRegularizer
 from ..functional.bounds import layer_spectral_bound
 from ..lipschitz import network_lipschitz_bound
-from .data import DigitsDataModule
-from .models import ImageClassifier, SmallCNN
+from .classifier import ImageClassifier
+from .data_digits import DigitsDataModule
+from .models_digits import SmallCNN
 
 
 def _bounds(model: torch.nn.Module, names: list[str]) -> dict[str, float]:

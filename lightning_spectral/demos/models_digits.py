@@ -12,7 +12,7 @@ from torch import nn
 
 from ..activations import MaxMin
 
-__all__ = ["MnistCNN", "SmallCNN"]
+__all__ = ["MaxMinCNN", "MnistCNN", "SmallCNN"]
 
 
 class SmallCNN(nn.Sequential):

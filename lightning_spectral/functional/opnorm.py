@@ -1,10 +1,20 @@
-"""The certified matrix norm every layer bound is built from, and its cost model."""
+"""The certified matrix norm every layer bound is built from, its cost model, and the
+rounding that keeps a computed bound an upper bound (a float64 margin on every norm, float32
+rounding up for what is logged)."""
 
 from __future__ import annotations
 
+import math
+
+import torch
 from torch import Tensor
 
 from .norms import spectral_norm_exact
+
+__all__ = [
+    "ROUNDING_MARGIN", "float32_rounded_up", "opnorm", "opnorm_cost", "round_up_to_float32",
+    "with_margin",
+]
 
 # Relative safety margin on every computed matrix norm (see ``opnorm``).
 ROUNDING_MARGIN = 1e-13
@@ -31,3 +41,20 @@ def with_margin(norm: Tensor) -> Tensor:
 def opnorm_cost(m: int, n: int) -> float:
     """Multiply-adds of one ``m x n`` norm: ``min(m, n)^2 max(m, n)`` (a Gram eigenproblem)."""
     return float(min(m, n)) ** 2 * max(m, n)
+
+
+def float32_rounded_up(value: Tensor) -> Tensor:
+    """The smallest float32 ``>= value`` elementwise: a logged upper bound must stay one.
+
+    Lightning stores logged values as float32, rounding to nearest, which may round down.
+    """
+    rounded = value.float()
+    return torch.where(
+        rounded.double() < value, torch.nextafter(rounded, torch.full_like(rounded, math.inf)),
+        rounded,
+    )
+
+
+def round_up_to_float32(value: float) -> float:
+    """:func:`float32_rounded_up` of a Python float."""
+    return float(float32_rounded_up(torch.tensor(value, dtype=torch.float64)))

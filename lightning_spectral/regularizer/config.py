@@ -10,20 +10,17 @@ from typing import Any, Literal, Protocol, TypeVar
 from torch import Tensor
 
 from .._checks import check_bool, check_int, check_patterns, check_real, check_reals
-from ..certification import default_batch_to_input_target
+from ..certify import default_batch_to_input_target
+from ..certify.options import CertifyMethod, check_certify_method, check_input_scale
 
 __all__ = [
-    "CERTIFIED_LOSSES", "CERTIFY_METHODS", "REDUCTIONS", "CertifiedLoss", "CertifyMethod",
-    "Reduction", "RegularizerConfig", "inert_options", "option_attributes",
+    "CERTIFIED_LOSSES", "REDUCTIONS", "CertifiedLoss", "Reduction", "RegularizerConfig",
+    "inert_options", "option_attributes",
 ]
 
 Reduction = Literal["sum", "max", "mean"]
 
 REDUCTIONS = ("sum", "max", "mean")
-
-CertifyMethod = Literal["lipschitz", "curvature", "both"]
-
-CERTIFY_METHODS = ("lipschitz", "curvature", "both")
 
 CertifiedLoss = Literal["gloro", "trades", "margin"]
 
@@ -59,7 +56,8 @@ class RegularizerConfig:
     """Every option of the callback (see its docstring), validated on construction.
 
     ``__post_init__`` raises ``ValueError`` naming the argument and the value received, and
-    normalizes the values (floats for reals, lists for patterns and epsilons).
+    normalizes the values (floats for reals, lists for patterns and epsilons, one number for
+    ``input_scale``: a per-channel sequence becomes its minimum, as the tracker uses it).
     """
 
     beta: float = 0.0
@@ -105,9 +103,7 @@ class RegularizerConfig:
             raise ValueError(
                 f"batch_to_input_target must be callable, got {self.batch_to_input_target!r}"
             )
-        if self.certify_method not in CERTIFY_METHODS:
-            raise ValueError("certify_method must be 'lipschitz', 'curvature' or 'both', got "
-                             f"{self.certify_method!r}")
+        check_certify_method("certify_method", self.certify_method)
         if self.certify_method != "lipschitz" and self.certify_epsilons is None:
             raise ValueError(f"certify_method={self.certify_method!r} certifies at "
                              "certify_epsilons: pass them (e.g. certify_epsilons=[0.1])")
@@ -143,7 +139,9 @@ class RegularizerConfig:
                                               self.exact_every_n_epochs, low=1),
             "check_finite": check_bool("check_finite", self.check_finite),
             "certify_epsilons": _check_epsilons(self.certify_epsilons),
-            "input_scale": check_real("input_scale", self.input_scale, low=0.0, strict=True),
+            # One number, per-channel stds reduced as the tracker does: what certification
+            # and the certified loss divide by.
+            "input_scale": check_input_scale(self.input_scale),
             "bound_max_cost": _optional(check_real, "bound_max_cost", self.bound_max_cost,
                                         low=0.0),
             "certify_compositional": check_bool("certify_compositional",

@@ -9,7 +9,6 @@ that Lightning stores, so that it stays one), ``spectral_exact/`` an exact norm,
 from __future__ import annotations
 
 import functools
-import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -21,32 +20,16 @@ from torch.nn.parameter import is_lazy
 from .. import _progress
 from ..functional.bounds import layer_spectral_bound
 from ..functional.exact import conv_spectral_norm
+from ..functional.opnorm import round_up_to_float32
 from .anchored import tight_cost
 from .selection import layer_weight
 
 __all__ = [
-    "announce_test_certification", "exact_norms", "float32_rounded_up", "guaranteed_bounds",
-    "log_training_values", "log_validation_values", "round_up_to_float32", "should_log",
+    "announce_test_certification", "exact_norms", "guaranteed_bounds",
+    "log_training_values", "log_validation_values", "should_log",
 ]
 
 Sizes = Mapping[str, "tuple[int, ...] | None"]
-
-
-def float32_rounded_up(value: Tensor) -> Tensor:
-    """The smallest float32 ``>= value`` elementwise: a logged upper bound must stay one.
-
-    Lightning stores logged values as float32, rounding to nearest, which may round down.
-    """
-    rounded = value.float()
-    return torch.where(
-        rounded.double() < value, torch.nextafter(rounded, torch.full_like(rounded, math.inf)),
-        rounded,
-    )
-
-
-def round_up_to_float32(value: float) -> float:
-    """:func:`float32_rounded_up` of a Python float."""
-    return float(float32_rounded_up(torch.tensor(value, dtype=torch.float64)))
 
 
 def should_log(trainer: pl.Trainer, every_n_steps: int | None) -> bool:

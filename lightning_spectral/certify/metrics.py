@@ -6,22 +6,22 @@ the math lives there once. All states declare ``dist_reduce_fx`` so that, under 
 
 Units: the radii are in the units of the input the Lipschitz constant refers to. If the data
 is normalized outside the model, divide the model's constant by the normalization's std (see
-``input_scale`` of :class:`lightning_spectral.certification.CertificationTracker`).
+``input_scale`` of :class:`lightning_spectral.certify.tracker.CertificationTracker`).
 """
 
 from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor
 from torchmetrics import Metric
 from torchmetrics.utilities.data import dim_zero_cat
 
-from ._checks import check_reals
-from .functional.certify import _check_logits_target, certified_radius
+from .._checks import check_reals
+from ..functional.certify import _check_logits_target, certified_radius
 
 __all__ = ["CertifiedRobustAccuracy", "CertifiedRadius"]
 
@@ -145,6 +145,8 @@ class CertifiedRadius(Metric):
 
     radius_sum: Tensor
     count: Tensor
+    # A list while accumulating; a synchronized state may be one concatenated tensor.
+    radius_values: list[Tensor] | Tensor
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
@@ -165,7 +167,7 @@ class CertifiedRadius(Metric):
         radius = _radius_of(logits, target, lipschitz_constant, radius, refined).clamp_min(0.0)
         self.radius_sum += radius.sum().to(self.radius_sum.device)
         self.count += radius.numel()
-        self.radius_values.append(radius)
+        cast("list[Tensor]", self.radius_values).append(radius)
 
     def compute(self) -> Tensor:
         return self.radius_sum / self.count.clamp_min(1)

@@ -2,8 +2,9 @@
 
 :class:`CertificationTracker` is owned by
 :class:`lightning_spectral.callback.SpectralBoundRegularizer` (``certify_epsilons=[...]``) and
-driven from its validation and test hooks. Per run (each validation run, each ``trainer.test``)
-it
+driven from its validation and test hooks through :meth:`~CertificationTracker.start`,
+:meth:`~CertificationTracker.update` and :meth:`~CertificationTracker.log`. Per run (each
+validation run, each ``trainer.test``) it
 
 1. computes a guaranteed bound ``L_s`` on the l2 Lipschitz constant of ``pl_module``'s forward
    (:func:`lightning_spectral.network_lipschitz_bound`, float64, eval mode) and, with a linear
@@ -16,8 +17,8 @@ it
    trainer left it in: the bound is for the eval-mode network), computes each sample's certified
    radius once, the larger of ``(f_y - max_{j != y} f_j) / (sqrt(2) L_s)`` and
    ``min_{j != y} (f_y - f_j) / K_yj`` (both hold over all classes), and feeds it to
-   :class:`~lightning_spectral.metrics.CertifiedRobustAccuracy` and
-   :class:`~lightning_spectral.metrics.CertifiedRadius`;
+   :class:`~lightning_spectral.certify.metrics.CertifiedRobustAccuracy` and
+   :class:`~lightning_spectral.certify.metrics.CertifiedRadius`;
 3. logs ``certified/acc@<eps>``, ``certified/radius`` and ``lipschitz/network`` (validation)
    or the same names under ``test/`` (test). ``lipschitz/network`` is ``max_s L_s`` over the
    shapes seen in the run by any process.
@@ -28,14 +29,8 @@ What is traced is the LightningModule's own ``forward``: it must map the input t
 with operations the network bound knows (``return self.model(x)`` is fine). If it cannot be
 traced, the error says why; nothing is silently skipped.
 
-Units (``input_scale``): epsilons and radii are l2 norms in "input units". If the batch holds
-the data as the user thinks of it (or the model normalizes inside its forward), that is the
-batch's units and ``input_scale = 1`` (the default). If the batch holds normalized inputs
-``x_norm = (x - mean) / std`` and radii are wanted in units of the raw ``x``, pass
-``input_scale=std``: a raw perturbation ``delta`` is a perturbation ``delta / std`` of what the
-model sees, so the raw-input Lipschitz constant is ``L / std``, the one used and logged. For a
-per-channel std pass the sequence: its minimum is used (``||delta / std|| <= ||delta|| /
-min(std)``, valid, slightly loose).
+Units (``input_scale``): epsilons and radii are l2 norms in "input units"; how a normalization
+outside the model is accounted for is in :mod:`lightning_spectral.certify.options`.
 """
 
 from __future__ import annotations
@@ -46,27 +41,21 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from . import _progress
-from ._certification_parts import (
-    Run,
-    checked_curvature,
-    checked_lipschitz,
-    curvature_radii,
-    eval_logits,
-    warn_if_low_precision,
-)
-from ._checks import check_reals
-from .functional.certify import certified_radius, pairwise_certified_radius
-from .lipschitz.curvature import curvature_and_pairwise
-from .lipschitz.pairwise import certificate_bounds
-from .regularizer.monitor import float32_rounded_up
+from .. import _progress
+from .._checks import check_reals
+from ..functional.certify import certified_radius, pairwise_certified_radius
+from ..functional.opnorm import float32_rounded_up
+from ..lipschitz.curvature import curvature_and_pairwise
+from ..lipschitz.pairwise import certificate_bounds
+from .bounds import checked_curvature, checked_lipschitz
+from .forward import curvature_radii, eval_logits, warn_if_low_precision
+from .options import CertifyMethod, check_certify_method, check_input_scale
+from .runs import Run
 
 __all__ = ["CertificationTracker", "default_batch_to_input_target"]
 
 BatchToInputTarget = Callable[[Any], "tuple[Tensor, Tensor]"]
 CurvatureFn = Callable[[Any, "tuple[int, ...]"], "tuple[Tensor, Tensor]"]
-
-_METHODS = ("lipschitz", "curvature", "both")
 
 # Logged names per run kind: validation keeps the unprefixed names, test gets "test/".
 _PREFIXES = {"validate": "", "test": "test/"}
@@ -87,22 +76,17 @@ def default_batch_to_input_target(batch: Any) -> tuple[Tensor, Tensor]:
     )
 
 
-def _check_input_scale(input_scale: Any) -> float:
-    """The smallest std of a scalar or per-channel ``input_scale``, checked."""
-    return min(check_reals("input_scale (one std, or one per channel)", input_scale, low=0.0,
-                           strict=True))
-
-
 class CertificationTracker:
     """Certified accuracy and radius on the validation and test sets, with guaranteed bounds.
 
     Args:
-        epsilons: l2 radii (input units, see the module docstring) at which certified accuracy
-            is reported; logged as ``certified/acc@<eps>`` (``test/certified/acc@<eps>`` in
-            ``trainer.test``) with ``eps`` formatted by ``:g``.
+        epsilons: l2 radii (input units, see :mod:`lightning_spectral.certify.options`) at
+            which certified accuracy is reported; logged as ``certified/acc@<eps>``
+            (``test/certified/acc@<eps>`` in ``trainer.test``) with ``eps`` formatted by ``:g``.
         input_scale: the std of a normalization applied to the data *outside* the model
-            (scalar, or per-channel sequence: the minimum is used); 1.0 when there is none
-            or the model normalizes inside its forward.
+            (scalar, or per-channel sequence: the minimum is used, see
+            :func:`~lightning_spectral.certify.options.check_input_scale`); 1.0 when there is
+            none or the model normalizes inside its forward.
         batch_to_input_target: ``fn(batch) -> (x, y)`` for batch layouts other than
             ``(x, y)``; see :func:`default_batch_to_input_target`.
         lipschitz_fn: ``fn(pl_module, input_shape) -> L`` or ``-> (L, K)``, how the network
@@ -139,17 +123,15 @@ class CertificationTracker:
         input_scale: float | Sequence[float] = 1.0,
         batch_to_input_target: BatchToInputTarget | None = None,
         lipschitz_fn: Callable[[Any, tuple[int, ...]], Any] | None = None,
-        method: str = "lipschitz",
+        method: CertifyMethod = "lipschitz",
         curvature_fn: CurvatureFn | None = None,
         compositional: bool = False,
     ) -> None:
-        if method not in _METHODS:
-            raise ValueError(f"method must be one of {_METHODS}, got {method!r}")
+        self.method = check_certify_method("method", method)
         self.epsilons = check_reals("epsilons", epsilons, low=0.0)
-        self.input_scale = _check_input_scale(input_scale)
+        self.input_scale = check_input_scale(input_scale)
         self.batch_to_input_target = batch_to_input_target or default_batch_to_input_target
         self.lipschitz_fn = lipschitz_fn or certificate_bounds
-        self.method = method
         self.curvature_fn = curvature_fn or curvature_and_pairwise
         self.compositional = compositional
         self.runs = {stage: Run(self.epsilons, prefix) for stage, prefix in _PREFIXES.items()}
@@ -265,23 +247,3 @@ class CertificationTracker:
             # Processes may have seen different input shapes: the max over all of them.
             pl_module.log(name, value, on_epoch=True, on_step=False, sync_dist=True,
                           reduce_fx="max", rank_zero_only=False)
-
-    # Lightning-style entry points, as the callback calls them.
-
-    def on_validation_epoch_start(self, trainer: Any, pl_module: Any) -> None:
-        self.start("validate")
-
-    def on_validation_batch_end(self, trainer: Any, pl_module: Any, batch: Any) -> None:
-        self.update("validate", pl_module, batch)
-
-    def on_validation_epoch_end(self, trainer: Any, pl_module: Any) -> None:
-        self.log("validate", pl_module)
-
-    def on_test_epoch_start(self, trainer: Any, pl_module: Any) -> None:
-        self.start("test")
-
-    def on_test_batch_end(self, trainer: Any, pl_module: Any, batch: Any) -> None:
-        self.update("test", pl_module, batch)
-
-    def on_test_epoch_end(self, trainer: Any, pl_module: Any) -> None:
-        self.log("test", pl_module)

@@ -9,8 +9,10 @@ from collections.abc import Sequence
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+__all__ = ["LoaderMixin", "require_optional", "seeded_split"]
 
-def _require(module: str, package: str, user: str) -> None:
+
+def require_optional(module: str, package: str, user: str) -> None:
     """Import ``module`` now, so that a missing optional dependency stops the constructor instead
     of ``trainer.fit`` (where ``setup`` would first import it, after the model was built)."""
     try:
@@ -22,7 +24,7 @@ def _require(module: str, package: str, user: str) -> None:
         ) from err
 
 
-def _seeded_split(n: int, sizes: Sequence[int], seed: int) -> list[list[int]]:
+def seeded_split(n: int, sizes: Sequence[int], seed: int) -> list[list[int]]:
     """Split ``range(n)`` into consecutive chunks of ``sizes`` after a seeded permutation."""
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
     chunks, start = [], 0
@@ -32,7 +34,7 @@ def _seeded_split(n: int, sizes: Sequence[int], seed: int) -> list[list[int]]:
     return chunks
 
 
-class _LoaderMixin:
+class LoaderMixin:
     """DataLoader construction shared by the three modules.
 
     The training loader shuffles with its own ``torch.Generator`` seeded from ``seed``, so the
@@ -44,7 +46,9 @@ class _LoaderMixin:
     num_workers: int
     seed: int
 
-    def _loader(self, dataset: Dataset, *, train: bool) -> DataLoader:
+    def _loader(self, dataset: Dataset | None, *, train: bool) -> DataLoader:
+        if dataset is None:  # the dataloader hooks call setup() first
+            raise RuntimeError(f"{type(self).__name__}.setup() did not build this split")
         generator = torch.Generator().manual_seed(self.seed) if train else None
         return DataLoader(
             dataset,
