@@ -30,7 +30,7 @@ from typing_extensions import override
 
 from .certification import CertificationTracker
 from .functional.bounds import layer_spectral_bound
-from .lipschitz.pairwise import certificate_bounds
+from .network.pairwise import certificate_bounds
 from .regularizer import selection, sharding
 from .regularizer.certified import CertifiedTerm
 from .regularizer.checkpoint import CheckpointHooks

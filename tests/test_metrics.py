@@ -15,8 +15,8 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_spectral.certification import CertificationTracker, default_batch_to_input_target
-from lightning_spectral.lipschitz import network_lipschitz_bound
 from lightning_spectral.metrics import CertifiedRadius, CertifiedRobustAccuracy
+from lightning_spectral.network import network_lipschitz_bound
 
 EPS = [0.0, 0.05, 0.2, 1.0]
 

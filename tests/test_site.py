@@ -27,7 +27,7 @@ DOCS_TOOLS = ("mkdocs", "material", "mkdocstrings", "mkdocstrings_handlers.pytho
 API_MODULES = (
     "lightning_spectral.functional",
     "lightning_spectral.callback",
-    "lightning_spectral.lipschitz",
+    "lightning_spectral.network",
     "lightning_spectral.metrics",
     "lightning_spectral.certification",
     "lightning_spectral.report",

@@ -18,8 +18,8 @@ from typing import Any
 from torch import Tensor, nn
 
 from ..certification import CertificationTracker, default_batch_to_input_target
-from ..lipschitz import CurvatureTape, network_curvature_bound
-from ..lipschitz.curvature import curvature_and_pairwise
+from ..network import CurvatureTape, network_curvature_bound
+from ..network.curvature import curvature_and_pairwise
 from . import sharding
 from .config import RegularizerConfig
 from .curvature import CurvatureTerm

@@ -7,7 +7,7 @@ A chain is an ``nn.Sequential`` (nested ones flattened) of ``nn.Linear``, ``nn.C
 (the identity in eval mode), ``nn.Identity`` and activations with slope bounds
 (:func:`~lightning_spectral.functional.activations.activation_slope`). Every module must
 compute what its class computes (a subclass overriding ``forward`` is not its parent, see
-``_behaves_as``) and carry no hooks; anything else makes the model "not a chain" and only the
+``behaves_as``) and carry no hooks; anything else makes the model "not a chain" and only the
 graph walk's bound is returned.
 """
 
@@ -22,10 +22,15 @@ from torch import Tensor, nn
 
 from ..functional.activations import activation_slope
 from ..functional.compositional import _fast_start_applies, chain_lipschitz_bound
-from .api import _check_input_shape, _evaluating, network_lipschitz_bound
+from ..functional.modules import behaves_as
+from .api import check_input_shape, network_lipschitz_bound, walking
 from .common import LayerBound
-from .ownership import _behaves_as
-from .tracing import _has_hooks, _trace, _uncompiled
+from .tracing import has_hooks, trace, uncompiled
+
+__all__ = [
+    "MAX_ENTRIES", "MAX_ROWS", "chain_bound_of_forward", "check_rows",
+    "compositional_lipschitz_bound", "conv2d_matrix", "sequential_chain_bound",
+]
 
 #: Largest unrolled matrix (entries) the chain bound forms; a larger layer: not a chain.
 MAX_ENTRIES = 16_000_000
@@ -35,12 +40,12 @@ _Item = tuple[str, "Tensor | tuple[float, float]"]
 
 
 def _is(module: nn.Module, klass: type) -> bool:
-    return isinstance(module, klass) and _behaves_as(module, klass)
+    return isinstance(module, klass) and behaves_as(module, klass)
 
 
 def _flat_children(model: nn.Module) -> list[nn.Module] | None:
     """The leaves of a (nested) plain ``nn.Sequential``, or None if it is not one."""
-    if not _is(model, nn.Sequential) or _has_hooks(model):
+    if not _is(model, nn.Sequential) or has_hooks(model):
         return None
     leaves: list[nn.Module] = []
     for child in model:
@@ -105,7 +110,7 @@ def _flatten_out(flatten: nn.Flatten, shape: tuple[int, ...]) -> tuple[int, ...]
 def _item(module: nn.Module, shape: tuple[int, ...]) -> tuple[_Item | None, tuple[int, ...]
                                                               ] | None:
     """``(item or None for a no-op, output shape)``, or None if ``module`` breaks the chain."""
-    if _has_hooks(module):
+    if has_hooks(module):
         return None
     if _is(module, nn.Identity) or any(_is(module, d) for d in _DROPOUTS):
         return None, shape
@@ -210,9 +215,9 @@ def sequential_chain_bound(model: nn.Module, input_shape: Sequence[int],
     ``MAX_ENTRIES``, :func:`check_rows` exceeds ``max_rows`` (a cost cap) or a certification
     check fails. ``fast_start``: as in
     :func:`~lightning_spectral.functional.compositional.chain_lipschitz_bound`."""
-    shape = _check_input_shape(input_shape)
-    model = _uncompiled(model)
-    with _evaluating(model):
+    shape = check_input_shape(input_shape)
+    model = uncompiled(model)
+    with walking(model):
         items = _items(model, shape)
     if not items or not any(kind == "lin" for kind, _ in items):
         return None
@@ -233,14 +238,14 @@ def _as_chain(model: nn.Module) -> nn.Module | None:
     (``return self.model(x)`` traces into ``self.model``'s layers); else None. The trace is
     fx's, as for the graph walk, which also checks that it reproduces the model (the tracker
     runs the walk first)."""
-    model = _uncompiled(model)
+    model = uncompiled(model)
     if isinstance(model, nn.Sequential):
         return model
-    if _has_hooks(model):
+    if has_hooks(model):
         return None
     try:
-        with _evaluating(model):  # the bound is for the eval-mode forward
-            graph = _trace(model)
+        with walking(model):  # the bound is for the eval-mode forward
+            graph = trace(model)
     except Exception:  # fx raises TraceError, TypeError, NotImplementedError...
         return None
     layers: list[nn.Module] = []

@@ -1,10 +1,13 @@
-"""Lipschitz constants of pooling layers at a given input size.
+"""Pooling: the Lipschitz constants of pooling layers at a given input size, and the rules of
+functional pooling (``F.avg_pool2d``, ...: the module it is the forward of).
 
 An average pool is the Kronecker product of 1-D averaging matrices (PyTorch's divisor is a
 product of per-axis window lengths), so its norm is the product of theirs, computed exactly. A
 max pool is ``sqrt(c)``-Lipschitz, ``c`` the largest number of windows one input position
 falls into: ``|max_W x - max_W x'| <= max_{i in W} |x_i - x'_i|``, and summing the squares
-over windows counts each position at most ``c`` times.
+over windows counts each position at most ``c`` times. Average pooling is linear (its
+curvature rule is its Lipschitz rule on the curvature bounds); max pooling has kinks and no
+curvature rule.
 """
 
 from __future__ import annotations
@@ -15,10 +18,35 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor, fx, nn
 
-from .common import _ADAPTIVE_AVG, UnsupportedOperationError, _f64
-from .ownership import _builtin_class
+from ..common import (
+    ADAPTIVE_AVG,
+    ADAPTIVE_MAX,
+    AVG_POOLS,
+    MAX_POOLS,
+    UnsupportedOperationError,
+    f64,
+)
+from ..ownership import builtin_class
+from ..tracing import shape_of, static
+from .base import NodeRule, Walk
+from .smooth import refusal, why_refused
+
+__all__ = ["POOL_FUNCS", "TABLE", "adaptive_lip", "avg_pool_lip", "max_pool_lip"]
+
+# function -> (module class it is the forward of, names of its arguments after the input)
+POOL_FUNCS: dict[Any, tuple[type, tuple[str, ...]]] = {}
+for _d, (_avg, _max, _aavg, _amax) in enumerate(
+    zip(AVG_POOLS, MAX_POOLS, ADAPTIVE_AVG, ADAPTIVE_MAX, strict=True), start=1
+):
+    POOL_FUNCS[getattr(F, f"avg_pool{_d}d")] = (_avg, (
+        "kernel_size", "stride", "padding", "ceil_mode", "count_include_pad",
+        *(("divisor_override",) if _d > 1 else ())))
+    POOL_FUNCS[getattr(F, f"max_pool{_d}d")] = (_max, (
+        "kernel_size", "stride", "padding", "dilation", "ceil_mode", "return_indices"))
+    POOL_FUNCS[getattr(F, f"adaptive_avg_pool{_d}d")] = (_aavg, ("output_size",))
+    POOL_FUNCS[getattr(F, f"adaptive_max_pool{_d}d")] = (_amax, ("output_size", "return_indices"))
 
 
 def _tuple(value: Any, d: int) -> tuple[int, ...]:
@@ -57,8 +85,8 @@ def _spectral(matrix: Tensor) -> float:
     return float(torch.linalg.matrix_norm(matrix, ord=2)) if matrix.numel() else 0.0
 
 
-def _avg_pool_lip(module: nn.Module, in_shape: torch.Size, out_shape: torch.Size) -> Tensor:
-    d = {nn.AvgPool1d: 1, nn.AvgPool2d: 2, nn.AvgPool3d: 3}[_builtin_class(module)]
+def avg_pool_lip(module: nn.Module, in_shape: torch.Size, out_shape: torch.Size) -> Tensor:
+    d = {nn.AvgPool1d: 1, nn.AvgPool2d: 2, nn.AvgPool3d: 3}[builtin_class(module)]
     k = _tuple(module.kernel_size, d)
     s = _tuple(module.stride if module.stride else module.kernel_size, d)
     p = _tuple(module.padding, d)
@@ -66,7 +94,7 @@ def _avg_pool_lip(module: nn.Module, in_shape: torch.Size, out_shape: torch.Size
     if getattr(module, "divisor_override", None):
         # Every window sum is divided by the same constant: (1/D) * kron(indicators).
         norms = [_spectral(_window_indicator(n[i], out[i], k[i], s[i], p[i], 1)) for i in range(d)]
-        return _f64(math.prod(norms) / abs(module.divisor_override))
+        return f64(math.prod(norms) / abs(module.divisor_override))
     # PyTorch's divisor is a product of per-axis window lengths (with or without padding), so
     # the operator is the Kronecker product of the 1-D pools; its norm is the product of theirs.
     # The 1-D matrices are read off PyTorch itself by pooling the identity basis.
@@ -79,11 +107,11 @@ def _avg_pool_lip(module: nn.Module, in_shape: torch.Size, out_shape: torch.Size
                 f"{type(module).__name__}: could not reproduce its output size along axis {i}"
             )
         norms.append(_spectral(cols[:, 0, :]))
-    return _f64(math.prod(norms))
+    return f64(math.prod(norms))
 
 
-def _max_pool_lip(module: nn.Module, in_shape: torch.Size, out_shape: torch.Size) -> Tensor:
-    d = {nn.MaxPool1d: 1, nn.MaxPool2d: 2, nn.MaxPool3d: 3}[_builtin_class(module)]
+def max_pool_lip(module: nn.Module, in_shape: torch.Size, out_shape: torch.Size) -> Tensor:
+    d = {nn.MaxPool1d: 1, nn.MaxPool2d: 2, nn.MaxPool3d: 3}[builtin_class(module)]
     if module.return_indices:
         raise UnsupportedOperationError(f"{type(module).__name__} with return_indices=True")
     k = _tuple(module.kernel_size, d)
@@ -91,29 +119,44 @@ def _max_pool_lip(module: nn.Module, in_shape: torch.Size, out_shape: torch.Size
     p, dil = _tuple(module.padding, d), _tuple(module.dilation, d)
     n, out = in_shape[-d:], out_shape[-d:]
     inds = [_window_indicator(n[i], out[i], k[i], s[i], p[i], dil[i]) for i in range(d)]
-    return _f64(math.sqrt(_max_count(inds)))
+    return f64(math.sqrt(_max_count(inds)))
 
 
-def _adaptive_lip(module: nn.Module, in_shape: torch.Size, out_shape: torch.Size) -> Tensor:
-    is_avg = isinstance(module, _ADAPTIVE_AVG)
-    d = int(_builtin_class(module).__name__[-2])
+def adaptive_lip(module: nn.Module, in_shape: torch.Size, out_shape: torch.Size) -> Tensor:
+    is_avg = isinstance(module, ADAPTIVE_AVG)
+    d = int(builtin_class(module).__name__[-2])
     if not is_avg and module.return_indices:
         raise UnsupportedOperationError(f"{type(module).__name__} with return_indices=True")
     n, out = in_shape[-d:], out_shape[-d:]
     inds = [_adaptive_indicator(n[i], out[i]) for i in range(d)]
     if not is_avg:
-        return _f64(math.sqrt(_max_count(inds)))
+        return f64(math.sqrt(_max_count(inds)))
     # Each window is averaged: rows of the indicator divided by their lengths (Kronecker again).
-    return _f64(math.prod(_spectral(ind / ind.sum(1, keepdim=True)) for ind in inds))
+    return f64(math.prod(_spectral(ind / ind.sum(1, keepdim=True)) for ind in inds))
 
 
-def _pad_lip(in_shape: torch.Size, pad: Sequence[int], mode: str) -> float:
-    """``F.pad(x, pad, mode)`` of a batched ``in_shape``: every output entry is a constant or
-    a copy of an input entry, so the per-sample map's norm is ``sqrt`` of the largest number
-    of copies of one entry, counted by padding a tensor of distinct indices. The caller
-    checks that ``pad`` misses the batch axis."""
-    sample = in_shape[1:]
-    index = torch.arange(1, math.prod(sample) + 1, dtype=torch.float64).reshape(1, *sample)
-    padded = F.pad(index, list(pad)) if mode == "constant" else F.pad(index, list(pad), mode=mode)
-    counts = torch.bincount(padded.flatten().round().long())[1:]  # 0: the pad value
-    return math.sqrt(int(counts.max()) if counts.numel() else 0)
+def _pool(w: Walk, node: fx.Node, t: Any) -> Tensor:
+    """Functional pooling: the module it is the forward of, with the same arguments."""
+    w.only_first_dependent(node)
+    x = node.args[0]
+    klass, names = POOL_FUNCS[t]
+    params = {n: static(v) for n, v in zip(names, node.args[1:], strict=False)}
+    params.update({k: static(v) for k, v in node.kwargs.items()})
+    return w.module_lip(klass(**params), [shape_of(x)], shape_of(node)) * w.L(x)
+
+
+def _pool_curvature(w: Walk, node: fx.Node, t: Any) -> Tensor:
+    klass = POOL_FUNCS[t][0]
+    if klass in MAX_POOLS or klass in ADAPTIVE_MAX:
+        raise refusal(node, why_refused(F.max_pool2d))
+    return w.in_curvature(_pool, w, node, t)
+
+
+def _pool_slack(w: Walk, node: fx.Node, t: Any) -> tuple[Tensor, Tensor]:
+    """Average pooling is linear (max pooling was refused by its curvature rule)."""
+    return w.in_slack(_pool, w, node, t)
+
+
+TABLE: dict[Any, NodeRule] = dict.fromkeys(
+    POOL_FUNCS, NodeRule(_pool, _pool_curvature, _pool_slack))
+"""The functional pooling targets and their rules."""
