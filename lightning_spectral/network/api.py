@@ -50,16 +50,16 @@ def check_input_shape(input_shape: Sequence[int]) -> tuple[int, ...]:
         entries = list(input_shape)
     except TypeError as exc:
         raise TypeError(f"input_shape must be a sequence of ints, got {input_shape!r}") from exc
-    shape = []
+    sizes = []
     for i, s in enumerate(entries):
         try:
             if isinstance(s, bool):
                 raise TypeError
-            shape.append(operator.index(s))
+            sizes.append(operator.index(s))
         except TypeError as exc:
             raise ValueError(f"input_shape must be a sequence of ints: entry {i} is {s!r} in "
                              f"{input_shape!r}") from exc
-    shape = tuple(shape)
+    shape = tuple(sizes)
     if not shape or any(s <= 0 for s in shape):
         raise ValueError(f"input_shape must be a non-empty tuple of positive sizes, got {shape}")
     return shape
@@ -193,7 +193,7 @@ def walk_model(model: nn.Module, input_shape: Sequence[int], layer_bound: LayerB
 def _graph_bound(model: nn.Module, gm: fx.GraphModule, shape: tuple[int, ...],
                  layer_bound: LayerBound) -> Tensor:
     walker = _graph_walk(model, gm, shape, layer_bound)
-    return not_nan(walker.lip[walker.output])
+    return not_nan(walker.lip[walker.out])
 
 
 def not_nan(bound: Tensor, name: str = "Lipschitz") -> Tensor:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import TypeGuard, TypeVar, cast
 
 import torch
 import torch.nn.functional as F
@@ -37,9 +38,11 @@ MAX_ENTRIES = 16_000_000
 
 _DROPOUTS = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout)
 _Item = tuple[str, "Tensor | tuple[float, float]"]
+_M = TypeVar("_M", bound=nn.Module)
 
 
-def _is(module: nn.Module, klass: type) -> bool:
+def _is(module: nn.Module, klass: type[_M]) -> TypeGuard[_M]:
+    """``module`` is a ``klass`` and computes what ``klass`` computes."""
     return isinstance(module, klass) and behaves_as(module, klass)
 
 
@@ -94,8 +97,8 @@ def _linear_item(module: nn.Module, shape: tuple[int, ...]) -> Tensor | None:
 def _conv_out(conv: nn.Conv2d, shape: tuple[int, ...]) -> tuple[int, ...]:
     sizes = [
         (n + 2 * p - d * (k - 1) - 1) // st + 1
-        for n, p, d, k, st in zip(shape[1:], conv.padding, conv.dilation, conv.kernel_size,
-                                   conv.stride, strict=True)
+        for n, p, d, k, st in zip(shape[1:], cast("tuple[int, ...]", conv.padding),
+                                   conv.dilation, conv.kernel_size, conv.stride, strict=True)
     ]
     return (conv.out_channels, *sizes)
 
@@ -123,7 +126,8 @@ def _item(module: nn.Module, shape: tuple[int, ...]) -> tuple[_Item | None, tupl
     matrix = _linear_item(module, shape)
     if matrix is None:
         return None
-    out = (matrix.shape[0],) if len(shape) == 1 else _conv_out(module, shape)
+    # A matrix for a 3-d shape: the module is a Conv2d (_linear_item).
+    out = (matrix.shape[0],) if len(shape) == 1 else _conv_out(cast(nn.Conv2d, module), shape)
     return ("lin", matrix), out
 
 

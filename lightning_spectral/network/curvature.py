@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import NamedTuple
+from typing import NamedTuple, cast
 
 import torch
 import torch.nn.functional as F
@@ -16,7 +16,7 @@ from ..functional.curvature import linear_head_pairwise_curvature
 from .api import not_nan, walk_model
 from .common import LayerBound, NonSmoothOperationError
 from .ownership import builtin_class, curvature_rule, user_rule
-from .tracing import node_arg, shape_of
+from .tracing import known_shape, node_arg, submodule
 from .walk import Walker
 
 __all__ = [
@@ -36,7 +36,7 @@ def curvature_walk(model: nn.Module, input_shape: Sequence[int],
 def _without_slack(walker: Walker) -> Walker:
     """The walk, refused if the network differs from its smooth twin: then ``C`` alone is no
     bound of the Lipschitz constant of its Jacobian (there is none: the Jacobian jumps)."""
-    out = walker.output
+    out = walker.out
     if bool(walker.value_slack[out] > 0) or bool(walker.jacobian_slack[out] > 0):
         first = next(n for n, e in walker.value_slack.items()  # topological order
                      if bool(e > 0) or bool(walker.jacobian_slack[n] > 0))
@@ -102,7 +102,7 @@ def network_curvature_bounds(
     """
     walker = curvature_walk(model, input_shape, layer_bound)
     return CurvatureBounds(
-        not_nan(walker.curv[walker.output], "curvature"), pairwise_bounds(walker),
+        not_nan(walker.curv[walker.out], "curvature"), pairwise_bounds(walker),
         pairwise_bounds(walker, table=walker.jacobian_slack, name="Jacobian slack"),
         pairwise_bounds(walker, table=walker.value_slack, name="value slack"))
 
@@ -148,7 +148,7 @@ def network_curvature_bound(
         ValueError: ``input_shape`` invalid or the model fails on it.
     """
     walker = _without_slack(curvature_walk(model, input_shape, layer_bound))
-    return not_nan(walker.curv[walker.output], "curvature")
+    return not_nan(walker.curv[walker.out], "curvature")
 
 
 def network_pairwise_curvature(
@@ -184,7 +184,7 @@ def curvature_and_pairwise(
 ) -> tuple[Tensor, Tensor]:
     """:func:`network_curvature_bound` and :func:`network_pairwise_curvature` from one walk."""
     walker = _without_slack(curvature_walk(model, input_shape, layer_bound))
-    return not_nan(walker.curv[walker.output], "curvature"), pairwise_bounds(walker)
+    return not_nan(walker.curv[walker.out], "curvature"), pairwise_bounds(walker)
 
 
 def pairwise_bounds(walker: Walker, first_order: bool = False,
@@ -196,8 +196,8 @@ def pairwise_bounds(walker: Walker, first_order: bool = False,
     if table is None:
         table = walker.lip if first_order else walker.curv
         name = "Lipschitz" if first_order else "curvature"
-    out = walker.output
-    shape = shape_of(out)
+    out = walker.out
+    shape = known_shape(out)  # run() refuses an output that is not a tensor
     if len(shape) != 2 or shape[1] < 2:
         raise ValueError(f"pairwise {name} bounds need logits of shape (N, C) with C >= 2, "
                          f"the model outputs {tuple(shape)}")
@@ -220,10 +220,10 @@ def _linear_head(walker: Walker, out: fx.Node) -> tuple[Tensor, fx.Node] | None:
         return None
     features = out.args[0]
     if out.op == "call_module":
-        module = walker.gm.get_submodule(out.target)
+        module = submodule(walker.gm, out)
         plain = user_rule(module) is None and curvature_rule(module) is None
         if plain and builtin_class(module) is nn.Linear and len(out.args) == 1:
-            return module.weight.detach().to("cpu", torch.float64), features
+            return cast(nn.Linear, module).weight.detach().to("cpu", torch.float64), features
         return None
     if out.op == "call_function" and out.target is F.linear:
         weight = node_arg(out, 1, "weight")

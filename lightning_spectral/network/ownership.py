@@ -4,7 +4,7 @@ computes what the class owning the rule computes."""
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -14,7 +14,7 @@ from .common import BUILTIN, LipschitzRule
 
 __all__ = [
     "CurvatureRule", "builtin_class", "curvature_rule", "has_rule", "overrides_a_rule", "owner",
-    "register_curvature_rule", "register_lipschitz_rule", "unregister_curvature_rule",
+    "register_curvature_rule", "register_lipschitz_rule", "rule_class", "unregister_curvature_rule",
     "unregister_lipschitz_rule", "user_rule",
 ]
 
@@ -110,6 +110,11 @@ def user_rule(module: nn.Module) -> LipschitzRule | None:
 def builtin_class(module: nn.Module) -> type | None:
     """The class whose built-in rule applies to ``module``, if any."""
     return owner(module, BUILTIN)
+
+
+def rule_class(module: nn.Module) -> type:
+    """:func:`builtin_class` of a module the caller knows to have a built-in rule."""
+    return cast(type, builtin_class(module))
 
 
 def has_rule(module: nn.Module) -> bool:

@@ -32,7 +32,7 @@ def lipschitz_and_pairwise(
     """:func:`~lightning_spectral.network_lipschitz_bound` ``L`` and
     :func:`network_pairwise_lipschitz` ``K`` from one graph walk (both float64, CPU)."""
     walker = walk_model(model, input_shape, layer_bound)
-    return not_nan(walker.lip[walker.output]), pairwise_bounds(walker, first_order=True)
+    return not_nan(walker.lip[walker.out]), pairwise_bounds(walker, first_order=True)
 
 
 def network_pairwise_lipschitz(

@@ -48,7 +48,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor, fx, nn
@@ -58,7 +58,7 @@ from .common import LayerBound, UnsupportedOperationError, f64, resolve_layer_bo
 from .curvature import curvature_walk
 from .ownership import builtin_class, curvature_rule, user_rule
 from .rules.layers import folded_layer, layer_bound_of
-from .tracing import shape_of
+from .tracing import known_shape, shape_of, submodule
 from .walk import Walker
 
 __all__ = [
@@ -306,9 +306,9 @@ class RecordingWalker(Walker):
     tracks_slack = False  # the tape replays C alone, which a softplus switch voids
 
     def visit_fold(self, bn_node: fx.Node, layer_node: fx.Node) -> Tensor:
-        layer = self.gm.get_submodule(layer_node.target)
-        size = shape_of(layer_node.args[0])
-        folded = folded_layer(layer, self.gm.get_submodule(bn_node.target))
+        layer = submodule(self.gm, layer_node)
+        size = known_shape(layer_node.args[0])
+        folded = folded_layer(layer, submodule(self.gm, bn_node))
         inner = layer_bound_of(folded, size, self.layer_bound)  # a fresh module: a constant
         own = layer_bound_of(layer, size, self.layer_bound)
         if isinstance(own, _Traced):
@@ -370,7 +370,7 @@ def record_curvature(
     leaves = LeafBounds(layers, layer_bound)
     shape = check_input_shape(input_shape)
     walker = curvature_walk(model, shape, leaves, walker_class=RecordingWalker)
-    return leaves.tape(not_nan(walker.curv[walker.output], "curvature"))
+    return leaves.tape(not_nan(walker.curv[walker.out], "curvature"))
 
 
 # Lipschitz programs.
@@ -408,13 +408,13 @@ class LipschitzProgram:
         return torch.minimum(k, rows * self.features.replay(norms))
 
 
-def _head_module(walker: RecordingWalker) -> nn.Linear | None:
+def _head_module(walker: Walker) -> nn.Linear | None:
     out = walker.output
     if out is None or out.op != "call_module" or len(out.args) != 1:
         return None
-    module = walker.gm.get_submodule(out.target)
+    module = submodule(walker.gm, out)
     plain = user_rule(module) is None and curvature_rule(module) is None
-    return module if plain and builtin_class(module) is nn.Linear else None
+    return cast(nn.Linear, module) if plain and builtin_class(module) is nn.Linear else None
 
 
 def record_lipschitz(
@@ -438,8 +438,8 @@ def record_lipschitz(
         raise ValueError(f"certified training needs logits of shape (N, C) with C >= 2, the "
                          f"model outputs {None if out_shape is None else tuple(out_shape)}")
     head = _head_module(walker)
-    network = leaves.tape(not_nan(walker.lip[walker.output]))
+    network = leaves.tape(not_nan(walker.lip[walker.out]))
     features = None
     if head is not None:
-        features = leaves.tape(not_nan(walker.lip[walker.output.args[0]]))
+        features = leaves.tape(not_nan(walker.lip[cast(fx.Node, walker.out.args[0])]))
     return LipschitzProgram(network, features, head, int(out_shape[1]), leaves.sizes)

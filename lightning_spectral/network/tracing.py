@@ -3,7 +3,7 @@ constant values and checks forward hooks, and helpers to read nodes."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor, fx, nn
@@ -14,8 +14,8 @@ from .ownership import has_rule, overrides_a_rule
 
 __all__ = [
     "BatchDependent", "Propagate", "Tracer", "check_hooks", "compiled_inner", "describe",
-    "dtypes", "has_hooks", "metadata_only", "node_arg", "refuse", "shape_of", "static",
-    "trace", "uncompiled",
+    "dtypes", "has_hooks", "known_shape", "metadata_only", "node_arg", "refuse", "shape_of",
+    "static", "submodule", "trace", "uncompiled",
 ]
 
 # Methods that read only sizes, never values.
@@ -87,12 +87,13 @@ class Propagate(ShapeProp):
         self.depends = depends
 
     def run_node(self, n: fx.Node) -> Any:
-        hooked = n.op == "call_module" and has_hooks(self.fetch_attr(n.target))
+        hooked = n.op == "call_module" and has_hooks(self.fetch_attr(cast(str, n.target)))
         if hooked:  # cloned first: an in-place module overwrites its input
             args, kwargs = _clone(self.fetch_args_kwargs_from_env(n))
         result = super().run_node(n)
         if hooked:
-            check_hooks(self.fetch_attr(n.target), n.target, args, kwargs, result)
+            check_hooks(self.fetch_attr(cast(str, n.target)), cast(str, n.target), args, kwargs,
+                        result)
         if not isinstance(result, Tensor):
             if isinstance(result, (int, float, bool, torch.Size)) or (
                 isinstance(result, (tuple, list)) and all(isinstance(r, int) for r in result)
@@ -133,6 +134,17 @@ def shape_of(node: Any) -> torch.Size | None:
     meta = node.meta.get("tensor_meta")
     shape = getattr(meta, "shape", None)
     return torch.Size(shape) if shape is not None else None
+
+
+def known_shape(node: Any) -> torch.Size:
+    """:func:`shape_of` a node the walk knows to be a tensor (its checks have made sure: an
+    input-dependent argument of a rule, a leaf module's tensor input)."""
+    return cast(torch.Size, shape_of(node))
+
+
+def submodule(gm: fx.GraphModule, node: fx.Node) -> nn.Module:
+    """The module a ``call_module`` node calls (its target is the module's qualified name)."""
+    return gm.get_submodule(cast(str, node.target))
 
 
 def dtypes(meta: Any) -> list[torch.dtype]:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor, fx, nn
@@ -23,7 +23,16 @@ from .rules import RULES, smooth
 from .rules.inplace import RANDOM, check_inplace, inplace_target
 from .rules.layers import foldable, folded_layer, layer_bound_of
 from .rules.modules import module_curvature, module_lip, module_slack
-from .tracing import BatchDependent, dtypes, metadata_only, refuse, shape_of, static
+from .tracing import (
+    BatchDependent,
+    dtypes,
+    known_shape,
+    metadata_only,
+    refuse,
+    shape_of,
+    static,
+    submodule,
+)
 
 __all__ = ["Walker"]
 
@@ -40,17 +49,23 @@ class Walker:
         self.layer_bound = layer_bound
         self.other_batch = other_batch
         self.lip: dict[fx.Node, Tensor] = {}
-        # C_v (Lipschitz constant of the Jacobian of input -> v), when asked for.
-        self.curv: dict[fx.Node, Tensor] | None = {} if curvature else None
+        self.curvature = curvature
+        # C_v (Lipschitz constant of the Jacobian of input -> v), filled when asked for.
+        self.curv: dict[fx.Node, Tensor] = {}
         # With curvature, the slack against the smooth twin (the network with every finite-
-        # threshold softplus replaced by SmoothSoftplus, see .smooth): E_v >= sup ||v - v~||
-        # and D_v >= sup ||Dv - Dv~||.
-        self.value_slack: dict[fx.Node, Tensor] | None = {} if curvature else None
-        self.jacobian_slack: dict[fx.Node, Tensor] | None = {} if curvature else None
+        # threshold softplus replaced by SmoothSoftplus, see .rules.smooth):
+        # E_v >= sup ||v - v~|| and D_v >= sup ||Dv - Dv~||.
+        self.value_slack: dict[fx.Node, Tensor] = {}
+        self.jacobian_slack: dict[fx.Node, Tensor] = {}
         self.output: fx.Node | None = None
         self._read = self.lip  # the table L() reads (see in_curvature)
         # The first input-dependent node computed in float16 / bfloat16, with its dtype.
         self.low_precision: tuple[fx.Node, torch.dtype] | None = None
+
+    @property
+    def out(self) -> fx.Node:
+        """The output node (:attr:`output`, set by :meth:`run`)."""
+        return cast(fx.Node, self.output)
 
     def L(self, value: Any) -> Tensor:
         """Lipschitz bound of an argument (nested args allowed: root-sum-square). Inside
@@ -168,7 +183,7 @@ class Walker:
                 self.warn_low_precision()
                 return self.lip[out]
             try:
-                if self.curv is None:
+                if not self.curvature:
                     self.lip[node] = self.visit(node, fold)
                 else:
                     self.lip[node], self.curv[node] = self.visit_both(node, fold)
@@ -206,8 +221,8 @@ class Walker:
             if not (isinstance(prev, fx.Node) and prev.op == "call_module"
                     and len(prev.users) == 1 and len(prev.args) == 1 and not prev.kwargs):
                 continue
-            layer = self.gm.get_submodule(prev.target)
-            bn = self.gm.get_submodule(node.target)
+            layer = submodule(self.gm, prev)
+            bn = submodule(self.gm, node)
             out = shape_of(prev)
             if out is not None and foldable(layer, bn, len(out)) and self.keeps_batch(prev):
                 fold[node] = prev
@@ -267,9 +282,9 @@ class Walker:
 
     def visit_fold(self, bn_node: fx.Node, layer_node: fx.Node) -> Tensor:
         """``L`` of a BatchNorm node with the layer before it folded in."""
-        layer = self.gm.get_submodule(layer_node.target)
-        folded = folded_layer(layer, self.gm.get_submodule(bn_node.target))
-        inner = layer_bound_of(folded, shape_of(layer_node.args[0]), self.layer_bound)
+        layer = submodule(self.gm, layer_node)
+        folded = folded_layer(layer, submodule(self.gm, bn_node))
+        inner = layer_bound_of(folded, known_shape(layer_node.args[0]), self.layer_bound)
         return inner * self.L(layer_node.args[0])
 
     def module_lip(self, module: nn.Module, in_shapes: list[torch.Size],
@@ -279,10 +294,10 @@ class Walker:
 
     def visit_module(self, node: fx.Node) -> Tensor:
         """``L`` of a leaf module's node."""
-        module = self.gm.get_submodule(node.target)
+        module = submodule(self.gm, node)
         tensor_args = [a for a in node.args if shape_of(a) is not None]
         tensor_args += [a for a in node.kwargs.values() if shape_of(a) is not None]
-        k = self.module_lip(module, [shape_of(a) for a in tensor_args], shape_of(node))
+        k = self.module_lip(module, [known_shape(a) for a in tensor_args], shape_of(node))
         if shape_of(node) is not None and not self.keeps_batch(node):
             raise refuse(node, "changes the batch axis")
         return k * self.L(tensor_args)

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, fx
 
 from ..common import f64
-from ..tracing import node_arg, refuse, shape_of, static
+from ..tracing import known_shape, node_arg, refuse, static
 from .base import NodeRule, Walk, linear, rules_for
 
 __all__ = ["ADDS", "DROPOUTS", "MAX_MIN", "MULS", "NEGS", "TABLE", "elementwise"]
@@ -76,7 +76,7 @@ def _mul(w: Walk, node: fx.Node, t: Any) -> Tensor:
         raise refuse(node, "rounding division is not Lipschitz")
     x, c = (b, a) if w.dependent(b) else (a, b)
     mags = w.constant(node, c).abs()
-    out, xs = shape_of(node), shape_of(x)
+    out, xs = known_shape(node), known_shape(x)
     if mags.numel() == 0 or math.prod(out) == 0:
         return f64(0.0)
     if divide:

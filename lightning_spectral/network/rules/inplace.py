@@ -4,7 +4,7 @@ and the condition under which an in-place op equals its out-of-place counterpart
 from __future__ import annotations
 
 import operator
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -12,7 +12,7 @@ from torch import fx
 
 from ..common import ALIASING_MODULES
 from ..ownership import builtin_class
-from ..tracing import metadata_only, node_arg, refuse, static
+from ..tracing import metadata_only, node_arg, refuse, static, submodule
 from .elementwise import ADDS, MULS
 from .layers import CONV_FUNCS, MATMULS
 from .pooling import POOL_FUNCS
@@ -53,9 +53,11 @@ def inplace_target(gm: fx.GraphModule, node: fx.Node) -> tuple[bool, Any]:
     """(whether ``node`` overwrites its first argument, the out-of-place target)."""
     t = node.target
     if node.op == "call_method":
-        return (t.endswith("_") and not t.endswith("__")), (t[:-1] if t.endswith("_") else t)
+        name = cast(str, t)  # a method node's target is the method's name
+        return (name.endswith("_") and not name.endswith("__")), (
+            name[:-1] if name.endswith("_") else name)
     if node.op == "call_module":
-        return getattr(gm.get_submodule(t), "inplace", False) is True, t
+        return getattr(submodule(gm, node), "inplace", False) is True, t
     if node.op != "call_function":
         return False, t
     if t in INPLACE_FUNCS:
@@ -71,7 +73,7 @@ def fresh(gm: fx.GraphModule, node: fx.Node) -> bool:
     if inplace:
         return False
     if node.op == "call_module":
-        klass = builtin_class(gm.get_submodule(t))
+        klass = builtin_class(submodule(gm, node))
         return klass is not None and klass not in ALIASING_MODULES
     return node.op in ("call_function", "call_method") and t in FRESH
 

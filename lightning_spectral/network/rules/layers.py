@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 import operator
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -24,8 +24,8 @@ from ..common import (
     UnsupportedOperationError,
     f64,
 )
-from ..ownership import builtin_class, user_rule
-from ..tracing import node_arg, refuse, shape_of, static
+from ..ownership import builtin_class, rule_class, user_rule
+from ..tracing import known_shape, node_arg, refuse, static
 from .base import NodeRule, Walk, linear, rules_for
 
 __all__ = [
@@ -51,7 +51,7 @@ def _matmul(w: Walk, node: fx.Node, t: Any) -> Tensor:
         raise refuse(node, "a product of two input-dependent tensors has no global bound")
     right = w.dependent(a)
     x, c = (a, b) if right else (b, a)
-    cm, xs, out = w.constant(node, c), shape_of(x), shape_of(node)
+    cm, xs, out = w.constant(node, c), known_shape(x), known_shape(node)
     # x's contracted axis (last / second to last) and C's batch axes must miss axis 0.
     if len(xs) < (2 if right else 3) or (cm.ndim > 2 and cm.ndim > len(xs) - 1):
         raise refuse(node, "the product would contract or broadcast over the batch axis")
@@ -84,7 +84,7 @@ def _layer(w: Walk, node: fx.Node, t: Any) -> Tensor:
                 geometry[name] = static(value)
         layer = plain_layer(klass, weight, **geometry)
     x = node.args[0]
-    return layer_bound_of(layer, shape_of(x), w.layer_bound) * w.L(x)
+    return layer_bound_of(layer, known_shape(x), w.layer_bound) * w.L(x)
 
 
 def pad_lip(in_shape: torch.Size, pad: Sequence[int], mode: str) -> float:
@@ -106,7 +106,7 @@ def _pad(w: Walk, node: fx.Node, t: Any) -> Tensor:
     x = node.args[0]
     pad = [int(p) for p in static(node_arg(node, 1, "pad"))]
     mode = static(node_arg(node, 2, "mode", "constant"))
-    xs = shape_of(x)
+    xs = known_shape(x)
     if len(pad) // 2 >= len(xs) or not w.keeps_batch(node):
         raise refuse(node, "pads the batch axis")
     return pad_lip(xs, pad, mode) * w.L(x)
@@ -136,9 +136,11 @@ def bn_scale(bn: nn.Module) -> Tensor:
             f"{type(bn).__name__} without running statistics normalizes with batch statistics "
             "even in eval mode: not a per-sample map"
         )
-    scale = 1.0 / torch.sqrt(bn.running_var.detach().to(torch.float64) + bn.eps)
-    if bn.weight is not None:
-        scale = scale * bn.weight.detach().to(torch.float64)
+    norm = cast(nn.BatchNorm2d, bn)  # one of BN_TYPES: the attributes of their common base
+    running_var = cast(Tensor, norm.running_var)
+    scale = 1.0 / torch.sqrt(running_var.detach().to(torch.float64) + norm.eps)
+    if norm.weight is not None:
+        scale = scale * norm.weight.detach().to(torch.float64)
     return scale.cpu()
 
 
@@ -198,13 +200,13 @@ def folded_layer(layer: nn.Module, bn: nn.Module) -> nn.Module:
     """A plain float64 copy of ``layer`` with the eval BatchNorm's scale folded into its
     weight (the shift only changes the bias, which does not affect the Lipschitz constant)."""
     scale = bn_scale(bn)
-    w = layer.weight.detach().to("cpu", torch.float64)
-    klass = builtin_class(layer)
+    w = cast(Tensor, layer.weight).detach().to("cpu", torch.float64)
+    klass = rule_class(layer)
     if klass is nn.Linear:
         return plain_layer(nn.Linear, w * scale[:, None])
     if klass in CONV_T_TYPES:
         # Stored (c_in, c_out/g, *k); output channel g*c_out/g + j is weight[group g rows, j].
-        g = layer.groups
+        g = cast(nn.ConvTranspose2d, layer).groups
         ones = (1,) * (w.ndim - 2)
         grouped = w.reshape(g, w.shape[0] // g, *w.shape[1:])
         w = (grouped * scale.reshape(g, 1, -1, *ones)).reshape(w.shape)

@@ -4,9 +4,9 @@ curvature and slack of a module's node."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import torch
 from torch import Tensor, fx, nn
@@ -29,8 +29,8 @@ from ..common import (
     check_softplus,
     f64,
 )
-from ..ownership import builtin_class, curvature_rule, owner, user_rule
-from ..tracing import shape_of
+from ..ownership import builtin_class, curvature_rule, owner, rule_class, user_rule
+from ..tracing import known_shape, shape_of, submodule
 from .base import Walk
 from .layers import bn_scale, layer_bound_of, pad_lip
 from .pooling import adaptive_lip, avg_pool_lip, max_pool_lip
@@ -63,14 +63,14 @@ def _activation_lip(module: nn.Module) -> float:
         return max(1.0, float(module.weight.detach().abs().max()))
     if isinstance(module, nn.ELU):  # slope alpha * exp(x) for x < 0
         return max(1.0, abs(module.alpha))
-    return CONST_LIP[owner(module, CONST_LIP)]
+    return CONST_LIP[cast(type, owner(module, CONST_LIP))]  # one of ACTIVATIONS
 
 
 def _sort_lip(module: nn.Module, in_shape: torch.Size) -> Tensor:
     """GroupSort / MaxMin: 1 (a permutation on each of finitely many cones covering the
     space, continuous across them; see :mod:`lightning_spectral.activations`), provided the
     channel axis is not the batch axis (sorting across samples is not a per-sample map)."""
-    if module.dim % len(in_shape) == 0:
+    if cast(int, module.dim) % len(in_shape) == 0:
         raise UnsupportedOperationError(
             f"{type(module).__name__}(dim={module.dim}) sorts along the batch axis: it mixes "
             "the samples"
@@ -116,10 +116,10 @@ def _sizes_only(pool: Callable[[nn.Module, torch.Size, torch.Size], Tensor],
 def _pad_module_lip(module: nn.Module, in_shape: torch.Size, out_shape: torch.Size) -> Tensor:
     """A padding module is ``F.pad(x, module.padding, mode)`` (``mode`` from its class): the
     rule of ``F.pad``."""
-    pad = [int(p) for p in module.padding]
+    pad = [int(p) for p in cast("Sequence[int]", module.padding)]
     if len(pad) // 2 >= len(in_shape):
         raise UnsupportedOperationError(f"{type(module).__name__} pads the batch axis")
-    return f64(pad_lip(in_shape, pad, PAD_MODES[builtin_class(module)]))
+    return f64(pad_lip(in_shape, pad, PAD_MODES[rule_class(module)]))
 
 
 _ACTIVATION_RULE = ModuleRule(
@@ -163,21 +163,21 @@ def module_lip(
             "lightning_spectral.register_lipschitz_rule(type, fn)"
         )
     _check_single_io(module, in_shapes, out_shape)
-    return MODULE_RULES[builtin_class(module)].lipschitz(
-        module, in_shapes[0], out_shape, layer_bound)
+    return MODULE_RULES[rule_class(module)].lipschitz(  # out_shape: checked above
+        module, in_shapes[0], cast(torch.Size, out_shape), layer_bound)
 
 
 def module_slack(w: Walk, node: fx.Node) -> tuple[Tensor, Tensor]:
     """``(E, D)`` of a leaf module's node (after :func:`module_curvature` accepted it)."""
-    module = w.gm.get_submodule(node.target)
+    module = submodule(w.gm, node)
     args = [a for a in (*node.args, *node.kwargs.values()) if shape_of(a) is not None]
     lip_in = w.lipschitz(args)
     value_in, jacobian_in = w.E(args), w.D(args)
     rule = curvature_rule(module)
     if rule is not None:  # the same module in both networks, with (L, C) as registered
-        lip, curv = checked_pair(node, rule(module, [torch.Size(shape_of(a)[1:]) for a in args]))
+        lip, curv = checked_pair(node, rule(module, [torch.Size(known_shape(a)[1:]) for a in args]))
         return compose_slack(lip, curv, 0.0, 0.0, 1, lip_in, value_in, jacobian_in)
-    if MODULE_RULES[builtin_class(module)].curvature == "linear":
+    if MODULE_RULES[rule_class(module)].curvature == "linear":
         return w.in_slack(w.visit_module, node)
     g, h, delta, e = module_constants(node, module)
     return compose_slack(g, h, delta, e, entries(node), lip_in, value_in, jacobian_in)
@@ -186,11 +186,11 @@ def module_slack(w: Walk, node: fx.Node) -> tuple[Tensor, Tensor]:
 def module_curvature(w: Walk, node: fx.Node) -> Tensor:
     """``C`` of a leaf module's node: a registered curvature rule, a linear built-in (its
     Lipschitz rule on the curvature bounds) or a smooth activation; else refused."""
-    module = w.gm.get_submodule(node.target)
+    module = submodule(w.gm, node)
     args = [a for a in (*node.args, *node.kwargs.values()) if shape_of(a) is not None]
     rule = curvature_rule(module)
     if rule is not None:
-        lip, curv = checked_pair(node, rule(module, [torch.Size(shape_of(a)[1:]) for a in args]))
+        lip, curv = checked_pair(node, rule(module, [torch.Size(known_shape(a)[1:]) for a in args]))
         return compose(lip, curv, w.lipschitz(args), w.C(args))
     if user_rule(module) is not None:
         raise refusal(node, f"{type(module).__name__} has a registered Lipschitz rule but no "

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -28,8 +28,8 @@ from ..common import (
     UnsupportedOperationError,
     f64,
 )
-from ..ownership import builtin_class
-from ..tracing import shape_of, static
+from ..ownership import rule_class
+from ..tracing import known_shape, static
 from .base import NodeRule, Walk
 from .smooth import refusal, why_refused
 
@@ -86,22 +86,24 @@ def _spectral(matrix: Tensor) -> float:
 
 
 def avg_pool_lip(module: nn.Module, in_shape: torch.Size, out_shape: torch.Size) -> Tensor:
-    d = {nn.AvgPool1d: 1, nn.AvgPool2d: 2, nn.AvgPool3d: 3}[builtin_class(module)]
+    """The norm of an average pooling module at batched ``in_shape`` -> ``out_shape``."""
+    d = {nn.AvgPool1d: 1, nn.AvgPool2d: 2, nn.AvgPool3d: 3}[rule_class(module)]
     k = _tuple(module.kernel_size, d)
     s = _tuple(module.stride if module.stride else module.kernel_size, d)
     p = _tuple(module.padding, d)
     n, out = in_shape[-d:], out_shape[-d:]
+    pool = cast(nn.AvgPool2d, module)  # one of AVG_POOLS (AvgPool1d: no divisor_override)
     if getattr(module, "divisor_override", None):
         # Every window sum is divided by the same constant: (1/D) * kron(indicators).
         norms = [_spectral(_window_indicator(n[i], out[i], k[i], s[i], p[i], 1)) for i in range(d)]
-        return f64(math.prod(norms) / abs(module.divisor_override))
+        return f64(math.prod(norms) / abs(cast(int, pool.divisor_override)))
     # PyTorch's divisor is a product of per-axis window lengths (with or without padding), so
     # the operator is the Kronecker product of the 1-D pools; its norm is the product of theirs.
     # The 1-D matrices are read off PyTorch itself by pooling the identity basis.
     norms = []
     for i in range(d):
         eye = torch.eye(n[i], dtype=torch.float64)[:, None, :]
-        cols = F.avg_pool1d(eye, k[i], s[i], p[i], module.ceil_mode, module.count_include_pad)
+        cols = F.avg_pool1d(eye, k[i], s[i], p[i], pool.ceil_mode, pool.count_include_pad)
         if cols.shape[-1] != out[i]:
             raise UnsupportedOperationError(
                 f"{type(module).__name__}: could not reproduce its output size along axis {i}"
@@ -111,7 +113,9 @@ def avg_pool_lip(module: nn.Module, in_shape: torch.Size, out_shape: torch.Size)
 
 
 def max_pool_lip(module: nn.Module, in_shape: torch.Size, out_shape: torch.Size) -> Tensor:
-    d = {nn.MaxPool1d: 1, nn.MaxPool2d: 2, nn.MaxPool3d: 3}[builtin_class(module)]
+    """``sqrt(c)`` of a max pooling module, ``c`` the most windows one position falls into."""
+    dims: dict[type, int] = {nn.MaxPool1d: 1, nn.MaxPool2d: 2, nn.MaxPool3d: 3}
+    d = dims[rule_class(module)]
     if module.return_indices:
         raise UnsupportedOperationError(f"{type(module).__name__} with return_indices=True")
     k = _tuple(module.kernel_size, d)
@@ -123,8 +127,9 @@ def max_pool_lip(module: nn.Module, in_shape: torch.Size, out_shape: torch.Size)
 
 
 def adaptive_lip(module: nn.Module, in_shape: torch.Size, out_shape: torch.Size) -> Tensor:
+    """The constant of an adaptive average (norm) or max (``sqrt(c)``) pooling module."""
     is_avg = isinstance(module, ADAPTIVE_AVG)
-    d = int(builtin_class(module).__name__[-2])
+    d = int(rule_class(module).__name__[-2])
     if not is_avg and module.return_indices:
         raise UnsupportedOperationError(f"{type(module).__name__} with return_indices=True")
     n, out = in_shape[-d:], out_shape[-d:]
@@ -142,7 +147,7 @@ def _pool(w: Walk, node: fx.Node, t: Any) -> Tensor:
     klass, names = POOL_FUNCS[t]
     params = {n: static(v) for n, v in zip(names, node.args[1:], strict=False)}
     params.update({k: static(v) for k, v in node.kwargs.items()})
-    return w.module_lip(klass(**params), [shape_of(x)], shape_of(node)) * w.L(x)
+    return w.module_lip(klass(**params), [known_shape(x)], known_shape(node)) * w.L(x)
 
 
 def _pool_curvature(w: Walk, node: fx.Node, t: Any) -> Tensor:

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from torch import Tensor, fx
 
-from ..tracing import node_arg, refuse, shape_of, static
+from ..tracing import known_shape, node_arg, refuse, shape_of, static
 from .base import NodeRule, Walk, linear, rules_for
 
 __all__ = ["REDUCTIONS", "SHAPE_FUNCS", "SHAPE_METHODS", "TABLE"]
@@ -31,7 +31,7 @@ def _getitem(w: Walk, node: fx.Node, t: Any) -> Tensor:
     if any(isinstance(i, (fx.Node, list, Tensor)) for i in index):
         raise refuse(node, "advanced indexing may repeat entries")
     ok_first = index and (index[0] == slice(None) or index[0] is Ellipsis and len(
-        [i for i in index if i is not None and i is not Ellipsis]) < len(shape_of(x)) - 1)
+        [i for i in index if i is not None and i is not Ellipsis]) < len(known_shape(x)) - 1)
     if not ok_first or not w.keeps_batch(node):
         raise refuse(node, "indexing must keep the batch axis whole")
     return w.L(x)
@@ -40,7 +40,7 @@ def _getitem(w: Walk, node: fx.Node, t: Any) -> Tensor:
 def _cat(w: Walk, node: fx.Node, t: Any) -> Tensor:
     """``[u, w]``: the squared norms of the parts add, ``sqrt(sum L_i^2)``."""
     dim = int(static(node_arg(node, 1, "dim", 0)))
-    if dim % len(shape_of(node)) == 0:
+    if dim % len(known_shape(node)) == 0:
         raise refuse(node, "concatenating along the batch axis")
     return w.L(list(node_arg(node, 0, "tensors")))
 
@@ -51,7 +51,7 @@ def _reshape(w: Walk, node: fx.Node, t: Any) -> Tensor:
         raise refuse(node, "its shape argument depends on the input")
     if t not in ("view_as", "reshape_as", "to"):
         w.only_first_dependent(node)
-    in_shape = shape_of(x)
+    in_shape = known_shape(x)
     if t is torch.flatten or t == "flatten":
         start = int(static(node_arg(node, 1, "start_dim", 0)))
         if start % len(in_shape) == 0:
@@ -72,7 +72,7 @@ def _reshape(w: Walk, node: fx.Node, t: Any) -> Tensor:
     if t in ("squeeze", "unsqueeze"):
         dim = static(node_arg(node, 1, "dim"))
         dims = dim if isinstance(dim, (tuple, list)) else (dim,)
-        nd = len(shape_of(node)) if t == "unsqueeze" else len(in_shape)
+        nd = len(known_shape(node)) if t == "unsqueeze" else len(in_shape)
         if dim is None or any(int(d) % nd == 0 for d in dims):
             raise refuse(node, "squeeze/unsqueeze must name a non-batch axis")
     if not w.keeps_batch(node):
@@ -85,7 +85,7 @@ def _reshape(w: Walk, node: fx.Node, t: Any) -> Tensor:
 def _reduce(w: Walk, node: fx.Node, t: Any) -> Tensor:
     w.only_first_dependent(node)
     x = node.args[0]
-    in_shape = shape_of(x)
+    in_shape = known_shape(x)
     dim = static(node_arg(node, 1, "dim"))
     if dim is None or (isinstance(dim, (tuple, list)) and len(dim) == 0):
         raise refuse(node, "reducing over every axis mixes the batch")

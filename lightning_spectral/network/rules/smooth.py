@@ -34,7 +34,7 @@ from __future__ import annotations
 import copy
 import math
 from collections import OrderedDict
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -50,7 +50,7 @@ from ...functional.activations import (
 )
 from ...functional.curvature import NonSmoothActivationError, activation_curvature
 from ..common import NonSmoothOperationError, UnsupportedOperationError, check_softplus, f64
-from ..tracing import BatchDependent, describe, node_arg, refuse, shape_of, static
+from ..tracing import BatchDependent, describe, node_arg, refuse, shape_of, static, submodule
 from .base import NodeRule, Walk, rules_for
 from .elementwise import elementwise
 
@@ -106,6 +106,7 @@ _PARAMS: dict[Any, tuple[tuple[str, Any], ...]] = {
 
 
 def refusal(node: fx.Node, why: str) -> NonSmoothOperationError:
+    """The curvature bound's error refusing ``node`` (to raise), with advice."""
     advice = "" if "Replace it by" in why else (
         ". The curvature bound needs every nonlinearity smooth (a Lipschitz derivative): use "
         "e.g. lightning_spectral.SmoothSoftplus, nn.Tanh, nn.SiLU, nn.GELU or nn.CELU instead "
@@ -135,9 +136,9 @@ def known_jump(w: Walk, node: fx.Node) -> str | None:
     """Why ``node`` has no curvature bound, when the activation table knows its derivative
     jumps (ReLU, ``abs``, max pooling, ...); None otherwise."""
     if node.op == "call_module":
-        return _jump(without_hooks(w.gm.get_submodule(node.target)))
+        return _jump(without_hooks(submodule(w.gm, node)))
     if node.op == "call_method":
-        return _jump(node.target.rstrip("_"))
+        return _jump(cast(str, node.target).rstrip("_"))
     if node.op != "call_function":
         return None
     try:  # the node's own parameters: softplus(beta=0) is invalid, not the default's jump
@@ -192,6 +193,7 @@ def compose_slack(g: float | Tensor, h: float | Tensor, delta: float, e: float, 
 
 
 def entries(node: fx.Node) -> int:
+    """The number of entries of one sample of ``node``'s output."""
     shape = shape_of(node)
     if shape is None or len(shape) < 1:
         raise refusal(node, "its output shape is unknown")
@@ -201,7 +203,7 @@ def entries(node: fx.Node) -> int:
 def switches(w: Walk, node: fx.Node) -> bool:
     """Whether ``node`` may be a softplus that switches to the identity (its twin differs)."""
     if node.op == "call_module":
-        return isinstance(w.gm.get_submodule(node.target), nn.Softplus)
+        return isinstance(submodule(w.gm, node), nn.Softplus)
     return node.op == "call_function" and node.target is F.softplus
 
 
@@ -224,6 +226,7 @@ def without_hooks(module: nn.Module) -> nn.Module:
 
 
 def module_constants(node: fx.Node, module: nn.Module) -> tuple[float, float, float, float]:
+    """``(g, h, delta, e)`` of a smooth activation module (see ``activation_curvature_slack``)."""
     try:
         constants = activation_curvature_slack(without_hooks(module))
     except NonSmoothActivationError as err:
@@ -237,6 +240,7 @@ def module_constants(node: fx.Node, module: nn.Module) -> tuple[float, float, fl
 
 
 def checked_pair(node: fx.Node, value: Any) -> tuple[Tensor, Tensor]:
+    """A registered curvature rule's ``(L, C)``, checked to be two finite numbers >= 0."""
     try:
         lip, curv = (f64(v) for v in value)
     except (TypeError, ValueError) as exc:
