@@ -26,7 +26,7 @@ from lightning.pytorch.loggers import CSVLogger
 
 from ..callback import SpectralBoundRegularizer
 from ..functional.bounds import layer_spectral_bound
-from ..lipschitz import network_lipschitz_bound
+from ..network import network_lipschitz_bound
 from .data import DigitsDataModule
 from .models import ImageClassifier, SmallCNN
 
