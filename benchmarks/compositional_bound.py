@@ -36,7 +36,7 @@ from oracles import eclipse_fast_reference, operator_matrix  # noqa: E402
 from lightning_spectral import network_lipschitz_bound  # noqa: E402
 from lightning_spectral.demos import MNISTDataModule  # noqa: E402
 from lightning_spectral.demos.models_digits import MnistCNN  # noqa: E402
-from lightning_spectral.lipschitz import sequential_chain_bound  # noqa: E402
+from lightning_spectral.network import sequential_chain_bound  # noqa: E402
 
 SHAPE = (1, 28, 28)
 

@@ -32,8 +32,8 @@ from typing_extensions import override
 
 from .certify import CertificationTracker, CertifyMethod
 from .functional.bounds import layer_spectral_bound
-from .lipschitz import CurvatureTape
-from .lipschitz.pairwise import certificate_bounds
+from .network import CurvatureTape
+from .network.pairwise import certificate_bounds
 from .regularizer import monitor, selection, sharding
 from .regularizer.certified import CertifiedTerm
 from .regularizer.config import (

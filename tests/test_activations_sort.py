@@ -17,14 +17,14 @@ import lightning_spectral
 from lightning_spectral import GroupSort, MaxMin
 from lightning_spectral.functional import NonSmoothActivationError, activation_curvature
 from lightning_spectral.functional.bounds import layer_spectral_bound
-from lightning_spectral.lipschitz import (
+from lightning_spectral.network import (
     NonSmoothOperationError,
     UnsupportedOperationError,
-    _sequential_bound,
     network_curvature_bound,
     network_lipschitz_bound,
     record_curvature,
 )
+from lightning_spectral.network.api import sequential_bound
 
 _SHAPE = (2, 5, 5)
 
@@ -182,7 +182,7 @@ def test_network_bound_counts_the_activations_as_exactly_one(layer_bound) -> Non
     assert float(bound) == float(plain)
     assert abs(float(bound) - float(product)) <= 1e-12 * float(product)
     # The Sequential fallback (child by child) gives the same product.
-    walked = _sequential_bound(net, _SHAPE, layer_bound)
+    walked = sequential_bound(net, _SHAPE, layer_bound)
     assert abs(float(walked) - float(product)) <= 1e-12 * float(product)
     net.eval()
     for seed in range(4):
@@ -220,7 +220,7 @@ def test_sorting_along_the_batch_axis_is_refused(module: nn.Module) -> None:
         network_lipschitz_bound(net, (4,))
     if isinstance(module, GroupSort):  # runs on any batch: the rule itself must refuse
         with pytest.raises(UnsupportedOperationError, match="sorts along the batch axis"):
-            _sequential_bound(net, (4,), layer_spectral_bound)
+            sequential_bound(net, (4,), layer_spectral_bound)
 
 
 class DoubledMaxMin(MaxMin):

@@ -26,7 +26,7 @@ from lightning_spectral.functional import (
     layer_spectral_bound,
     pairwise_certified_radius,
 )
-from lightning_spectral.lipschitz import (
+from lightning_spectral.network import (
     NonSmoothOperationError,
     UnsupportedOperationError,
     lipschitz_and_pairwise,
@@ -126,9 +126,9 @@ def test_recording_refuses_a_relu_naming_the_node():
 def test_placeholders_refuse_escaping_the_tape():
     """A bound read as a number, or put through an unknown operation, is refused: it would
     silently become a constant of the tape."""
-    from lightning_spectral.lipschitz.tape import _Recorder
+    from lightning_spectral.network.tape import Recorder
 
-    leaf = _Recorder().add(("leaf", 0), torch.tensor(1.0, dtype=torch.float64))
+    leaf = Recorder().add(("leaf", 0), torch.tensor(1.0, dtype=torch.float64))
     with pytest.raises(UnsupportedOperationError, match="__float__"):
         float(leaf)
     with pytest.raises(UnsupportedOperationError, match="exp"):
@@ -150,7 +150,7 @@ def test_a_selected_layer_with_zero_bound_stays_a_dependency():
 
 
 def test_tape_state_round_trip():
-    from lightning_spectral.lipschitz.tape import tape_from_state, tape_state
+    from lightning_spectral.network.tape import tape_from_state, tape_state
 
     net = _conv_net()
     tape = record_curvature(net, (1, 8, 8), _layers(net))

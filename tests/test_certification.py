@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_spectral import SpectralBoundRegularizer
 from lightning_spectral.certify import CertificationTracker, CertifiedRobustAccuracy
-from lightning_spectral.lipschitz import network_lipschitz_bound
+from lightning_spectral.network import network_lipschitz_bound
 
 
 def _reference(logits: torch.Tensor, target: torch.Tensor, lip: float, eps: list[float],

@@ -14,8 +14,8 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_spectral import SpectralBoundRegularizer, network_lipschitz_bound
 from lightning_spectral.functional.certify import pairwise_certified_radius
-from lightning_spectral.lipschitz.lipschitz_tape import record_lipschitz
-from lightning_spectral.lipschitz.pairwise import lipschitz_and_pairwise, network_pairwise_lipschitz
+from lightning_spectral.network.pairwise import lipschitz_and_pairwise, network_pairwise_lipschitz
+from lightning_spectral.network.tape import record_lipschitz
 
 
 class _Residual(nn.Module):

@@ -27,8 +27,8 @@ from lightning_spectral.functional import (  # noqa: E402
     chain_lipschitz_bound,
 )
 from lightning_spectral.functional import compositional as comp  # noqa: E402
-from lightning_spectral.lipschitz import sequential_chain_bound  # noqa: E402
-from lightning_spectral.lipschitz.compositional import conv2d_matrix  # noqa: E402
+from lightning_spectral.network import sequential_chain_bound  # noqa: E402
+from lightning_spectral.network.compositional import conv2d_matrix  # noqa: E402
 
 _ACTIVATIONS = {
     "relu": nn.ReLU, "tanh": nn.Tanh, "sigmoid": nn.Sigmoid, "leaky": lambda: nn.LeakyReLU(0.1),
@@ -312,7 +312,7 @@ class _Wrapper(nn.Module):
 
 
 def test_chain_of_a_forward_and_its_cost_cap() -> None:
-    from lightning_spectral.lipschitz.compositional import chain_bound_of_forward, check_rows
+    from lightning_spectral.network.compositional import chain_bound_of_forward, check_rows
 
     model = _mlp([6, 9, 7, 3], ["tanh"], seed=2)
     direct = sequential_chain_bound(model, (6,))

@@ -27,7 +27,7 @@ from lightning_spectral.functional import (
     curvature_certified_radius,
     linear_head_pairwise_curvature,
 )
-from lightning_spectral.lipschitz import (
+from lightning_spectral.network import (
     NonSmoothOperationError,
     UnsupportedOperationError,
     network_curvature_bound,

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 from lightning_spectral.functional import SmoothSoftplus
-from lightning_spectral.lipschitz import (
+from lightning_spectral.network import (
     NonSmoothOperationError,
     network_curvature_bound,
     network_pairwise_curvature,

@@ -51,7 +51,7 @@ def test_readme_demo_command_runs(tmp_path: Path) -> None:
 def test_library_does_not_import_the_demos() -> None:
     code = (
         "import sys, lightning_spectral as ls\n"
-        "import lightning_spectral.callback, lightning_spectral.lipschitz\n"
+        "import lightning_spectral.callback, lightning_spectral.network\n"
         "import lightning_spectral.certify\n"
         "import lightning_spectral.functional\n"
         "[getattr(ls, name) for name in ls.__all__]\n"

@@ -11,13 +11,13 @@ from oracles import operator_norm
 from torch import nn
 
 from lightning_spectral.functional import certified_radius
-from lightning_spectral.lipschitz import (
+from lightning_spectral.network import (
     UnsupportedOperationError,
-    _sequential_bound,
     network_lipschitz_bound,
     register_lipschitz_rule,
     unregister_lipschitz_rule,
 )
+from lightning_spectral.network.api import sequential_bound
 
 
 def jacobian_norm(model: nn.Module, x: torch.Tensor) -> float:
@@ -435,7 +435,7 @@ def test_sequential_fallback_matches_the_traced_graph() -> None:
     _randomize_bn(net, 1)
     with torch.no_grad():
         traced = network_lipschitz_bound(net, (2, 4, 4), layer_bound=operator_norm)
-        walked = _sequential_bound(net, (2, 4, 4), operator_norm)
+        walked = sequential_bound(net, (2, 4, 4), operator_norm)
     assert abs(float(traced) - float(walked)) < 1e-12
 
 

@@ -10,7 +10,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from lightning_spectral.lipschitz import UnsupportedOperationError, network_lipschitz_bound
+from lightning_spectral.network import UnsupportedOperationError, network_lipschitz_bound
 
 _CONV = {1: nn.Conv1d, 2: nn.Conv2d}
 _CONV_T = {1: nn.ConvTranspose1d, 2: nn.ConvTranspose2d}

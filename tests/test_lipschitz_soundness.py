@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lightning_spectral.lipschitz import (
+from lightning_spectral.network import (
     UnsupportedOperationError,
     network_lipschitz_bound,
     register_lipschitz_rule,

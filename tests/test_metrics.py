@@ -20,7 +20,7 @@ from lightning_spectral.certify import (
     CertifiedRobustAccuracy,
     default_batch_to_input_target,
 )
-from lightning_spectral.lipschitz import network_lipschitz_bound
+from lightning_spectral.network import network_lipschitz_bound
 
 EPS = [0.0, 0.05, 0.2, 1.0]
 

@@ -27,7 +27,7 @@ DOCS_TOOLS = ("mkdocs", "material", "mkdocstrings", "mkdocstrings_handlers.pytho
 API_MODULES = (
     "lightning_spectral.functional",
     "lightning_spectral.callback",
-    "lightning_spectral.lipschitz",
+    "lightning_spectral.network",
     "lightning_spectral.certify",
     "lightning_spectral.report",
     "lightning_spectral.plotting",

@@ -26,7 +26,7 @@ from lightning_spectral.functional import (
     curvature_certified_radius,
     softplus_switch_slack,
 )
-from lightning_spectral.lipschitz.curvature import curvature_and_pairwise
+from lightning_spectral.network.curvature import curvature_and_pairwise
 
 D64 = torch.float64
 

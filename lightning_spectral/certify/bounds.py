@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..lipschitz.compositional import chain_bound_of_forward
+from ..network.compositional import chain_bound_of_forward
 
 __all__ = ["checked_curvature", "checked_lipschitz", "with_chain_bound"]
 
@@ -52,7 +52,7 @@ def checked_lipschitz(lipschitz_fn: Callable[[Any, tuple[int, ...]], Any], pl_mo
 def with_chain_bound(lip: Tensor, k: Tensor | None, pl_module: Any, shape: tuple[int, ...]
                      ) -> tuple[Tensor, Tensor | None]:
     """``L`` lowered to the certified chain bound of the forward when it is a chain whose
-    cost is predicted small (:func:`~lightning_spectral.lipschitz.compositional.
+    cost is predicted small (:func:`~lightning_spectral.network.compositional.
     chain_bound_of_forward`, at most ``MAX_ROWS`` rows per check), and ``K`` to ``sqrt(2) L``
     (a margin ``z_y - z_j`` is ``f`` followed by a map of norm ``sqrt(2)``; the product is
     rounded up). Both bounds are guaranteed, so their minimum is."""

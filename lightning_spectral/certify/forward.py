@@ -6,39 +6,21 @@ Logits and radii are computed for the eval-mode network, the one the bounds are 
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
 from typing import Any
 
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
-from torch import Tensor, nn
+from torch import Tensor
 
 from ..functional import curvature_certified_radius
+from ..functional.modules import evaluating
 
-__all__ = ["curvature_radii", "eval_logits", "eval_mode", "warn_if_low_precision"]
-
-
-@contextlib.contextmanager
-def eval_mode(module: nn.Module) -> Iterator[None]:
-    """Eval mode for the duration, every submodule's own flag restored afterwards.
-
-    The bound is for the network in eval mode; logits computed in train mode (dropout, batch
-    statistics) come from another map, and a train-mode BatchNorm would also update its
-    running statistics.
-    """
-    modes = [(m, m.training) for m in module.modules()]
-    module.eval()
-    try:
-        yield
-    finally:
-        for m, training in modes:
-            m.training = training
+__all__ = ["curvature_radii", "eval_logits", "warn_if_low_precision"]
 
 
 def eval_logits(pl_module: Any, x: Tensor) -> Tensor:
     """``pl_module(x)`` under ``no_grad`` in eval mode, refused unless ``(N, C)`` logits."""
-    with torch.no_grad(), eval_mode(pl_module):
+    with torch.no_grad(), evaluating(pl_module):
         logits = pl_module(x)
     if not isinstance(logits, Tensor) or logits.ndim != 2:
         raise TypeError(
@@ -69,7 +51,7 @@ def curvature_radii(pl_module: Any, x: Tensor, y: Tensor, pairwise: Tensor) -> T
     Gradients are needed (the input gradient of every margin), also inside Lightning's
     inference mode, which is left for this computation.
     """
-    with torch.inference_mode(False), torch.enable_grad(), eval_mode(pl_module):
+    with torch.inference_mode(False), torch.enable_grad(), evaluating(pl_module):
         params = {name: t.detach().clone().double() if t.is_floating_point() else t
                   for name, t in (*pl_module.named_parameters(),
                                   *pl_module.named_buffers())}

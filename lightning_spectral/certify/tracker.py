@@ -45,8 +45,8 @@ from .. import _progress
 from .._checks import check_reals
 from ..functional.certify import certified_radius, pairwise_certified_radius
 from ..functional.opnorm import float32_rounded_up
-from ..lipschitz.curvature import curvature_and_pairwise
-from ..lipschitz.pairwise import certificate_bounds
+from ..network.curvature import curvature_and_pairwise
+from ..network.pairwise import certificate_bounds
 from .bounds import checked_curvature, checked_lipschitz
 from .forward import curvature_radii, eval_logits, warn_if_low_precision
 from .options import CertifyMethod, check_certify_method, check_input_scale
@@ -93,7 +93,7 @@ class CertificationTracker:
             Lipschitz bound ``L`` (and optionally the ``(C, C)`` bounds ``K_yj`` on the
             Lipschitz constants of the margins ``z_y - z_j``) are computed for a per-sample
             input shape; default
-            :func:`lightning_spectral.lipschitz.pairwise.certificate_bounds` (with a linear
+            :func:`lightning_spectral.network.pairwise.certificate_bounds` (with a linear
             head ``K_yj = min(sqrt(2) L, ||W_y - W_j|| L_g)``). Must be guaranteed bounds.
             Each sample's radius is the larger of ``margin / (sqrt(2) L)`` and
             ``min_{j != y} (z_y - z_j) / K_yj``: both are sound over all classes.
@@ -109,7 +109,7 @@ class CertificationTracker:
             is a chain of supported layers (``return self.model(x)`` with ``self.model`` an
             ``nn.Sequential`` of Linear / Conv2d / activations / Flatten / dropout) and its
             largest check has at most
-            :data:`~lightning_spectral.lipschitz.compositional.MAX_ROWS` rows (a few seconds
+            :data:`~lightning_spectral.network.compositional.MAX_ROWS` rows (a few seconds
             on one CPU thread), and use ``L = min(L, chain)``, ``K_yj = min(K_yj, sqrt(2)
             L)``: larger certified radii, still guaranteed. Off by default.
 

@@ -26,7 +26,7 @@ from lightning.pytorch.loggers import CSVLogger
 
 from ..callback import SpectralBoundRegularizer
 from ..functional.bounds import layer_spectral_bound
-from ..lipschitz import network_lipschitz_bound
+from ..network import network_lipschitz_bound
 from .classifier import ImageClassifier
 from .data_digits import DigitsDataModule
 from .models_digits import SmallCNN

@@ -17,9 +17,15 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..activations import GroupSort, MaxMin
+from .modules import behaves_as
 
 __all__ = [
+    "GELU_LIP",
+    "HARDSWISH_LIP",
+    "MISH_LIP",
     "NonSmoothActivationError",
+    "SELU_LIP",
+    "SILU_LIP",
     "SmoothSoftplus",
     "activation_curvature",
     "activation_curvature_slack",
@@ -41,6 +47,21 @@ _SILU_H = 0.5  # exact, at x = 0
 _MISH_G = 1.0884982  # at x = 1.490571: 1.08849816125172...
 _MISH_H = 0.64420464  # at x = -0.0879344: 0.644204637236972...
 _SOFTSIGN_H = 2.0  # exact, one-sided limit at x = 0
+
+# Lipschitz constants (maximum of |d/dx act(x)|) the network bound uses, rounded UP (a smaller
+# constant would void the guarantee); coarser than the g above, and kept so (the bounds the
+# walk reports are computed with these).
+# GELU: d/dx x Phi(x) = Phi(x) + x phi(x), extreme where phi(x)(2 - x^2) = 0, i.e. x = +-sqrt(2):
+# Phi(sqrt 2) + sqrt(2) phi(sqrt 2) = 1.128904 (the tanh approximation peaks at 1.128993).
+GELU_LIP = 1.13
+# SiLU: d/dx x s(x) = s(x) (1 + x (1 - s(x))), maximal at x = 2.3994: 1.099839.
+SILU_LIP = 1.1
+# Mish: sup of the derivative 1.088498 (near x = 1.2).
+MISH_LIP = 1.09
+# SELU: the slope for x -> 0^- is scale * alpha = 1.0507009873554805 * 1.6732632423543772.
+SELU_LIP = 1.7581
+# Hardswish: (2x + 3) / 6 on [-3, 3] reaches 1.5 at x = 3.
+HARDSWISH_LIP = 1.5
 
 
 class NonSmoothActivationError(ValueError):
@@ -224,16 +245,17 @@ _FUNCTIONS: dict[Any, str] = {
 def _module_entry(module: nn.Module) -> tuple[str, dict[str, Any]] | None:
     """Table name and parameters of a module, or None if its type is not in the table.
 
-    A subclass only inherits its parent's constants when it keeps the parent's ``forward``:
-    one that overrides ``forward`` computes something else, which the table knows nothing of.
-    Likewise a ``forward`` replaced on the instance, or forward hooks (which may replace the
-    input or the output), make it unknown.
+    A subclass only inherits its parent's constants when it behaves as the parent
+    (:func:`~lightning_spectral.functional.modules.behaves_as`): one that overrides
+    ``forward`` computes something else, which the table knows nothing of. Likewise a
+    ``forward`` replaced on the instance, or forward hooks (which may replace the input or the
+    output), make it unknown.
     """
-    if "forward" in vars(module) or module._forward_hooks or module._forward_pre_hooks:
+    if module._forward_hooks or module._forward_pre_hooks:
         return None
     for cls in type(module).__mro__:
         if cls in _MODULES:
-            if type(module).forward is not cls.forward:
+            if not behaves_as(module, cls):
                 return None
             name, read = _MODULES[cls]
             return name, read(module)

@@ -2,7 +2,7 @@ r"""Certified training: the loss term that trains for a Lipschitz certificate at
 
 At the first training batch the Lipschitz graph walk of the LightningModule's forward is
 recorded as a program over the norms of the selected layers
-(:func:`~lightning_spectral.lipschitz.lipschitz_tape.record_lipschitz`), and every selected
+(:func:`~lightning_spectral.network.tape.record_lipschitz`), and every selected
 layer that the walk meets gets a power-iteration vector of its input space at the input size
 the walk saw. Every training step then
 
@@ -34,7 +34,7 @@ from torch import Tensor, nn
 
 from ..functional.certified_losses import gloro_loss, gloro_trades_kl, lipschitz_margin_loss
 from ..functional.operator_power import operator_norm_estimate, operator_vector
-from ..lipschitz.lipschitz_tape import LipschitzProgram, record_lipschitz
+from ..network.tape import LipschitzProgram, record_lipschitz
 from . import sharding
 from .config import RegularizerConfig
 from .selection import layer_weight

@@ -5,7 +5,7 @@ The curvature bound ``C`` of the LightningModule's forward (the Lipschitz consta
 Jacobian, :func:`~lightning_spectral.network_curvature_bound`) is a straight-line program in
 the operator norms of its layers: products, sums, squares and square roots of them and of
 constants (activation constants, pooling and BatchNorm norms). It is recorded once
-(:func:`~lightning_spectral.lipschitz.record_curvature`) at the input shape of the first
+(:func:`~lightning_spectral.network.record_curvature`) at the input shape of the first
 training batch, or ``curvature_input_shape``, and replayed every step on the power-iteration
 estimates of the selected layers: a few dozen scalar operations, differentiable, no graph walk.
 The value is an *estimate* (estimates approach the norms from below; BatchNorm scales and the
@@ -29,9 +29,9 @@ from typing import Any
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 
-from ..lipschitz import CurvatureTape, network_curvature_bound, record_curvature
-from ..lipschitz.curvature import curvature_and_pairwise
-from ..lipschitz.tape import tape_from_state, tape_state
+from ..network import CurvatureTape, network_curvature_bound, record_curvature
+from ..network.curvature import curvature_and_pairwise
+from ..network.tape import tape_from_state, tape_state
 from . import sharding
 from .config import RegularizerConfig
 from .state import LayerState

@@ -69,7 +69,7 @@ class Penalty:
         """The 0-dim penalty, differentiable w.r.t. the weights (``state`` must be ready).
 
         With ``curvature`` (the recorded network curvature walk,
-        :class:`~lightning_spectral.lipschitz.CurvatureTape.replay`), the penalty also holds
+        :class:`~lightning_spectral.network.CurvatureTape.replay`), the penalty also holds
         ``curvature_beta * curvature(estimates)``: the curvature bound of the network evaluated
         on the same per-layer estimates, in the dtype of the estimates.
         """

@@ -24,6 +24,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 
 from ..functional.bounds import SUPPORTED_LAYERS
+from ..functional.modules import behaves_as
 
 __all__ = [
     "DEFAULT_INCLUDE", "canonical_name", "computes_w_x", "layer_weight", "non_default_selection",
@@ -45,14 +46,14 @@ def _torch_base(module: nn.Module) -> type:
 
 
 def computes_w_x(module: nn.Module) -> bool:
-    """Whether the layer runs its torch class's own ``forward`` (and ``_conv_forward``).
+    """Whether the layer behaves as its torch class
+    (:func:`~lightning_spectral.functional.modules.behaves_as`: its own ``forward`` and
+    ``_conv_forward``, nothing redefined on the way).
 
     Only then is its output the convolution (or matrix product) with ``module.weight`` that
     the bounds are bounds of; a subclass that rescales or standardizes its weight is not.
     """
-    base = _torch_base(module)
-    methods = [m for m in ("forward", "_conv_forward") if hasattr(base, m)]
-    return all(getattr(type(module), m) is getattr(base, m) for m in methods)
+    return behaves_as(module, _torch_base(module))
 
 
 def _matches(name: str, patterns: list[str] | tuple[str, ...]) -> bool:

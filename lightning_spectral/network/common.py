@@ -1,4 +1,5 @@
-"""Shared pieces of the network bound: the error type, rule signatures, constants."""
+"""Shared pieces of the network bound: the error types, rule signatures, the module classes
+with a built-in rule, and the default layer bound."""
 
 from __future__ import annotations
 
@@ -9,7 +10,24 @@ import torch
 from torch import Tensor, nn
 
 from ..activations import GroupSort, MaxMin
-from ..functional.curvature import NonSmoothActivationError, SmoothSoftplus
+from ..functional.activations import (
+    GELU_LIP,
+    HARDSWISH_LIP,
+    MISH_LIP,
+    SELU_LIP,
+    SILU_LIP,
+    NonSmoothActivationError,
+    SmoothSoftplus,
+)
+from ..functional.bounds import layer_spectral_bound
+
+__all__ = [
+    "ACTIVATIONS", "ADAPTIVE_AVG", "ADAPTIVE_MAX", "ALIASING_MODULES", "AVG_POOLS", "BATCH",
+    "BN_TYPES", "BUILTIN", "CONST_LIP", "CONV_TYPES", "CONV_T_TYPES", "LAYER_TYPES",
+    "LayerBound", "LipschitzRule", "MAX_POOLS", "NonSmoothOperationError", "ONE_LIP",
+    "PAD_MODES", "SOFTPLUS_MAX_JUMP", "SORTS", "UnsupportedOperationError", "check_softplus",
+    "f64", "resolve_layer_bound",
+]
 
 LipschitzRule = Callable[[nn.Module, list[torch.Size]], "Tensor | float"]
 """``fn(module, input_shapes) -> K``: an upper bound on the l2 Lipschitz constant of the
@@ -17,67 +35,55 @@ module as a map of (the concatenation of) its tensor inputs. ``input_shapes`` ar
 per-sample shapes (no batch axis) of those inputs, as the trace found them."""
 
 LayerBound = Callable[[nn.Module, "tuple[int, ...] | None"], Tensor]
+"""``fn(module, input_size) -> bound``: a guaranteed bound on a convolution's / linear layer's
+operator norm at the spatial ``input_size`` (None for linear layers)."""
 
-# Maximum of |d/dx act(x)|, rounded UP (a smaller constant would void the guarantee).
-# GELU: d/dx x Phi(x) = Phi(x) + x phi(x), extreme where phi(x)(2 - x^2) = 0, i.e. x = +-sqrt(2):
-# Phi(sqrt 2) + sqrt(2) phi(sqrt 2) = 1.128904 (the tanh approximation peaks at 1.128993).
-_GELU_LIP = 1.13
-# SiLU: d/dx x s(x) = s(x) (1 + x (1 - s(x))), maximal at x = 2.3994: 1.099839.
-_SILU_LIP = 1.1
-# Mish: sup of the derivative 1.088498 (near x = 1.2).
-_MISH_LIP = 1.09
-# SELU: the slope for x -> 0^- is scale * alpha = 1.0507009873554805 * 1.6732632423543772.
-_SELU_LIP = 1.7581
-# Hardswish: (2x + 3) / 6 on [-3, 3] reaches 1.5 at x = 3.
-_HARDSWISH_LIP = 1.5
 # Softplus is the identity where beta * x > threshold: the switch jumps by
 # log1p(exp(-threshold)) / |beta|. Up to this size (below float32 resolution of O(1) outputs;
 # 2e-9 for the defaults) the jump is accepted like rounding; larger ones are refused.
-_SOFTPLUS_MAX_JUMP = 1e-6
+SOFTPLUS_MAX_JUMP = 1e-6
 
-_CONV_T_TYPES: tuple[type, ...] = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
-_CONV_TYPES: tuple[type, ...] = (nn.Conv1d, nn.Conv2d, nn.Conv3d, *_CONV_T_TYPES)
-_LAYER_TYPES: tuple[type, ...] = (*_CONV_TYPES, nn.Linear)
-_BN_TYPES: tuple[type, ...] = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
-_AVG_POOLS: tuple[type, ...] = (nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d)
-_MAX_POOLS: tuple[type, ...] = (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d)
-_ADAPTIVE_AVG: tuple[type, ...] = (nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d)
-_ADAPTIVE_MAX: tuple[type, ...] = (nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d)
+CONV_T_TYPES: tuple[type, ...] = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+CONV_TYPES: tuple[type, ...] = (nn.Conv1d, nn.Conv2d, nn.Conv3d, *CONV_T_TYPES)
+LAYER_TYPES: tuple[type, ...] = (*CONV_TYPES, nn.Linear)
+BN_TYPES: tuple[type, ...] = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+AVG_POOLS: tuple[type, ...] = (nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d)
+MAX_POOLS: tuple[type, ...] = (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d)
+ADAPTIVE_AVG: tuple[type, ...] = (nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d)
+ADAPTIVE_MAX: tuple[type, ...] = (nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d)
 # Tanhshrink x - tanh(x) has derivative tanh(x)^2 <= 1; Softsign 1 / (1 + |x|)^2 <= 1;
 # LogSigmoid log(sigmoid(x)) = -softplus(-x) has derivative sigmoid(-x) in (0, 1).
-_ONE_LIP: tuple[type, ...] = (
+ONE_LIP: tuple[type, ...] = (
     nn.ReLU, nn.ReLU6, nn.Tanh, nn.Softplus, nn.Identity, nn.Flatten, nn.Unflatten,
     nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.Hardtanh,
     nn.CELU, nn.Softsign, nn.Tanhshrink, SmoothSoftplus, nn.LogSigmoid,
 )
-_CONST_LIP: dict[type, float] = {
-    nn.Sigmoid: 0.25, nn.Hardsigmoid: 1.0 / 6.0, nn.GELU: _GELU_LIP, nn.SiLU: _SILU_LIP,
-    nn.Mish: _MISH_LIP, nn.SELU: _SELU_LIP, nn.Hardswish: _HARDSWISH_LIP,
+CONST_LIP: dict[type, float] = {
+    nn.Sigmoid: 0.25, nn.Hardsigmoid: 1.0 / 6.0, nn.GELU: GELU_LIP, nn.SiLU: SILU_LIP,
+    nn.Mish: MISH_LIP, nn.SELU: SELU_LIP, nn.Hardswish: HARDSWISH_LIP,
 }
-_ACTIVATIONS: tuple[type, ...] = (*_ONE_LIP, *_CONST_LIP, nn.LeakyReLU, nn.PReLU, nn.ELU)
+ACTIVATIONS: tuple[type, ...] = (*ONE_LIP, *CONST_LIP, nn.LeakyReLU, nn.PReLU, nn.ELU)
 # Sorting within groups of channels: 1-Lipschitz, not elementwise (proof in ..activations).
-_SORTS: tuple[type, ...] = (GroupSort, MaxMin)
+SORTS: tuple[type, ...] = (GroupSort, MaxMin)
 # Padding modules: their forward is ``F.pad(x, self.padding, mode)`` with this mode.
-_PAD_MODES: dict[type, str] = {
+PAD_MODES: dict[type, str] = {
     **{getattr(nn, f"{kind}Pad{d}d"): mode for d in (1, 2, 3) for kind, mode in (
         ("Zero", "constant"), ("Constant", "constant"), ("Reflection", "reflect"),
         ("Replication", "replicate"), ("Circular", "circular"))},
 }
-_BUILTIN: frozenset[type] = frozenset(
-    (*_LAYER_TYPES, *_BN_TYPES, *_AVG_POOLS, *_MAX_POOLS, *_ADAPTIVE_AVG, *_ADAPTIVE_MAX,
-     *_ACTIVATIONS, *_SORTS, *_PAD_MODES)
+BUILTIN: frozenset[type] = frozenset(
+    (*LAYER_TYPES, *BN_TYPES, *AVG_POOLS, *MAX_POOLS, *ADAPTIVE_AVG, *ADAPTIVE_MAX,
+     *ACTIVATIONS, *SORTS, *PAD_MODES)
 )
 # Modules that may return their input itself or a view of it (in eval mode).
-_ALIASING_MODULES: tuple[type, ...] = (
+ALIASING_MODULES: tuple[type, ...] = (
     nn.Identity, nn.Flatten, nn.Unflatten, nn.Dropout, nn.Dropout1d, nn.Dropout2d,
     nn.Dropout3d, nn.AlphaDropout,
 )
 
 # Dummy batch of 2 for shape propagation: a batch of 1 could not reveal a reshape that mixes
 # samples (the bound is per sample).
-_BATCH = 2
-# Relative safety margin on exactly computed matrix norms, as in the bound engine.
-_NORM_MARGIN = 1e-13
+BATCH = 2
 
 
 class UnsupportedOperationError(TypeError):
@@ -91,28 +97,25 @@ class NonSmoothOperationError(UnsupportedOperationError, NonSmoothActivationErro
     :class:`~lightning_spectral.functional.NonSmoothActivationError`."""
 
 
-def _f64(value: float | Tensor) -> Tensor:
+def f64(value: float | Tensor) -> Tensor:
+    """``value`` as a 0-dim float64 CPU tensor without grad: the type of every bound."""
     return torch.as_tensor(value, dtype=torch.float64).detach().cpu().reshape(())
 
 
-def _opnorm(matrices: Tensor) -> Tensor:
-    """Largest spectral norm of a batch of float64 matrices, raised by a relative margin so
-    rounding in the decomposition cannot put it below the exact value."""
-    from ..functional.norms import spectral_norm_exact
-
-    if matrices.numel() == 0:
-        return _f64(0.0)
-    return spectral_norm_exact(matrices).max() * (1 + _NORM_MARGIN)
-
-
-def _check_softplus(beta: float, threshold: float) -> None:
+def check_softplus(beta: float, threshold: float) -> None:
     """Softplus' derivative sigmoid(beta x) is in (0, 1); only its switch to the identity can
-    break the Lipschitz property (a jump, see ``_SOFTPLUS_MAX_JUMP``)."""
+    break the Lipschitz property (a jump, see ``SOFTPLUS_MAX_JUMP``)."""
     gap = math.log1p(math.exp(-threshold)) if threshold > -700 else -threshold  # no overflow
     jump = gap / abs(beta) if beta else math.inf
-    if not jump <= _SOFTPLUS_MAX_JUMP:
+    if not jump <= SOFTPLUS_MAX_JUMP:
         raise UnsupportedOperationError(
             f"softplus(beta={beta}, threshold={threshold}) jumps by {jump:.3g} where it "
-            f"switches to the identity: not Lipschitz (accepted up to {_SOFTPLUS_MAX_JUMP:g}; "
+            f"switches to the identity: not Lipschitz (accepted up to {SOFTPLUS_MAX_JUMP:g}; "
             "raise threshold)"
         )
+
+
+def resolve_layer_bound(layer_bound: LayerBound | None) -> LayerBound:
+    """``layer_bound``, or the bound engine's
+    :func:`~lightning_spectral.functional.layer_spectral_bound` when None."""
+    return layer_spectral_bound if layer_bound is None else layer_bound

@@ -7,7 +7,7 @@ A chain is an ``nn.Sequential`` (nested ones flattened) of ``nn.Linear``, ``nn.C
 (the identity in eval mode), ``nn.Identity`` and activations with slope bounds
 (:func:`~lightning_spectral.functional.activations.activation_slope`). Every module must
 compute what its class computes (a subclass overriding ``forward`` is not its parent, see
-``_behaves_as``) and carry no hooks; anything else makes the model "not a chain" and only the
+``behaves_as``) and carry no hooks; anything else makes the model "not a chain" and only the
 graph walk's bound is returned.
 """
 
@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import TypeGuard, TypeVar, cast
 
 import torch
 import torch.nn.functional as F
@@ -22,25 +23,32 @@ from torch import Tensor, nn
 
 from ..functional.activations import activation_slope
 from ..functional.compositional import _fast_start_applies, chain_lipschitz_bound
-from .api import _check_input_shape, _evaluating, network_lipschitz_bound
+from ..functional.modules import behaves_as
+from .api import check_input_shape, network_lipschitz_bound, walking
 from .common import LayerBound
-from .ownership import _behaves_as
-from .tracing import _has_hooks, _trace, _uncompiled
+from .tracing import has_hooks, trace, uncompiled
+
+__all__ = [
+    "MAX_ENTRIES", "MAX_ROWS", "chain_bound_of_forward", "check_rows",
+    "compositional_lipschitz_bound", "conv2d_matrix", "sequential_chain_bound",
+]
 
 #: Largest unrolled matrix (entries) the chain bound forms; a larger layer: not a chain.
 MAX_ENTRIES = 16_000_000
 
 _DROPOUTS = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout)
 _Item = tuple[str, "Tensor | tuple[float, float]"]
+_M = TypeVar("_M", bound=nn.Module)
 
 
-def _is(module: nn.Module, klass: type) -> bool:
-    return isinstance(module, klass) and _behaves_as(module, klass)
+def _is(module: nn.Module, klass: type[_M]) -> TypeGuard[_M]:
+    """``module`` is a ``klass`` and computes what ``klass`` computes."""
+    return isinstance(module, klass) and behaves_as(module, klass)
 
 
 def _flat_children(model: nn.Module) -> list[nn.Module] | None:
     """The leaves of a (nested) plain ``nn.Sequential``, or None if it is not one."""
-    if not _is(model, nn.Sequential) or _has_hooks(model):
+    if not _is(model, nn.Sequential) or has_hooks(model):
         return None
     leaves: list[nn.Module] = []
     for child in model:
@@ -89,8 +97,8 @@ def _linear_item(module: nn.Module, shape: tuple[int, ...]) -> Tensor | None:
 def _conv_out(conv: nn.Conv2d, shape: tuple[int, ...]) -> tuple[int, ...]:
     sizes = [
         (n + 2 * p - d * (k - 1) - 1) // st + 1
-        for n, p, d, k, st in zip(shape[1:], conv.padding, conv.dilation, conv.kernel_size,
-                                   conv.stride, strict=True)
+        for n, p, d, k, st in zip(shape[1:], cast("tuple[int, ...]", conv.padding),
+                                   conv.dilation, conv.kernel_size, conv.stride, strict=True)
     ]
     return (conv.out_channels, *sizes)
 
@@ -105,7 +113,7 @@ def _flatten_out(flatten: nn.Flatten, shape: tuple[int, ...]) -> tuple[int, ...]
 def _item(module: nn.Module, shape: tuple[int, ...]) -> tuple[_Item | None, tuple[int, ...]
                                                               ] | None:
     """``(item or None for a no-op, output shape)``, or None if ``module`` breaks the chain."""
-    if _has_hooks(module):
+    if has_hooks(module):
         return None
     if _is(module, nn.Identity) or any(_is(module, d) for d in _DROPOUTS):
         return None, shape
@@ -118,7 +126,8 @@ def _item(module: nn.Module, shape: tuple[int, ...]) -> tuple[_Item | None, tupl
     matrix = _linear_item(module, shape)
     if matrix is None:
         return None
-    out = (matrix.shape[0],) if len(shape) == 1 else _conv_out(module, shape)
+    # A matrix for a 3-d shape: the module is a Conv2d (_linear_item).
+    out = (matrix.shape[0],) if len(shape) == 1 else _conv_out(cast(nn.Conv2d, module), shape)
     return ("lin", matrix), out
 
 
@@ -210,9 +219,9 @@ def sequential_chain_bound(model: nn.Module, input_shape: Sequence[int],
     ``MAX_ENTRIES``, :func:`check_rows` exceeds ``max_rows`` (a cost cap) or a certification
     check fails. ``fast_start``: as in
     :func:`~lightning_spectral.functional.compositional.chain_lipschitz_bound`."""
-    shape = _check_input_shape(input_shape)
-    model = _uncompiled(model)
-    with _evaluating(model):
+    shape = check_input_shape(input_shape)
+    model = uncompiled(model)
+    with walking(model):
         items = _items(model, shape)
     if not items or not any(kind == "lin" for kind, _ in items):
         return None
@@ -233,14 +242,14 @@ def _as_chain(model: nn.Module) -> nn.Module | None:
     (``return self.model(x)`` traces into ``self.model``'s layers); else None. The trace is
     fx's, as for the graph walk, which also checks that it reproduces the model (the tracker
     runs the walk first)."""
-    model = _uncompiled(model)
+    model = uncompiled(model)
     if isinstance(model, nn.Sequential):
         return model
-    if _has_hooks(model):
+    if has_hooks(model):
         return None
     try:
-        with _evaluating(model):  # the bound is for the eval-mode forward
-            graph = _trace(model)
+        with walking(model):  # the bound is for the eval-mode forward
+            graph = trace(model)
     except Exception:  # fx raises TraceError, TypeError, NotImplementedError...
         return None
     layers: list[nn.Module] = []

@@ -6,31 +6,37 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import NamedTuple
+from typing import NamedTuple, cast
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, fx, nn
 
 from ..functional.curvature import linear_head_pairwise_curvature
-from .api import _not_nan, _walk_model
+from .api import not_nan, walk_model
 from .common import LayerBound, NonSmoothOperationError
-from .ownership import _builtin_class, _curvature_rule, _user_rule
-from .tracing import _arg, _shape
-from .walk import _Walker
+from .ownership import builtin_class, curvature_rule, user_rule
+from .tracing import known_shape, node_arg, submodule
+from .walk import Walker
+
+__all__ = [
+    "CurvatureBounds", "curvature_and_pairwise", "curvature_walk", "network_curvature_bound",
+    "network_curvature_bounds", "network_pairwise_curvature", "pairwise_bounds",
+]
 
 
-def _curvature_walk(model: nn.Module, input_shape: Sequence[int],
+def curvature_walk(model: nn.Module, input_shape: Sequence[int],
                     layer_bound: LayerBound | None,
-                    walker_class: type[_Walker] = _Walker) -> _Walker:
-    return _walk_model(model, input_shape, layer_bound, curvature=True,
+                    walker_class: type[Walker] = Walker) -> Walker:
+    """The walk of ``model`` with the curvature bounds (and slacks) of every node."""
+    return walk_model(model, input_shape, layer_bound, curvature=True,
                        walker_class=walker_class)
 
 
-def _without_slack(walker: _Walker) -> _Walker:
+def _without_slack(walker: Walker) -> Walker:
     """The walk, refused if the network differs from its smooth twin: then ``C`` alone is no
     bound of the Lipschitz constant of its Jacobian (there is none: the Jacobian jumps)."""
-    out = walker.output
+    out = walker.out
     if bool(walker.value_slack[out] > 0) or bool(walker.jacobian_slack[out] > 0):
         first = next(n for n, e in walker.value_slack.items()  # topological order
                      if bool(e > 0) or bool(walker.jacobian_slack[n] > 0))
@@ -84,7 +90,7 @@ def network_curvature_bounds(
 
     The slacks come from the same graph walk: every node ``v`` also carries
     ``E_v >= sup ||v - v~||`` and ``D_v >= sup ||Dv - Dv~||`` (see
-    :mod:`lightning_spectral.lipschitz.smooth`); the pairs are formed as ``pairwise`` is (a
+    :mod:`lightning_spectral.network.rules.smooth`); the pairs are formed as ``pairwise`` is (a
     linear head ``W phi + b``: ``||W_y - W_t||`` times the features' slack, else ``sqrt 2``
     times the logits'). They describe the exact real function torch's formula defines, as
     every bound here does (see :func:`~lightning_spectral.functional.softplus_switch_slack`
@@ -94,11 +100,11 @@ def network_curvature_bounds(
         ValueError: as :func:`network_curvature_bound`, which still refuses what has no
             bound at all (ReLU, max pooling and the like).
     """
-    walker = _curvature_walk(model, input_shape, layer_bound)
+    walker = curvature_walk(model, input_shape, layer_bound)
     return CurvatureBounds(
-        _not_nan(walker.curv[walker.output], "curvature"), _pairwise(walker),
-        _pairwise(walker, table=walker.jacobian_slack, name="Jacobian slack"),
-        _pairwise(walker, table=walker.value_slack, name="value slack"))
+        not_nan(walker.curv[walker.out], "curvature"), pairwise_bounds(walker),
+        pairwise_bounds(walker, table=walker.jacobian_slack, name="Jacobian slack"),
+        pairwise_bounds(walker, table=walker.value_slack, name="value slack"))
 
 
 def network_curvature_bound(
@@ -141,8 +147,8 @@ def network_curvature_bound(
             two input-dependent tensors, in-place updates of shared tensors, casts, ...).
         ValueError: ``input_shape`` invalid or the model fails on it.
     """
-    walker = _without_slack(_curvature_walk(model, input_shape, layer_bound))
-    return _not_nan(walker.curv[walker.output], "curvature")
+    walker = _without_slack(curvature_walk(model, input_shape, layer_bound))
+    return not_nan(walker.curv[walker.out], "curvature")
 
 
 def network_pairwise_curvature(
@@ -167,7 +173,7 @@ def network_pairwise_curvature(
         ValueError: the model does not output logits ``(N, C)`` with ``C >= 2``; otherwise as
             :func:`network_curvature_bound`.
     """
-    return _pairwise(_without_slack(_curvature_walk(model, input_shape, layer_bound)))
+    return pairwise_bounds(_without_slack(curvature_walk(model, input_shape, layer_bound)))
 
 
 def curvature_and_pairwise(
@@ -177,11 +183,11 @@ def curvature_and_pairwise(
     layer_bound: LayerBound | None = None,
 ) -> tuple[Tensor, Tensor]:
     """:func:`network_curvature_bound` and :func:`network_pairwise_curvature` from one walk."""
-    walker = _without_slack(_curvature_walk(model, input_shape, layer_bound))
-    return _not_nan(walker.curv[walker.output], "curvature"), _pairwise(walker)
+    walker = _without_slack(curvature_walk(model, input_shape, layer_bound))
+    return not_nan(walker.curv[walker.out], "curvature"), pairwise_bounds(walker)
 
 
-def _pairwise(walker: _Walker, first_order: bool = False,
+def pairwise_bounds(walker: Walker, first_order: bool = False,
               table: dict[fx.Node, Tensor] | None = None, name: str = "curvature") -> Tensor:
     """The ``(C, C)`` pairwise bounds of a walked graph's logits: of the margins' gradients
     (curvature), or of the margins themselves (``first_order``: the Lipschitz bounds), or
@@ -190,12 +196,12 @@ def _pairwise(walker: _Walker, first_order: bool = False,
     if table is None:
         table = walker.lip if first_order else walker.curv
         name = "Lipschitz" if first_order else "curvature"
-    out = walker.output
-    shape = _shape(out)
+    out = walker.out
+    shape = known_shape(out)  # run() refuses an output that is not a tensor
     if len(shape) != 2 or shape[1] < 2:
         raise ValueError(f"pairwise {name} bounds need logits of shape (N, C) with C >= 2, "
                          f"the model outputs {tuple(shape)}")
-    total = _not_nan(table[out], name)
+    total = not_nan(table[out], name)
     off_diagonal = 1.0 - torch.eye(shape[1], dtype=torch.float64)
     pairwise = math.sqrt(2.0) * total * off_diagonal
     head = _linear_head(walker, out)
@@ -208,19 +214,19 @@ def _pairwise(walker: _Walker, first_order: bool = False,
     return pairwise
 
 
-def _linear_head(walker: _Walker, out: fx.Node) -> tuple[Tensor, fx.Node] | None:
+def _linear_head(walker: Walker, out: fx.Node) -> tuple[Tensor, fx.Node] | None:
     """``(W, phi)`` when the output node computes ``W phi + b`` with a constant ``W``."""
     if len(out.args) < 1 or not isinstance(out.args[0], fx.Node):
         return None
     features = out.args[0]
     if out.op == "call_module":
-        module = walker.gm.get_submodule(out.target)
-        plain = _user_rule(module) is None and _curvature_rule(module) is None
-        if plain and _builtin_class(module) is nn.Linear and len(out.args) == 1:
-            return module.weight.detach().to("cpu", torch.float64), features
+        module = submodule(walker.gm, out)
+        plain = user_rule(module) is None and curvature_rule(module) is None
+        if plain and builtin_class(module) is nn.Linear and len(out.args) == 1:
+            return cast(nn.Linear, module).weight.detach().to("cpu", torch.float64), features
         return None
     if out.op == "call_function" and out.target is F.linear:
-        weight = _arg(out, 1, "weight")
+        weight = node_arg(out, 1, "weight")
         if walker.dependent(weight):
             return None
         w = walker.constant(out, weight)

@@ -4,12 +4,19 @@ computes what the class owning the rule computes."""
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
 
-from .common import _BUILTIN, LipschitzRule
+from ..functional.modules import behaves_as
+from .common import BUILTIN, LipschitzRule
+
+__all__ = [
+    "CurvatureRule", "builtin_class", "curvature_rule", "has_rule", "overrides_a_rule", "owner",
+    "register_curvature_rule", "register_lipschitz_rule", "rule_class", "unregister_curvature_rule",
+    "unregister_lipschitz_rule", "user_rule",
+]
 
 _USER_RULES: dict[type, LipschitzRule] = {}
 
@@ -79,65 +86,43 @@ def _lipschitz_part(rule: CurvatureRule) -> LipschitzRule:
     return lipschitz
 
 
-def _curvature_rule(module: nn.Module) -> CurvatureRule | None:
-    klass = _owner(module, _CURVATURE_RULES)
+def curvature_rule(module: nn.Module) -> CurvatureRule | None:
+    """The registered curvature rule that applies to ``module`` (see :func:`owner`), if any."""
+    klass = owner(module, _CURVATURE_RULES)
     return _CURVATURE_RULES[klass] if klass is not None else None
 
 
-# Methods a subclass may redefine without changing what the module computes.
-_HARMLESS = frozenset({
-    "__init__", "__repr__", "extra_repr", "reset_parameters", "_reset_parameters",
-    "reset_running_stats", "__setstate__", "__getstate__", "__deepcopy__",
-    "_load_from_state_dict", "__init_subclass__", "_check_input_dim",
-})
-_CALL_NAMES = frozenset({"__call__", "_call_impl", "_wrapped_call_impl"})
-
-
-def _is_code(value: Any) -> bool:
-    return callable(value) or isinstance(value, (property, staticmethod, classmethod))
-
-
-def _behaves_as(module: nn.Module, klass: type) -> bool:
-    """True when neither a class between ``type(module)`` and ``klass`` nor the instance
-    redefines a method of ``klass`` (or of its bases below ``nn.Module``) or the call
-    machinery: the module then computes what ``klass`` computes, and a rule written for
-    ``klass`` applies to it."""
-    mro = type(module).__mro__
-    defined = set(_CALL_NAMES)
-    for base in klass.__mro__:
-        if base in (nn.Module, object):
-            break
-        defined.update(name for name, value in vars(base).items() if _is_code(value))
-    # An instance attribute (``module.forward = ...``) shadows the class' method too.
-    for namespace in (*(vars(sub) for sub in mro[: mro.index(klass)]), vars(module)):
-        for name, value in namespace.items():
-            if name in defined and name not in _HARMLESS and _is_code(value):
-                return False
-    return True
-
-
-def _owner(module: nn.Module, table: Any) -> type | None:
-    """The first class of ``type(module)``'s MRO in ``table`` if ``module`` behaves as it."""
+def owner(module: nn.Module, table: Any) -> type | None:
+    """The first class of ``type(module)``'s MRO in ``table`` if ``module`` behaves as it
+    (:func:`~lightning_spectral.functional.modules.behaves_as`)."""
     for klass in type(module).__mro__:
         if klass in table:
-            return klass if _behaves_as(module, klass) else None
+            return klass if behaves_as(module, klass) else None
     return None
 
 
-def _user_rule(module: nn.Module) -> LipschitzRule | None:
-    klass = _owner(module, _USER_RULES)
+def user_rule(module: nn.Module) -> LipschitzRule | None:
+    """The registered Lipschitz rule that applies to ``module`` (see :func:`owner`), if any."""
+    klass = owner(module, _USER_RULES)
     return _USER_RULES[klass] if klass is not None else None
 
 
-def _builtin_class(module: nn.Module) -> type | None:
-    return _owner(module, _BUILTIN)
+def builtin_class(module: nn.Module) -> type | None:
+    """The class whose built-in rule applies to ``module``, if any."""
+    return owner(module, BUILTIN)
 
 
-def _has_rule(module: nn.Module) -> bool:
-    return _user_rule(module) is not None or _builtin_class(module) is not None
+def rule_class(module: nn.Module) -> type:
+    """:func:`builtin_class` of a module the caller knows to have a built-in rule."""
+    return cast(type, builtin_class(module))
 
 
-def _overrides_a_rule(module: nn.Module) -> bool:
+def has_rule(module: nn.Module) -> bool:
+    """Whether a registered or built-in rule applies to ``module`` (a leaf of the trace)."""
+    return user_rule(module) is not None or builtin_class(module) is not None
+
+
+def overrides_a_rule(module: nn.Module) -> bool:
     """A subclass (or instance) of a class with a rule that does not behave as that class:
     it must be traced into, even where fx would keep a ``torch.nn`` class as a leaf."""
-    return any(klass in _USER_RULES or klass in _BUILTIN for klass in type(module).__mro__)
+    return any(klass in _USER_RULES or klass in BUILTIN for klass in type(module).__mro__)

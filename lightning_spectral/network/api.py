@@ -12,18 +12,25 @@ from typing import Any
 import torch
 from torch import Tensor, fx, nn
 
-from .common import _BATCH, LayerBound, UnsupportedOperationError, _f64
-from .modules import _foldable, _folded_layer, _layer_bound_of, _module_lip
-from .ownership import _behaves_as, _has_rule
+from ..functional.modules import behaves_as, evaluating
+from .common import BATCH, LayerBound, UnsupportedOperationError, f64, resolve_layer_bound
+from .ownership import has_rule
+from .rules.layers import foldable, folded_layer, layer_bound_of
+from .rules.modules import module_lip
 from .tracing import (
-    _check_hooks,
-    _compiled_inner,
-    _has_hooks,
-    _Propagate,
-    _trace,
-    _uncompiled,
+    Propagate,
+    check_hooks,
+    compiled_inner,
+    has_hooks,
+    trace,
+    uncompiled,
 )
-from .walk import _Walker
+from .walk import Walker
+
+__all__ = [
+    "check_input_shape", "network_lipschitz_bound", "not_nan", "sequential_bound", "walking",
+    "walk_model",
+]
 
 
 def _dependents(gm: fx.GraphModule) -> set[fx.Node]:
@@ -34,7 +41,7 @@ def _dependents(gm: fx.GraphModule) -> set[fx.Node]:
     return dep
 
 
-def _check_input_shape(input_shape: Sequence[int]) -> tuple[int, ...]:
+def check_input_shape(input_shape: Sequence[int]) -> tuple[int, ...]:
     """The per-sample shape as a tuple of ints; an entry that is not an integer (``1.5``, but
     also ``4.0`` or ``True``) is refused rather than truncated."""
     if isinstance(input_shape, int):
@@ -43,16 +50,16 @@ def _check_input_shape(input_shape: Sequence[int]) -> tuple[int, ...]:
         entries = list(input_shape)
     except TypeError as exc:
         raise TypeError(f"input_shape must be a sequence of ints, got {input_shape!r}") from exc
-    shape = []
+    sizes = []
     for i, s in enumerate(entries):
         try:
             if isinstance(s, bool):
                 raise TypeError
-            shape.append(operator.index(s))
+            sizes.append(operator.index(s))
         except TypeError as exc:
             raise ValueError(f"input_shape must be a sequence of ints: entry {i} is {s!r} in "
                              f"{input_shape!r}") from exc
-    shape = tuple(shape)
+    shape = tuple(sizes)
     if not shape or any(s <= 0 for s in shape):
         raise ValueError(f"input_shape must be a non-empty tuple of positive sizes, got {shape}")
     return shape
@@ -62,23 +69,17 @@ def _eager(model: nn.Module) -> contextlib.AbstractContextManager:
     """``torch.compile``d submodules run as plain eager code while the walk calls the model
     (no compilation for a check run). Only then: ``set_stance`` imports dynamo (seconds)."""
     set_stance = getattr(torch.compiler, "set_stance", None)
-    if set_stance is None or not any(_compiled_inner(m) is not None for m in model.modules()):
+    if set_stance is None or not any(compiled_inner(m) is not None for m in model.modules()):
         return contextlib.nullcontext()
     return set_stance("force_eager")
 
 
 @contextlib.contextmanager
-def _evaluating(model: nn.Module) -> Iterator[None]:
-    """Eval mode without autograd for a walk (compiled parts run eagerly); the caller's
-    train/eval flags come back after."""
-    modes = {m: m.training for m in model.modules()}
-    model.eval()
-    try:
-        with torch.no_grad(), _eager(model):
-            yield
-    finally:
-        for m, mode in modes.items():
-            m.train(mode)
+def walking(model: nn.Module) -> Iterator[None]:
+    """Eval mode (:func:`~lightning_spectral.functional.modules.evaluating`) without autograd
+    for a walk, compiled parts run eagerly; the caller's train/eval flags come back after."""
+    with evaluating(model), torch.no_grad(), _eager(model):
+        yield
 
 
 def _untraceable(model: nn.Module, exc: Exception, register: str) -> UnsupportedOperationError:
@@ -89,7 +90,7 @@ def _untraceable(model: nn.Module, exc: Exception, register: str) -> Unsupported
     )
 
 
-def _dummy(model: nn.Module, shape: tuple[int, ...], batch: int = _BATCH) -> Tensor:
+def _dummy(model: nn.Module, shape: tuple[int, ...], batch: int = BATCH) -> Tensor:
     """A random batch (own generator: the caller's random state is left alone)."""
     tensors = [t for t in (*model.parameters(), *model.buffers()) if t.is_floating_point()]
     param = tensors[0] if tensors else None
@@ -120,7 +121,7 @@ def _check_faithful(model: nn.Module, x: Tensor, traced: Any) -> None:
 
 class _RecordShapes(fx.Interpreter):
     """Shapes at another batch size, and the values of the nodes whose value the first run
-    recorded (``ls_value``) as ``ls_other``: ``_static`` refuses a value that changed."""
+    recorded (``ls_value``) as ``ls_other``: ``static`` refuses a value that changed."""
 
     def __init__(self, gm: fx.GraphModule) -> None:
         super().__init__(gm)
@@ -136,16 +137,16 @@ class _RecordShapes(fx.Interpreter):
 
 
 def _other_batch_shapes(gm: fx.GraphModule, shape: tuple[int, ...]) -> dict[fx.Node, torch.Size]:
-    """Shapes at a batch of ``_BATCH + 1``: an input-dependent tensor whose shape does not
+    """Shapes at a batch of ``BATCH + 1``: an input-dependent tensor whose shape does not
     follow the batch size mixes samples with other axes (``x.view(2, -1)``, a Linear applied
     across the batch after the features were reduced away, ...). Also records the constants'
-    values there, so that a constant read from the batch size is refused (see ``_static``)."""
+    values there, so that a constant read from the batch size is refused (see ``static``)."""
     recorder = _RecordShapes(gm)
     try:
-        recorder.run(_dummy(gm, shape, _BATCH + 1))
+        recorder.run(_dummy(gm, shape, BATCH + 1))
     except Exception as exc:  # the model's own error, whatever its type
         raise UnsupportedOperationError(
-            f"the model runs on a batch of {_BATCH} but not on a batch of {_BATCH + 1} "
+            f"the model runs on a batch of {BATCH} but not on a batch of {BATCH + 1} "
             f"({exc!r}): it does not treat the samples independently"
         ) from exc
     return recorder.shapes
@@ -153,17 +154,17 @@ def _other_batch_shapes(gm: fx.GraphModule, shape: tuple[int, ...]) -> dict[fx.N
 
 def _graph_walk(model: nn.Module, gm: fx.GraphModule, shape: tuple[int, ...],
                 layer_bound: LayerBound, curvature: bool = False,
-                walker_class: type[_Walker] = _Walker) -> _Walker:
+                walker_class: type[Walker] = Walker) -> Walker:
     """The walked graph (bounds of every node; curvature bounds too when asked for)."""
     dummy = _dummy(gm, shape)
     depends = _dependents(gm)
     try:
-        traced = _Propagate(gm, depends).propagate(dummy.clone())  # the model may write to it
+        traced = Propagate(gm, depends).propagate(dummy.clone())  # the model may write to it
     except UnsupportedOperationError:
         raise
     except Exception as exc:  # the model's own error, whatever its type
         raise ValueError(
-            f"running the model on a dummy input of per-sample shape {shape} (batch {_BATCH}) "
+            f"running the model on a dummy input of per-sample shape {shape} (batch {BATCH}) "
             f"failed: {exc!r}. input_shape excludes the batch axis, e.g. (C, H, W)."
         ) from exc
     walker = walker_class(gm, layer_bound, _other_batch_shapes(gm, shape), curvature)
@@ -172,18 +173,17 @@ def _graph_walk(model: nn.Module, gm: fx.GraphModule, shape: tuple[int, ...],
     return walker
 
 
-def _walk_model(model: nn.Module, input_shape: Sequence[int], layer_bound: LayerBound | None,
-                *, curvature: bool = False, walker_class: type[_Walker] = _Walker) -> _Walker:
+def walk_model(model: nn.Module, input_shape: Sequence[int], layer_bound: LayerBound | None,
+                *, curvature: bool = False, walker_class: type[Walker] = Walker) -> Walker:
     """Check the shape, trace ``model`` in eval mode and walk its graph (no Sequential
     fallback: an untraceable model is refused naming the rule to register)."""
-    shape = _check_input_shape(input_shape)
-    model = _uncompiled(model)
-    if layer_bound is None:
-        from ..functional.bounds import layer_spectral_bound as layer_bound
+    shape = check_input_shape(input_shape)
+    model = uncompiled(model)
+    layer_bound = resolve_layer_bound(layer_bound)
     register = "register_curvature_rule" if curvature else "register_lipschitz_rule"
-    with _evaluating(model):
+    with walking(model):
         try:
-            gm = _trace(model)
+            gm = trace(model)
         except Exception as exc:  # fx raises TraceError, TypeError, NotImplementedError...
             raise _untraceable(model, exc, register) from exc
         return _graph_walk(model, gm, shape, layer_bound, curvature=curvature,
@@ -193,10 +193,11 @@ def _walk_model(model: nn.Module, input_shape: Sequence[int], layer_bound: Layer
 def _graph_bound(model: nn.Module, gm: fx.GraphModule, shape: tuple[int, ...],
                  layer_bound: LayerBound) -> Tensor:
     walker = _graph_walk(model, gm, shape, layer_bound)
-    return _not_nan(walker.lip[walker.output])
+    return not_nan(walker.lip[walker.out])
 
 
-def _not_nan(bound: Tensor, name: str = "Lipschitz") -> Tensor:
+def not_nan(bound: Tensor, name: str = "Lipschitz") -> Tensor:
+    """``bound``, refused (``ValueError``) when it is NaN."""
     # NaN compares false with everything: passed on, it would read as "no violation".
     if bool(torch.isnan(bound)):
         raise ValueError(f"the {name} bound is NaN: some parameter or statistic is not finite "
@@ -204,27 +205,27 @@ def _not_nan(bound: Tensor, name: str = "Lipschitz") -> Tensor:
     return bound
 
 
-def _sequential_bound(model: nn.Sequential, shape: tuple[int, ...], layer_bound: LayerBound
+def sequential_bound(model: nn.Sequential, shape: tuple[int, ...], layer_bound: LayerBound
                       ) -> Tensor:
     """Fallback for an untraceable nn.Sequential: product over children, each child bounded
     by its rule or, if it has none, by its own network bound (traced on its own)."""
     x = _dummy(model, shape)
     children = list(model)
-    total = _f64(1.0)
+    total = f64(1.0)
     i = 0
     while i < len(children):
         child = children[i]
         y = _call_checked(child, str(i), x)
         nxt = children[i + 1] if i + 1 < len(children) else None
-        if nxt is not None and isinstance(y, Tensor) and _foldable(child, nxt, y.ndim):
-            k = _layer_bound_of(_folded_layer(child, nxt), x.shape, layer_bound)
+        if nxt is not None and isinstance(y, Tensor) and foldable(child, nxt, y.ndim):
+            k = layer_bound_of(folded_layer(child, nxt), x.shape, layer_bound)
             y = _call_checked(nxt, str(i + 1), y)
             i += 1
-        elif _has_rule(child):
-            k = _module_lip(child, [x.shape], getattr(y, "shape", None), layer_bound)
+        elif has_rule(child):
+            k = module_lip(child, [x.shape], getattr(y, "shape", None), layer_bound)
         else:
             k = network_lipschitz_bound(child, tuple(x.shape[1:]), layer_bound=layer_bound)
-        if not isinstance(y, Tensor) or y.shape[0] != _BATCH:
+        if not isinstance(y, Tensor) or y.shape[0] != BATCH:
             raise UnsupportedOperationError(f"{type(child).__name__} changes the batch axis")
         if not y.dtype.is_floating_point:
             raise UnsupportedOperationError(
@@ -238,11 +239,11 @@ def _sequential_bound(model: nn.Sequential, shape: tuple[int, ...], layer_bound:
 
 
 def _call_checked(module: nn.Module, name: str, x: Tensor) -> Any:
-    if not _has_hooks(module):
+    if not has_hooks(module):
         return module(x)
     clone = x.clone()
     y = module(x)
-    _check_hooks(module, name, (clone,), {}, y)
+    check_hooks(module, name, (clone,), {}, y)
     return y
 
 
@@ -276,15 +277,14 @@ def network_lipschitz_bound(
         UnsupportedOperationError: a module or function without a rule (named in the message).
         ValueError: ``input_shape`` invalid or the model fails on it.
     """
-    shape = _check_input_shape(input_shape)
-    model = _uncompiled(model)
-    if layer_bound is None:
-        from ..functional.bounds import layer_spectral_bound as layer_bound
-    with _evaluating(model):
+    shape = check_input_shape(input_shape)
+    model = uncompiled(model)
+    layer_bound = resolve_layer_bound(layer_bound)
+    with walking(model):
         try:
-            gm = _trace(model)
+            gm = trace(model)
         except Exception as exc:  # fx raises TraceError, TypeError, NotImplementedError...
-            if isinstance(model, nn.Sequential) and _behaves_as(model, nn.Sequential):
-                return _not_nan(_sequential_bound(model, shape, layer_bound))
+            if isinstance(model, nn.Sequential) and behaves_as(model, nn.Sequential):
+                return not_nan(sequential_bound(model, shape, layer_bound))
             raise _untraceable(model, exc, "register_lipschitz_rule") from exc
         return _graph_bound(model, gm, shape, layer_bound)

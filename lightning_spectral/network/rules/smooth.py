@@ -1,11 +1,11 @@
-"""Curvature rules: ``C_v``, a bound on the Lipschitz constant of the Jacobian of input -> v.
+"""Activations: their Lipschitz, curvature and slack rules, and the curvature composition.
 
-Beside every Lipschitz rule sits a curvature rule (``NodeRule.curvature``, built in
-:mod:`.rules` from the tables here). Three kinds:
+``C_v`` bounds the Lipschitz constant of the Jacobian of input -> v. Beside every Lipschitz
+rule sits a curvature rule (``NodeRule.curvature``, see :mod:`.base`). Three kinds:
 
-* linear nodes (:data:`LINEAR`: sums, products and matmuls with constants, convolutions,
+* linear nodes (``NodeRule.linear``: sums, products and matmuls with constants, convolutions,
   BatchNorm, average pooling, padding, reshapes, slicing, concatenation, reductions): their
-  Lipschitz rule applied to the inputs' curvature bounds (:meth:`_Walker.in_curvature`);
+  Lipschitz rule applied to the inputs' curvature bounds (``Walker.in_curvature``);
 * smooth elementwise activations ``s`` with ``(g, h)`` = (sup ``|s'|``, Lipschitz constant of
   ``s'``): ``C_v = h L_u^2 + g C_u`` (the composition rule, below);
 * everything else is refused (:class:`NonSmoothOperationError`).
@@ -20,7 +20,7 @@ Slack. torch's softplus with a finite threshold has no ``h`` (its derivative jum
 |beta| / 4)``, and ``|s - s~| <= e``, ``|s' - s~'| <= delta`` (``softplus_switch_slack``).
 ``C`` is computed for the twin network ``v~``; every node also carries ``E_v >= sup ||v - v~||``
 and ``D_v >= sup ||Dv - Dv~||``, 0 wherever no switching softplus comes before. A linear node
-maps both as it maps ``L`` (:meth:`_Walker.in_slack`). For ``v = s(u)`` (``n`` entries,
+maps both as it maps ``L`` (``Walker.in_slack``). For ``v = s(u)`` (``n`` entries,
 ``v~ = s~(u~)``; a smooth ``s`` is its own twin, ``delta = e = 0``):
 ``||s(u) - s~(u~)|| <= ||s(u) - s~(u)|| + ||s~(u) - s~(u~)|| <= sqrt(n) e + g E_u``, and
 ``Dv - Dv~ = diag(s'(u)) (Du - Du~) + diag(s'(u) - s~'(u)) Du~ + diag(s~'(u) - s~'(u~)) Du~``,
@@ -33,40 +33,70 @@ from __future__ import annotations
 
 import copy
 import math
-import operator
 from collections import OrderedDict
-from typing import TYPE_CHECKING, Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, fx, nn
 
-from ..functional.activations import activation_curvature_slack
-from ..functional.curvature import NonSmoothActivationError, activation_curvature
-from .common import (
-    _ADAPTIVE_MAX,
-    _MAX_POOLS,
-    NonSmoothOperationError,
-    UnsupportedOperationError,
-    _f64,
+from ...functional.activations import (
+    GELU_LIP,
+    HARDSWISH_LIP,
+    MISH_LIP,
+    SELU_LIP,
+    SILU_LIP,
+    activation_curvature_slack,
 )
-from .elementwise import _ADDS, _DROPOUTS, _MULS, _NEGS, _RELU_LIKE, _SIMPLE
-from .layers import _CONV_FUNCS, _MATMULS, _POOL_FUNCS, _pool
-from .modules import MODULE_RULES
-from .ownership import _builtin_class, _curvature_rule, _user_rule
-from .shapes import _SHAPE_FUNCS, _SHAPE_METHODS
-from .tracing import _arg, _BatchDependent, _describe, _shape, _static
+from ...functional.curvature import NonSmoothActivationError, activation_curvature
+from ..common import NonSmoothOperationError, UnsupportedOperationError, check_softplus, f64
+from ..tracing import BatchDependent, describe, node_arg, refuse, shape_of, static, submodule
+from .base import NodeRule, Walk, rules_for
+from .elementwise import elementwise
 
-if TYPE_CHECKING:
-    from .walk import _Walker
+__all__ = [
+    "RELU_LIKE", "SIMPLE", "TABLE", "checked_pair", "compose", "compose_slack",
+    "entries", "known_jump", "module_constants", "refusal", "switches", "why_refused",
+    "without_hooks",
+]
 
-LINEAR = frozenset({
-    *_ADDS, *_NEGS, *_MULS, *_DROPOUTS, *_MATMULS, *_CONV_FUNCS, F.linear, F.pad, F.batch_norm,
-    operator.getitem, torch.flatten, *_SHAPE_METHODS, *_SHAPE_FUNCS, torch.cat, torch.concat,
-    torch.stack, torch.mean, torch.sum, "mean", "sum",
-})
-"""Targets whose node is a linear map of its input-dependent arguments (the Lipschitz rule
-refuses the non-linear uses: products of two dependent tensors, division by one, ...)."""
+# 1-Lipschitz, up to the parameters read in _relu_like_lip.
+RELU_LIKE = {
+    F.relu, torch.relu, F.relu6, F.hardtanh, torch.tanh, F.tanh, F.softplus, F.elu, F.celu,
+    torch.clamp, torch.clip, F.softsign, F.tanhshrink, F.leaky_relu,
+    "relu", "tanh", "clamp", "clip", "clamp_min", "clamp_max",
+}
+# Lipschitz constants of the activations without parameters (from ..functional.activations).
+SIMPLE = {torch.sigmoid: 0.25, F.sigmoid: 0.25, F.gelu: GELU_LIP, F.silu: SILU_LIP,
+          F.mish: MISH_LIP, F.selu: SELU_LIP, F.hardswish: HARDSWISH_LIP,
+          F.hardsigmoid: 1.0 / 6.0, "sigmoid": 0.25, torch.special.expit: 0.25,
+          F.logsigmoid: 1.0}  # logsigmoid(x) = -softplus(-x): derivative sigmoid(-x) in (0, 1)
+
+def _relu_like_lip(node: fx.Node, t: Any) -> float:
+    if t is F.elu:  # slope alpha * exp(x) for x < 0
+        return max(1.0, abs(float(static(node_arg(node, 1, "alpha", 1.0)))))
+    if t is F.celu:  # slope exp(x / alpha) for x < 0: <= 1 iff alpha > 0
+        alpha = float(static(node_arg(node, 1, "alpha", 1.0)))
+        if not alpha > 0:
+            raise refuse(node, f"celu with alpha={alpha} <= 0 is not Lipschitz")
+    if t is F.softplus:
+        try:
+            check_softplus(float(static(node_arg(node, 1, "beta", 1.0))),
+                            float(static(node_arg(node, 2, "threshold", 20.0))))
+        except UnsupportedOperationError as exc:
+            raise refuse(node, str(exc)) from exc
+    if t is F.leaky_relu:
+        return max(1.0, abs(float(static(node_arg(node, 1, "negative_slope", 0.01)))))
+    return 1.0
+
+
+def _relu_like(w: Walk, node: fx.Node, t: Any) -> Tensor:
+    return elementwise(w, node, _relu_like_lip(node, t))
+
+
+def _simple(w: Walk, node: fx.Node, t: Any) -> Tensor:
+    return elementwise(w, node, SIMPLE[t])
+
 
 # Parameters (after the input) of functional activations that change their constants.
 _PARAMS: dict[Any, tuple[tuple[str, Any], ...]] = {
@@ -76,13 +106,14 @@ _PARAMS: dict[Any, tuple[tuple[str, Any], ...]] = {
 
 
 def refusal(node: fx.Node, why: str) -> NonSmoothOperationError:
+    """The curvature bound's error refusing ``node`` (to raise), with advice."""
     advice = "" if "Replace it by" in why else (
         ". The curvature bound needs every nonlinearity smooth (a Lipschitz derivative): use "
         "e.g. lightning_spectral.SmoothSoftplus, nn.Tanh, nn.SiLU, nn.GELU or nn.CELU instead "
         "of ReLU-like activations, and average pooling or a strided convolution instead of "
         "max pooling")
     return NonSmoothOperationError(
-        f"no curvature bound for {_describe(node)} at node '{node.name}': {why}{advice}")
+        f"no curvature bound for {describe(node)} at node '{node.name}': {why}{advice}")
 
 
 def why_refused(target: Any) -> str:
@@ -101,24 +132,24 @@ def _jump(target: Any, **params: Any) -> str | None:
     return None
 
 
-def known_jump(w: _Walker, node: fx.Node) -> str | None:
+def known_jump(w: Walk, node: fx.Node) -> str | None:
     """Why ``node`` has no curvature bound, when the activation table knows its derivative
     jumps (ReLU, ``abs``, max pooling, ...); None otherwise."""
     if node.op == "call_module":
-        return _jump(_without_hooks(w.gm.get_submodule(node.target)))
+        return _jump(without_hooks(submodule(w.gm, node)))
     if node.op == "call_method":
-        return _jump(node.target.rstrip("_"))
+        return _jump(cast(str, node.target).rstrip("_"))
     if node.op != "call_function":
         return None
     try:  # the node's own parameters: softplus(beta=0) is invalid, not the default's jump
         params = _params(node, node.target)
-    except (KeyError, _BatchDependent):
+    except (KeyError, BatchDependent):
         return None
     return _jump(node.target, **params)
 
 
 def _params(node: fx.Node, t: Any) -> dict[str, Any]:
-    return {name: _static(_arg(node, i, name, default))
+    return {name: static(node_arg(node, i, name, default))
             for i, (name, default) in enumerate(_PARAMS.get(t, ()), start=1)}
 
 
@@ -130,120 +161,62 @@ def _constants(node: fx.Node, t: Any) -> tuple[float, float, float, float]:
         raise refusal(node, str(err)) from err
     except ValueError as err:  # invalid parameters (beta = 0, ...)
         raise UnsupportedOperationError(
-            f"no curvature bound for {_describe(node)} at node '{node.name}': {err}") from err
+            f"no curvature bound for {describe(node)} at node '{node.name}': {err}") from err
     if constants is None:
         raise refusal(node, "no curvature constants are known for it")
     return constants
 
 
-def _compose(g: float | Tensor, h: float | Tensor, lip_in: Tensor, curv_in: Tensor) -> Tensor:
+def compose(g: float | Tensor, h: float | Tensor, lip_in: Tensor, curv_in: Tensor) -> Tensor:
     """``(L_phi, C_phi) = (g, h)`` after an input with ``(L_u, C_u)``: ``h L_u^2 + g C_u``."""
     return h * lip_in.square() + g * curv_in
 
 
-def _activation(w: _Walker, node: fx.Node, t: Any) -> Tensor:
+def _activation(w: Walk, node: fx.Node, t: Any) -> Tensor:
     """``s(u)``; an input that broadcasting repeats (``sqrt(r)``-fold) enters as ``R u`` with
     ``||R|| = sqrt(r)``: ``(sqrt(r) L_u, sqrt(r) C_u)``."""
     w.only_first_dependent(node)
     g, h, _, _ = _constants(node, t)
     x = node.args[0]
     r = w.spread(x, node)
-    return _compose(g, h, r * w.lipschitz(x), r * w.C(x))
+    return compose(g, h, r * w.lipschitz(x), r * w.C(x))
 
 
-def _compose_slack(g: float | Tensor, h: float | Tensor, delta: float, e: float, n: int,
+def compose_slack(g: float | Tensor, h: float | Tensor, delta: float, e: float, n: int,
                    lip_in: Tensor, value_in: Tensor, jacobian_in: Tensor
                    ) -> tuple[Tensor, Tensor]:
     """``(E_v, D_v)`` of ``v = s(u)`` (twin ``v~ = s~(u~)``, ``n`` entries per sample):
     ``(g E_u + sqrt(n) e, g D_u + (delta + h E_u) L_u)``; see the module docstring."""
     value = g * value_in + math.sqrt(n) * e
     jacobian = g * jacobian_in + (delta + h * value_in) * lip_in
-    return _f64(value), _f64(jacobian)
+    return f64(value), f64(jacobian)
 
 
-def _entries(node: fx.Node) -> int:
-    shape = _shape(node)
+def entries(node: fx.Node) -> int:
+    """The number of entries of one sample of ``node``'s output."""
+    shape = shape_of(node)
     if shape is None or len(shape) < 1:
         raise refusal(node, "its output shape is unknown")
     return math.prod(shape[1:])
 
 
-def switches(w: _Walker, node: fx.Node) -> bool:
+def switches(w: Walk, node: fx.Node) -> bool:
     """Whether ``node`` may be a softplus that switches to the identity (its twin differs)."""
     if node.op == "call_module":
-        return isinstance(w.gm.get_submodule(node.target), nn.Softplus)
+        return isinstance(submodule(w.gm, node), nn.Softplus)
     return node.op == "call_function" and node.target is F.softplus
 
 
-def call_slack(w: _Walker, node: fx.Node, t: Any) -> tuple[Tensor, Tensor]:
-    """``(E, D)`` of a non-linear function / method node (after its curvature rule)."""
-    if t in _POOL_FUNCS:  # average pooling: linear (max pooling was refused)
-        return w.in_slack(_pool, w, node, t)
-    if TABLE.get(t) is not _activation:
-        raise refusal(node, "no slack rule for it")  # pragma: no cover (the tables agree)
+def _activation_slack(w: Walk, node: fx.Node, t: Any) -> tuple[Tensor, Tensor]:
+    """``(E, D)`` of an activation node (after its curvature rule): see the module docstring."""
     g, h, delta, e = _constants(node, t)
     x = node.args[0]
     r = w.spread(x, node)
-    return _compose_slack(g, h, delta, e, _entries(node), r * w.lipschitz(x),
+    return compose_slack(g, h, delta, e, entries(node), r * w.lipschitz(x),
                           r * w.E(x), r * w.D(x))
 
 
-def module_slack(w: _Walker, node: fx.Node) -> tuple[Tensor, Tensor]:
-    """``(E, D)`` of a leaf module's node (after :func:`module_curvature` accepted it)."""
-    module = w.gm.get_submodule(node.target)
-    args = [a for a in (*node.args, *node.kwargs.values()) if _shape(a) is not None]
-    lip_in = w.lipschitz(args)
-    value_in, jacobian_in = w.E(args), w.D(args)
-    rule = _curvature_rule(module)
-    if rule is not None:  # the same module in both networks, with (L, C) as registered
-        lip, curv = _checked_pair(node, rule(module, [torch.Size(_shape(a)[1:]) for a in args]))
-        return _compose_slack(lip, curv, 0.0, 0.0, 1, lip_in, value_in, jacobian_in)
-    if MODULE_RULES[_builtin_class(module)].curvature == "linear":
-        return w.in_slack(w.visit_module, node)
-    g, h, delta, e = _module_constants(node, module)
-    return _compose_slack(g, h, delta, e, _entries(node), lip_in, value_in, jacobian_in)
-
-
-def _pool_curvature(w: _Walker, node: fx.Node, t: Any) -> Tensor:
-    klass = _POOL_FUNCS[t][0]
-    if klass in _MAX_POOLS or klass in _ADAPTIVE_MAX:
-        raise refusal(node, why_refused(F.max_pool2d))
-    return w.in_curvature(_pool, w, node, t)
-
-
-TABLE = {
-    **dict.fromkeys(_RELU_LIKE | set(_SIMPLE), _activation),
-    **dict.fromkeys(_POOL_FUNCS, _pool_curvature),
-}
-"""Curvature rules of the non-linear function / method targets (all others: :data:`LINEAR`)."""
-
-
-def module_curvature(w: _Walker, node: fx.Node) -> Tensor:
-    """``C`` of a leaf module's node: a registered curvature rule, a linear built-in (its
-    Lipschitz rule on the curvature bounds) or a smooth activation; else refused."""
-    module = w.gm.get_submodule(node.target)
-    args = [a for a in (*node.args, *node.kwargs.values()) if _shape(a) is not None]
-    rule = _curvature_rule(module)
-    if rule is not None:
-        lip, curv = _checked_pair(node, rule(module, [torch.Size(_shape(a)[1:]) for a in args]))
-        return _compose(lip, curv, w.lipschitz(args), w.C(args))
-    if _user_rule(module) is not None:
-        raise refusal(node, f"{type(module).__name__} has a registered Lipschitz rule but no "
-                            "curvature rule; add one with register_curvature_rule")
-    klass = _builtin_class(module)
-    if klass is None:
-        raise refusal(node, f"no rule for module type {type(module).__name__}; register one "
-                            "with lightning_spectral.register_curvature_rule")
-    kind = MODULE_RULES[klass].curvature
-    if kind == "linear":
-        return w.in_curvature(w.visit_module, node)
-    if kind is None:  # max pooling, GroupSort, MaxMin: the activation table says why
-        raise refusal(node, why_refused(_without_hooks(module)))
-    g, h, _, _ = _module_constants(node, module)
-    return _compose(g, h, w.lipschitz(args), w.C(args))
-
-
-def _without_hooks(module: nn.Module) -> nn.Module:
+def without_hooks(module: nn.Module) -> nn.Module:
     """A shallow copy without forward hooks: the trace has checked that hooks leave the
     output alone, and the activation table refuses any hooked module."""
     bare = copy.copy(module)
@@ -252,22 +225,24 @@ def _without_hooks(module: nn.Module) -> nn.Module:
     return bare
 
 
-def _module_constants(node: fx.Node, module: nn.Module) -> tuple[float, float, float, float]:
+def module_constants(node: fx.Node, module: nn.Module) -> tuple[float, float, float, float]:
+    """``(g, h, delta, e)`` of a smooth activation module (see ``activation_curvature_slack``)."""
     try:
-        constants = activation_curvature_slack(_without_hooks(module))
+        constants = activation_curvature_slack(without_hooks(module))
     except NonSmoothActivationError as err:
         raise refusal(node, str(err)) from err
     except ValueError as err:  # invalid parameters
         raise UnsupportedOperationError(
-            f"no curvature bound for {_describe(node)} at node '{node.name}': {err}") from err
+            f"no curvature bound for {describe(node)} at node '{node.name}': {err}") from err
     if constants is None:
         raise refusal(node, f"no curvature constants for {type(module).__name__}")
     return constants
 
 
-def _checked_pair(node: fx.Node, value: Any) -> tuple[Tensor, Tensor]:
+def checked_pair(node: fx.Node, value: Any) -> tuple[Tensor, Tensor]:
+    """A registered curvature rule's ``(L, C)``, checked to be two finite numbers >= 0."""
     try:
-        lip, curv = (_f64(v) for v in value)
+        lip, curv = (f64(v) for v in value)
     except (TypeError, ValueError) as exc:
         raise ValueError(f"the curvature rule of node '{node.name}' must return a pair "
                          f"(L, C) of numbers, got {value!r}") from exc
@@ -276,3 +251,12 @@ def _checked_pair(node: fx.Node, value: Any) -> tuple[Tensor, Tensor]:
         raise ValueError(f"the curvature rule of node '{node.name}' returned {value!r}: both "
                          "bounds must be finite and >= 0")
     return lip, curv
+
+
+_ACTIVATION = NodeRule(_relu_like, _activation, _activation_slack)
+TABLE: dict[Any, NodeRule] = {
+    **rules_for(RELU_LIKE, _ACTIVATION),
+    **rules_for(SIMPLE, NodeRule(_simple, _activation, _activation_slack)),
+}
+"""The activation targets and their rules (the ReLU-like ones are refused by
+:func:`_constants`, which says why)."""

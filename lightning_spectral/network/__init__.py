@@ -1,4 +1,5 @@
-"""A guaranteed upper bound on the l2 Lipschitz constant of a whole network.
+"""A guaranteed upper bound on the l2 Lipschitz constant of a whole network (and of its
+Jacobian).
 
 The model is traced with ``torch.fx`` and its graph walked once in topological order. Every
 node ``v`` gets a number ``L_v`` with ``||v(x) - v(x')|| <= L_v ||x - x'||`` for all inputs
@@ -56,10 +57,14 @@ float64 products themselves is not accounted for (relative error ~1e-15 per laye
 is of the network in exact arithmetic: a forward that computes in float16 / bfloat16 (a cast
 inside it, half-precision weights) warns, naming the node, that its rounding is not covered.
 A ``torch.compile``d model or submodule is bounded as the module it wraps (``_orig_mod``).
+
+Layout: :mod:`.tracing` (the trace), :mod:`.walk` (the walker), :mod:`.rules` (one module
+per op family, each with its Lipschitz and curvature rules side by side), :mod:`.tape`
+(record a walk once, replay it on per-layer norms); the entry points in :mod:`.api`,
+:mod:`.curvature`, :mod:`.pairwise`, :mod:`.compositional`.
 """
 
 
-from .api import _sequential_bound as _sequential_bound  # the Sequential fallback (tests)
 from .api import network_lipschitz_bound
 from .common import LipschitzRule, NonSmoothOperationError, UnsupportedOperationError
 from .compositional import compositional_lipschitz_bound, sequential_chain_bound
@@ -69,7 +74,6 @@ from .curvature import (
     network_curvature_bounds,
     network_pairwise_curvature,
 )
-from .lipschitz_tape import LipschitzProgram, record_lipschitz
 from .ownership import (
     CurvatureRule,
     register_curvature_rule,
@@ -78,7 +82,7 @@ from .ownership import (
     unregister_lipschitz_rule,
 )
 from .pairwise import lipschitz_and_pairwise, network_pairwise_lipschitz
-from .tape import CurvatureTape, record_curvature
+from .tape import CurvatureTape, LipschitzProgram, record_curvature, record_lipschitz
 
 __all__ = [
     "CurvatureBounds",

@@ -3,38 +3,45 @@ constant values and checks forward hooks, and helpers to read nodes."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor, fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
-from .common import _BATCH, UnsupportedOperationError
-from .ownership import _has_rule, _overrides_a_rule
+from .common import BATCH, UnsupportedOperationError
+from .ownership import has_rule, overrides_a_rule
+
+__all__ = [
+    "BatchDependent", "Propagate", "Tracer", "check_hooks", "compiled_inner", "describe",
+    "dtypes", "has_hooks", "known_shape", "metadata_only", "node_arg", "refuse", "shape_of",
+    "static", "submodule", "trace", "uncompiled",
+]
 
 # Methods that read only sizes, never values.
 _CONST_METHODS = {"size", "dim", "numel"}
 
 
-class _Tracer(fx.Tracer):
+class Tracer(fx.Tracer):
     """Stops at modules with a rule (built-in or registered); descends into the others,
     including rule classes whose method the module redefines."""
 
     def call_module(self, m: nn.Module, forward: Any, args: tuple, kwargs: dict) -> Any:
-        inner = _compiled_inner(m)
+        inner = compiled_inner(m)
         if inner is not None:  # a torch.compile'd submodule: trace what it wraps
             return inner(*args, **kwargs)
         return super().call_module(m, forward, args, kwargs)
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        if _has_rule(m):
+        if has_rule(m):
             return True
-        if _overrides_a_rule(m):
+        if overrides_a_rule(m):
             return False
         return super().is_leaf_module(m, module_qualified_name)
 
 
-def _has_hooks(module: nn.Module) -> bool:
+def has_hooks(module: nn.Module) -> bool:
+    """Whether ``module`` has forward (pre-)hooks, its own or global ones."""
     glob = nn.modules.module
     return bool(module._forward_hooks or module._forward_pre_hooks
                 or glob._global_forward_hooks or glob._global_forward_pre_hooks)
@@ -61,7 +68,7 @@ def _clone(value: Any) -> Any:
     return value
 
 
-def _check_hooks(module: nn.Module, name: str, args: tuple, kwargs: dict, result: Any) -> None:
+def check_hooks(module: nn.Module, name: str, args: tuple, kwargs: dict, result: Any) -> None:
     """A forward (pre-)hook may observe or recompute state (spectral norm, weight norm), but
     the rule knows only ``forward``: the hooked call must return what ``forward`` returns."""
     if not _same(result, module.forward(*args, **kwargs)):
@@ -71,7 +78,7 @@ def _check_hooks(module: nn.Module, name: str, args: tuple, kwargs: dict, result
         )
 
 
-class _Propagate(ShapeProp):
+class Propagate(ShapeProp):
     """ShapeProp that also keeps small non-tensor results (sizes) and the values of
     constant tensors, which products with constants need; checks hooks of leaf modules."""
 
@@ -80,12 +87,13 @@ class _Propagate(ShapeProp):
         self.depends = depends
 
     def run_node(self, n: fx.Node) -> Any:
-        hooked = n.op == "call_module" and _has_hooks(self.fetch_attr(n.target))
+        hooked = n.op == "call_module" and has_hooks(self.fetch_attr(cast(str, n.target)))
         if hooked:  # cloned first: an in-place module overwrites its input
             args, kwargs = _clone(self.fetch_args_kwargs_from_env(n))
         result = super().run_node(n)
         if hooked:
-            _check_hooks(self.fetch_attr(n.target), n.target, args, kwargs, result)
+            check_hooks(self.fetch_attr(cast(str, n.target)), cast(str, n.target), args, kwargs,
+                        result)
         if not isinstance(result, Tensor):
             if isinstance(result, (int, float, bool, torch.Size)) or (
                 isinstance(result, (tuple, list)) and all(isinstance(r, int) for r in result)
@@ -96,7 +104,7 @@ class _Propagate(ShapeProp):
         return result
 
 
-def _compiled_inner(module: nn.Module) -> nn.Module | None:
+def compiled_inner(module: nn.Module) -> nn.Module | None:
     """The module a ``torch.compile`` wrapper (``OptimizedModule``) holds as ``_orig_mod``:
     the wrapper computes what it computes (compilation changes how, not what)."""
     inner = getattr(module, "_orig_mod", None)
@@ -105,20 +113,22 @@ def _compiled_inner(module: nn.Module) -> nn.Module | None:
     return None
 
 
-def _uncompiled(model: nn.Module) -> nn.Module:
+def uncompiled(model: nn.Module) -> nn.Module:
     """``model`` without its ``torch.compile`` wrappers (nested ones included)."""
-    while (inner := _compiled_inner(model)) is not None:
+    while (inner := compiled_inner(model)) is not None:
         model = inner
     return model
 
 
-def _trace(model: nn.Module) -> fx.GraphModule:
-    tracer = _Tracer()
+def trace(model: nn.Module) -> fx.GraphModule:
+    """The ``torch.fx`` graph of ``model``, leaves at the modules with a rule (:class:`Tracer`)."""
+    tracer = Tracer()
     graph = tracer.trace(model)
     return fx.GraphModule(tracer.root, graph)
 
 
-def _shape(node: Any) -> torch.Size | None:
+def shape_of(node: Any) -> torch.Size | None:
+    """The propagated (batched) shape of a tensor node; None for anything else."""
     if not isinstance(node, fx.Node):
         return None
     meta = node.meta.get("tensor_meta")
@@ -126,24 +136,36 @@ def _shape(node: Any) -> torch.Size | None:
     return torch.Size(shape) if shape is not None else None
 
 
-def _dtypes(meta: Any) -> list[torch.dtype]:
+def known_shape(node: Any) -> torch.Size:
+    """:func:`shape_of` a node the walk knows to be a tensor (its checks have made sure: an
+    input-dependent argument of a rule, a leaf module's tensor input)."""
+    return cast(torch.Size, shape_of(node))
+
+
+def submodule(gm: fx.GraphModule, node: fx.Node) -> nn.Module:
+    """The module a ``call_module`` node calls (its target is the module's qualified name)."""
+    return gm.get_submodule(cast(str, node.target))
+
+
+def dtypes(meta: Any) -> list[torch.dtype]:
     """Dtypes of every tensor in a (nested) ShapeProp ``tensor_meta``."""
     if hasattr(meta, "dtype") and hasattr(meta, "shape"):
         return [meta.dtype]
     if isinstance(meta, (tuple, list)):
-        return [d for m in meta for d in _dtypes(m)]
+        return [d for m in meta for d in dtypes(m)]
     if isinstance(meta, dict):
-        return [d for m in meta.values() for d in _dtypes(m)]
+        return [d for m in meta.values() for d in dtypes(m)]
     return []
 
 
-def _metadata_only(node: fx.Node) -> bool:
+def metadata_only(node: fx.Node) -> bool:
     """Reads only sizes (``x.size(0)``, ``x.shape``), never the values."""
     return node.op == "call_method" and node.target in _CONST_METHODS or (
         node.target is getattr and node.args[1] in ("shape", "dtype", "ndim", "device"))
 
 
-def _describe(node: fx.Node) -> str:
+def describe(node: fx.Node) -> str:
+    """What ``node`` calls, for messages."""
     target = node.target
     if node.op == "call_method":
         return f"tensor method .{target}()"
@@ -154,23 +176,25 @@ def _describe(node: fx.Node) -> str:
     return f"function {mod + '.' if mod else ''}{name}"
 
 
-def _refuse(node: fx.Node, why: str = "") -> UnsupportedOperationError:
+def refuse(node: fx.Node, why: str = "") -> UnsupportedOperationError:
+    """The error refusing ``node`` (to raise), with the reason ``why``."""
     extra = f" ({why})" if why else ""
     return UnsupportedOperationError(
-        f"no Lipschitz rule for {_describe(node)} at node '{node.name}'{extra}"
+        f"no Lipschitz rule for {describe(node)} at node '{node.name}'{extra}"
     )
 
 
-def _arg(node: fx.Node, index: int, name: str, default: Any = None) -> Any:
+def node_arg(node: fx.Node, index: int, name: str, default: Any = None) -> Any:
+    """Argument ``name`` of ``node``, by keyword or at position ``index``, else ``default``."""
     if name in node.kwargs:
         return node.kwargs[name]
     return node.args[index] if len(node.args) > index else default
 
 
-class _BatchDependent(Exception):
+class BatchDependent(Exception):
     """A constant whose recorded value differs between the two traced batch sizes. Not an
     :class:`UnsupportedOperationError`: the walk turns it into one naming the node that reads
-    the value (:meth:`_Walker.run`)."""
+    the value (:meth:`Walker.run`)."""
 
 
 def _brief(value: Any) -> str:
@@ -181,12 +205,12 @@ def _brief(value: Any) -> str:
     return repr(value)
 
 
-def _static(value: Any) -> Any:
+def static(value: Any) -> Any:
     """The value of a non-input-dependent argument (literal or recorded node value).
 
-    A node's value is recorded at both traced batch sizes (``_BATCH`` and ``_BATCH + 1``,
+    A node's value is recorded at both traced batch sizes (``BATCH`` and ``BATCH + 1``,
     ``ls_value`` and ``ls_other``); a value that differs between them depends on the batch
-    size (``x.shape[0]`` used as a number) and raises :class:`_BatchDependent`: a bound read
+    size (``x.shape[0]`` used as a number) and raises :class:`BatchDependent`: a bound read
     from it at the traced batch would be false at another batch size (``h * x.shape[0]`` is
     64 times ``h`` at a batch of 64)."""
     if isinstance(value, fx.Node):
@@ -194,15 +218,15 @@ def _static(value: Any) -> Any:
             raise KeyError(value.name)
         result = value.meta["ls_value"]
         if "ls_other" in value.meta and not _same(result, value.meta["ls_other"]):
-            raise _BatchDependent(
-                f"the constant '{value.name}' is {_brief(result)} at a batch of {_BATCH} "
-                f"but {_brief(value.meta['ls_other'])} at a batch of {_BATCH + 1}: it "
+            raise BatchDependent(
+                f"the constant '{value.name}' is {_brief(result)} at a batch of {BATCH} "
+                f"but {_brief(value.meta['ls_other'])} at a batch of {BATCH + 1}: it "
                 "depends on the batch size (e.g. x.shape[0] or x.size(0) used as a number), "
                 "and the bound is for one sample at every batch size"
             )
         return result
     if isinstance(value, (tuple, list)):
-        return type(value)(_static(v) for v in value)
+        return type(value)(static(v) for v in value)
     return value
 
 

@@ -15,10 +15,10 @@ from collections.abc import Sequence
 
 from torch import Tensor, nn
 
-from .api import _not_nan, _walk_model, network_lipschitz_bound
+from .api import network_lipschitz_bound, not_nan, walk_model
 from .common import LayerBound
-from .curvature import _pairwise
-from .tracing import _trace
+from .curvature import pairwise_bounds
+from .tracing import trace
 
 __all__ = ["certificate_bounds", "lipschitz_and_pairwise", "network_pairwise_lipschitz"]
 
@@ -31,8 +31,8 @@ def lipschitz_and_pairwise(
 ) -> tuple[Tensor, Tensor]:
     """:func:`~lightning_spectral.network_lipschitz_bound` ``L`` and
     :func:`network_pairwise_lipschitz` ``K`` from one graph walk (both float64, CPU)."""
-    walker = _walk_model(model, input_shape, layer_bound)
-    return _not_nan(walker.lip[walker.output]), _pairwise(walker, first_order=True)
+    walker = walk_model(model, input_shape, layer_bound)
+    return not_nan(walker.lip[walker.out]), pairwise_bounds(walker, first_order=True)
 
 
 def network_pairwise_lipschitz(
@@ -66,7 +66,7 @@ def certificate_bounds(
 
 def _trace_fails(model: nn.Module) -> bool:
     try:
-        _trace(model)
+        trace(model)
     except Exception:  # fx raises TraceError, TypeError, NotImplementedError...
         return True
     return False
