@@ -2,7 +2,7 @@
 
 For an elementwise activation ``s``, ``g = sup |s'|`` is its Lipschitz constant and ``h`` the
 Lipschitz constant of ``s'``; a network's curvature bound is built from these (see
-:mod:`.curvature`). :func:`activation_curvature` reads them from a table of exact suprema
+:mod:`.curvature_radius`). :func:`activation_curvature` reads them from a table of exact suprema
 rounded up, and refuses activations whose derivative jumps (:class:`NonSmoothActivationError`).
 """
 

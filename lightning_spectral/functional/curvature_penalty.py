@@ -27,7 +27,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from .curvature import activation_curvature
+from .activations import activation_curvature
 from .matricize import grouped_weight
 from .power import fantastic_four_estimate, init_singular_vectors
 

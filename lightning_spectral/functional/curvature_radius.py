@@ -1,11 +1,22 @@
-"""The closed-form curvature certificate and the checks and Jacobians it shares with CRC.
+"""Curvature (second-order) robustness certificates: the closed-form radius, the pairwise
+curvature of a linear head, and the checks and Jacobians the radius shares with CRC.
 
-For the margin ``mu = z_y - z_t`` with gradient ``G`` at ``x0`` and a bound ``K`` on the
-Lipschitz constant of ``grad mu``, Taylor's formula with integral remainder gives
+For a twice-differentiable scalar map ``f`` the *curvature bound* is a constant ``K`` with
+``||grad f(x) - grad f(x')|| <= K ||x - x'||`` for all ``x, x'`` (for ``C^2`` maps,
+``K >= sup_x ||Hess f(x)||_2``). For a vector map ``z`` the Jacobian-Lipschitz constant ``C``
+bounds ``||Dz(x) - Dz(x')||_2 <= C ||x - x'||``. Compositions obey
+``C(phi o psi) <= C_phi L_psi^2 + L_phi C_psi`` (Entesari, Sharifi & Fazlyab, ICML 2024), so
+every network made of linear maps ``(||A||, 0)`` and smooth elementwise activations
+``(g, h)`` gets one; :func:`~lightning_spectral.functional.activations.activation_curvature`
+gives ``(g, h)``.
+
+The certificate (Singla & Feizi, ICML 2020; Entesari et al. 2024): for the margin
+``mu = z_y - z_t`` with gradient ``G`` at ``x0`` and a bound ``K`` on the Lipschitz constant
+of ``grad mu``, Taylor's formula with integral remainder gives
 ``mu(x0 + d) >= mu(x0) - ||G|| ||d|| - (K / 2) ||d||^2``, positive for
 ``||d|| < r = 2 mu / (||G|| + sqrt(||G||^2 + 2 K mu))``: :func:`curvature_certified_radius`.
-The dual certificate built on the same margins is in :mod:`.crc`; both are re-exported by
-:mod:`.curvature`.
+The dual certificate built on the same margins is in :mod:`.crc`. Floating-point rounding of
+the model's own evaluation is not accounted for.
 """
 
 from __future__ import annotations
@@ -18,7 +29,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
-__all__ = ["curvature_certified_radius"]
+__all__ = ["curvature_certified_radius", "linear_head_pairwise_curvature"]
 
 
 def _nonnegative_scalar(value: Tensor | float, name: str, device: torch.device) -> Tensor:
@@ -237,3 +248,29 @@ def _pairs(
     grad = jac[torch.arange(n, device=jac.device), y][:, None, :] - jac  # (N, C, D)
     return _Pairs(fn, xs, y, z.gather(1, y[:, None]) - z,
                   torch.linalg.vector_norm(grad, dim=2), k[y])
+
+
+def linear_head_pairwise_curvature(weight: Tensor, feature_curvature: Tensor | float) -> Tensor:
+    """Pairwise curvature bounds ``K_yt`` for a linear head ``z = W phi(x) + b``.
+
+    The margin ``z_y - z_t = (W_y - W_t)^T phi(x) + const`` has gradient
+    ``Dphi(x)^T (W_y - W_t)``, so ``||grad(x) - grad(x')|| <= ||Dphi(x) - Dphi(x')|| ||W_y - W_t||
+    <= C_phi ||W_y - W_t|| ||x - x'||``: ``K_yt = ||W_y - W_t||_2 C_phi`` (exact Euclidean norms
+    of the row differences; never worse than ``sqrt(2) ||W|| C_phi``).
+
+    Args:
+        weight: ``(C, D)`` weight ``W`` of the final linear layer.
+        feature_curvature: ``C_phi``, a bound on the Lipschitz constant of the Jacobian of the
+            features ``phi`` feeding that layer.
+
+    Returns:
+        float64 ``(C, C)`` symmetric matrix with zero diagonal.
+    """
+    w = weight.detach().to(torch.float64)
+    if w.ndim != 2 or w.shape[0] < 2:
+        raise ValueError(f"weight must have shape (C, D) with C >= 2, got {tuple(w.shape)}")
+    if not bool(torch.isfinite(w).all()):
+        raise ValueError("weight has non-finite entries")
+    c_phi = _nonnegative_scalar(feature_curvature, "feature_curvature", w.device)
+    # The mm-based cdist loses accuracy to cancellation; the direct one does not.
+    return torch.cdist(w, w, compute_mode="donot_use_mm_for_euclid_dist") * c_phi

@@ -28,7 +28,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from ._args import check_count
+from .._checks import check_int
 from .geometry import SUPPORTED_LAYERS
 from .matricize import grouped_weight
 from .norms import spectral_norm_exact
@@ -228,7 +228,7 @@ def conv_spectral_norm(
         raise ValueError(f"method must be one of {_METHODS}, got {method!r}")
     if not tol > 0:
         raise ValueError(f"tol must be positive, got {tol!r}")
-    check_count("max_iter", max_iter, positive=True)
+    check_int("max_iter", max_iter, low=1)
     in_shape = _input_shape(module, input_size)
     if isinstance(module, nn.Linear) and method in ("auto", "matrix"):
         return spectral_norm_exact(module.weight.detach())

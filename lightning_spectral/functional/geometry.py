@@ -12,7 +12,7 @@ from collections.abc import Sequence
 
 from torch import Tensor, nn
 
-from ._args import check_finite
+from .._checks import check_finite_weight
 from .padding import PADDING_MODES
 
 __all__ = ["SUPPORTED_LAYERS", "Geometry", "gram_grid", "polyphase_filter", "polyphase_grid"]
@@ -38,7 +38,7 @@ class Geometry:
                 f"no spectral bound for {type(module).__name__}; supported layers: {names}"
             )
         weight = module.weight
-        check_finite(weight, f"{type(module).__name__} weight")
+        check_finite_weight(weight, f"{type(module).__name__} weight")
         self.weight: Tensor = weight
         self.linear = isinstance(module, nn.Linear)
         if self.linear:

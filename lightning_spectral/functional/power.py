@@ -43,7 +43,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from ._args import check_count
+from .._checks import check_int
 from .matricize import row_subsets
 from .power_plan import _arange, _check_state, _Constants, _Plan, _plan, _store
 
@@ -161,7 +161,7 @@ def _matrix(plan: _Plan, weights: Tensor) -> Tensor:
 
 
 def _check_n_iter(n_iter: int) -> int:
-    return check_count("n_iter", n_iter)
+    return check_int("n_iter", n_iter, low=0)
 
 
 def power_iteration_(weights: Tensor, us: list[Tensor], vs: list[Tensor], n_iter: int = 1) -> None:

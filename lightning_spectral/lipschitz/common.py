@@ -9,7 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from ..activations import GroupSort, MaxMin
-from ..functional.curvature import NonSmoothActivationError, SmoothSoftplus
+from ..functional.activations import NonSmoothActivationError, SmoothSoftplus
 
 LipschitzRule = Callable[[nn.Module, list[torch.Size]], "Tensor | float"]
 """``fn(module, input_shapes) -> K``: an upper bound on the l2 Lipschitz constant of the

@@ -41,8 +41,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, fx, nn
 
-from ..functional.activations import activation_curvature_slack
-from ..functional.curvature import NonSmoothActivationError, activation_curvature
+from ..functional.activations import (
+    NonSmoothActivationError,
+    activation_curvature,
+    activation_curvature_slack,
+)
 from .common import (
     _ADAPTIVE_MAX,
     _MAX_POOLS,
