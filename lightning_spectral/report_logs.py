@@ -215,7 +215,9 @@ def curves(log: RunLog, kind: str, by_epoch: bool) -> dict[str, tuple[list[int],
     out = {}
     for name, key in keys.items():
         points = [p for p in log.series[key] if not by_epoch or p.epoch is not None]
-        out[name] = ([p.epoch if by_epoch else p.step for p in points], [p.value for p in points])
+        # by_epoch: every point kept has an epoch (the test is for the type checker)
+        xs = [p.epoch if by_epoch and p.epoch is not None else p.step for p in points]
+        out[name] = (xs, [p.value for p in points])
     return out
 
 

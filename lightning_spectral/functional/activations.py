@@ -300,11 +300,11 @@ def _resolve(
     if isinstance(activation, str):
         return activation, activation, kwargs
     try:
-        name = _FUNCTIONS.get(activation)
+        found = _FUNCTIONS.get(activation)
     except TypeError:  # unhashable callable
-        name = None
+        found = None
     label = getattr(activation, "__name__", repr(activation))
-    return None if name is None else (name, label, kwargs)
+    return None if found is None else (found, label, kwargs)
 
 
 def activation_curvature_slack(
