@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -38,6 +37,11 @@ from torch import nn
 from torch.profiler import ProfilerActivity, profile
 
 from lightning_spectral.functional import layer_spectral_bound, threads
+
+try:
+    from benchmarks.machine_info import cpu_name
+except ModuleNotFoundError:  # run as `python benchmarks/<name>.py`: this directory is on sys.path
+    from machine_info import cpu_name  # type: ignore[no-redef]
 
 RESULTS = Path(__file__).resolve().parent / "results" / "bound_threads_cpu.md"
 
@@ -137,9 +141,7 @@ def profile_table(threads: list[int]) -> list[str]:
 
 
 def header() -> list[str]:
-    cpu = platform.processor() or platform.machine()
-    with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
-        cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), cpu)
+    cpu = cpu_name()
     load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
     return [
         f"Machine: {cpu}, {os.cpu_count()} CPUs, torch {torch.__version__}, "

@@ -16,8 +16,6 @@ writes ``benchmarks/results/compositional_bound_cpu.md``.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import platform
 import sys
 import time
 from pathlib import Path
@@ -33,6 +31,7 @@ for path in (ROOT, ROOT / "tests"):
 
 from oracles import eclipse_fast_reference, operator_matrix  # noqa: E402
 
+from benchmarks.machine_info import cpu_name  # noqa: E402
 from lightning_spectral import network_lipschitz_bound  # noqa: E402
 from lightning_spectral.demos import MNISTDataModule  # noqa: E402
 from lightning_spectral.demos.models_digits import MnistCNN  # noqa: E402
@@ -42,10 +41,7 @@ SHAPE = (1, 28, 28)
 
 
 def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
-        cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), cpu)
-    return f"{cpu}, {torch.get_num_threads()} torch thread(s), torch {torch.__version__}"
+    return f"{cpu_name()}, {torch.get_num_threads()} torch thread(s), torch {torch.__version__}"
 
 
 def mlp() -> nn.Sequential:

@@ -43,6 +43,11 @@ from lightning_spectral.functional.bounds import layer_bounds
 from lightning_spectral.regularizer.constraint import AfterStep
 from lightning_spectral.regularizer.selection import select_layers
 
+try:
+    from benchmarks.machine_info import cpu_name
+except ModuleNotFoundError:  # run as `python benchmarks/<name>.py`: this directory is on sys.path
+    from machine_info import cpu_name  # type: ignore[no-redef]
+
 C = 1.0
 VARIANTS = {"none": None, "automatic": None, "tight every step": 1}
 
@@ -113,14 +118,7 @@ def measure(name: str, rounds: int, steps: dict[str, int]) -> dict[str, object]:
 
 
 def table(results: list[dict[str, object]]) -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    cpu = cpu_name()
     lines = [
         "# Per-step cost of the constraint (cpu)", "",
         f"Machine: {cpu}, {torch.get_num_threads()} torch thread, torch {torch.__version__}, "

@@ -24,7 +24,6 @@ Results go to ``<out>/mnist_study_cpu.json`` (raw numbers), ``.csv`` (one row pe
 from __future__ import annotations
 
 import argparse
-import contextlib
 import csv
 import datetime
 import importlib.util
@@ -37,6 +36,11 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
+
+try:
+    from benchmarks.machine_info import cpu_name
+except ModuleNotFoundError:  # run as `python benchmarks/<name>.py`: this directory is on sys.path
+    from machine_info import cpu_name  # type: ignore[no-redef]
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "examples" / "configs" / "mnist"
@@ -126,11 +130,8 @@ def run_one(name: str, args: list[str]) -> dict[str, Any]:
 
 
 def machine() -> dict[str, str]:
-    cpu = platform.processor() or platform.machine()
-    with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
-        cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), cpu)
     return {
-        "cpu": cpu,
+        "cpu": cpu_name(),
         "threads": str(torch.get_num_threads()),
         "torch": torch.__version__,
         "lightning": pl.__version__,

@@ -48,6 +48,11 @@ from lightning_spectral.callback import SpectralBoundRegularizer
 from lightning_spectral.demos import ImageClassifier, MnistCNN, resnet32
 from lightning_spectral.regularizer.constraint import check_finite
 
+try:
+    from benchmarks.machine_info import cpu_name
+except ModuleNotFoundError:  # run as `python benchmarks/<name>.py`: this directory is on sys.path
+    from machine_info import cpu_name  # type: ignore[no-redef]
+
 BETA = 1e-3
 #: name -> (network factory, input shape, description for the table)
 MODELS = {
@@ -230,15 +235,7 @@ def callback_parts(model: str, device: torch.device, repeats: int = 50) -> dict[
 def machine(device: torch.device) -> str:
     if device.type == "cuda":
         return f"{torch.cuda.get_device_name(device)}, torch {torch.__version__}"
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return (f"{cpu}, {torch.get_num_threads()} torch threads, torch {torch.__version__}, "
+    return (f"{cpu_name()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}, "
             f"Python {platform.python_version()}")
 
 

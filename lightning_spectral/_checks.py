@@ -1,4 +1,5 @@
-"""Argument checkers shared by the callback, the certification tracker and the metrics.
+"""Argument checkers shared by the callback, the certification tracker, the metrics and the
+tensor math of :mod:`lightning_spectral.functional` (no Lightning import here).
 
 Each raises ``ValueError`` naming the argument and the value received, so that a bad value is
 reported when an object is constructed, before any work depends on it.
@@ -11,7 +12,18 @@ import numbers
 from collections.abc import Sequence
 from typing import Any
 
+import torch
 from torch import Tensor
+
+__all__ = [
+    "check_bool",
+    "check_finite_weight",
+    "check_int",
+    "check_patterns",
+    "check_real",
+    "check_reals",
+    "is_finite_real",
+]
 
 
 def is_finite_real(value: Any) -> bool:
@@ -83,3 +95,13 @@ def check_reals(
             f", got {value!r}"
         )
     return [float(v) for v in values]
+
+
+def check_finite_weight(weight: Tensor, what: str) -> None:
+    """Refuse a weight with NaN/Inf entries: no finite bound exists, and every norm routine
+    would return one silently (one host sync, acceptable off the training hot path where
+    bounds are computed). ``what`` names the weight in the ``ValueError``."""
+    if not bool(torch.isfinite(weight).all()):
+        raise ValueError(
+            f"{what} contains non-finite values (NaN or Inf); no finite spectral bound exists"
+        )

@@ -18,6 +18,8 @@ jumps from one permutation to another), so it has no curvature bound.
 
 from __future__ import annotations
 
+from types import EllipsisType
+
 import torch
 from torch import Tensor, nn
 
@@ -97,12 +99,16 @@ class MaxMin(nn.Module):
             raise ValueError(f"MaxMin: dimension {self.dim} has odd size {size}")
         half = size // 2
         # Plain slicing (not split/chunk): traced into (a subclass), the graph walk bounds it.
+        # The indices are built apart: mypy reads ``x[(*t, s)]`` as 3.11-only star syntax.
+        lo: tuple[slice | EllipsisType, ...]
+        hi: tuple[slice | EllipsisType, ...]
         if self.dim >= 0:
             lead = (slice(None),) * self.dim
-            a, b = x[(*lead, slice(None, half))], x[(*lead, slice(half, None))]
+            lo, hi = (*lead, slice(None, half)), (*lead, slice(half, None))
         else:
             tail = (slice(None),) * (-1 - self.dim)
-            a, b = x[(..., slice(None, half), *tail)], x[(..., slice(half, None), *tail)]
+            lo, hi = (..., slice(None, half), *tail), (..., slice(half, None), *tail)
+        a, b = x[lo], x[hi]
         return torch.cat([torch.maximum(a, b), torch.minimum(a, b)], dim=self.dim)
 
     def extra_repr(self) -> str:

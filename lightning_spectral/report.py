@@ -13,6 +13,10 @@ were logged).
 Displayed numbers are rounded to 6 significant digits *in the safe direction*: guaranteed
 bounds and Lipschitz bounds up, certified accuracies and radii down, so that a value read off
 the report is still a valid bound.
+
+Reading the logs (:func:`~lightning_spectral.report_logs.load_log`, the key table
+:data:`~lightning_spectral.report_logs.KEYS`, the key selection) is
+:mod:`lightning_spectral.report_logs`.
 """
 
 from __future__ import annotations
@@ -26,31 +30,23 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ._progress import progress
-
-# Reading the logs lives in .report_logs; every name this module offered stays importable here.
-from .report_logs import (  # noqa: F401
-    AGGREGATES,
+from .report_logs import (
     CERTIFIED_ACC,
     CERTIFIED_RADIUS,
     KEYS,
     LIPSCHITZ,
-    Point,
     RunLog,
     certified_families,
     curves,
     final_layer_values,
     kind_keys,
-    layer_keys,
     load_log,
-    locate_log,
-    read_metrics_csv,
-    read_tensorboard,
 )
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
-__all__ = ["KEYS", "Point", "RunLog", "load_log", "make_report", "main"]
+__all__ = ["format_value", "make_report", "main", "render_markdown"]
 
 _log = logging.getLogger(__name__)
 

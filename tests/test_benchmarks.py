@@ -22,7 +22,6 @@ from benchmarks.boundspeed.methods import METHODS, PROVABLE  # noqa: E402
 from benchmarks.boundspeed.sections import paper  # noqa: E402
 from benchmarks.boundspeed.tables import paper_row  # noqa: E402
 
-SHIM = ROOT / "benchmarks" / "bound_speed.py"
 MODULE = ["-m", "benchmarks.boundspeed"]
 
 
@@ -151,10 +150,10 @@ def test_quick_run_bounds_are_sound(quick_run: tuple[str, str]) -> None:
     )
 
 
-def test_script_shim_fails_early_on_an_output_directory(tmp_path: Path) -> None:
-    # From another directory and without PYTHONPATH: the shim finds the checkout itself.
+def test_module_from_the_checkout_fails_early_on_an_output_directory(tmp_path: Path) -> None:
+    # From the repository root and without PYTHONPATH: `-m` finds the checkout itself.
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    proc = _run([str(SHIM), "--quick", "--output", str(tmp_path)], cwd=tmp_path, env=env)
+    proc = _run([*MODULE, "--quick", "--output", str(tmp_path)], cwd=ROOT, env=env)
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert "is a directory" in proc.stderr
     assert proc.stdout == ""  # nothing measured, nothing printed

@@ -115,3 +115,10 @@ def test_errors():
         gram_iteration_bound(torch.eye(2), n_iter=-1)
     with pytest.raises(ValueError, match=r"\(\.\.\., m, n\)"):
         spectral_norm_exact(torch.ones(3))
+
+
+@pytest.mark.parametrize("count", [3.0, True, "3"])
+def test_iteration_counts_must_be_integers(count: object) -> None:
+    # One semantics for every count (lightning_spectral._checks.check_int): no floats, no bools.
+    with pytest.raises(ValueError, match=r"n_iter must be an integer >= 0, got"):
+        gram_iteration_bound(torch.eye(2), n_iter=count)  # type: ignore[arg-type]

@@ -13,7 +13,6 @@ from oracles import svd_norm
 
 from lightning_spectral.functional.matricize import row_subsets
 from lightning_spectral.functional.power import (
-    _Plan,
     concatenated_state,
     fantastic_four_estimate,
     fantastic_four_estimate_cat,
@@ -21,6 +20,7 @@ from lightning_spectral.functional.power import (
     power_iteration_,
     state_views,
 )
+from lightning_spectral.functional.power_plan import Plan
 
 # (g, c_out, c_in, *k): Linear (d = 0), 1d, 2d with groups, 3d; the 5x5x5 kernel is too
 # large for the dense selector and takes the one-einsum-per-subset path.
@@ -35,7 +35,7 @@ SHAPES = [
 
 
 def test_both_contraction_paths_are_exercised():
-    dense = [_Plan(torch.empty(1, *s)).dense for s in SHAPES]
+    dense = [Plan(torch.empty(1, *s)).dense for s in SHAPES]
     assert any(dense) and not all(dense)
 
 

@@ -25,14 +25,8 @@ from lightning.pytorch.loggers import CSVLogger
 from matplotlib.image import imread
 
 from lightning_spectral.callback import SpectralBoundRegularizer
-from lightning_spectral.report import (
-    certified_families,
-    format_value,
-    layer_keys,
-    load_log,
-    main,
-    make_report,
-)
+from lightning_spectral.report import format_value, main, make_report
+from lightning_spectral.report_logs import certified_families, layer_keys, load_log
 
 ROOT = Path(__file__).resolve().parents[1]
 EPSILONS = [0.1, 0.5]

@@ -27,7 +27,7 @@ Four tables:
 Layers of equal shape, stride and input size (random init: the same distribution) are
 measured once and counted once per layer they stand for, marked ``(+k)`` in the tables.
 
-Run ``python -m benchmarks.boundspeed`` or ``python benchmarks/bound_speed.py`` from the
+Run ``python -m benchmarks.boundspeed`` from the
 repository root (about five minutes on a 2-core CPU), or add ``--quick`` (reduced sizes, some
 seconds; run by ``tests/test_benchmarks.py``). Results go to ``benchmarks/results/``. The
 default of one thread is deliberate: on a shared, oversubscribed machine LAPACK with two

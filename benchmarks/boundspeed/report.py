@@ -11,6 +11,7 @@ import torch
 
 from benchmarks.boundspeed.config import Layer
 from benchmarks.boundspeed.measure import ratios
+from benchmarks.machine_info import cpu_model
 
 
 def fmt(x: float | None, digits: int = 3) -> str:
@@ -98,14 +99,8 @@ def summary(layers: list[Layer], exact: str) -> list[str]:
 def machine() -> str:
     """CPU model, core count, torch and Python versions."""
     name = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    name = f"{line.split(':', 1)[1].strip()} ({name})"
-                    break
-    except OSError:
-        pass
+    model = cpu_model()
+    name = f"{model} ({name})" if model else name
     return f"{name}, {os.cpu_count()} CPUs, torch {torch.__version__}, " + (
         f"Python {platform.python_version()}"
     )

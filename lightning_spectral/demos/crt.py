@@ -24,9 +24,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..functional.activations import SmoothSoftplus, activation_curvature
 from ..functional.bounds import layer_spectral_bound
 from ..functional.crc_attack import curvature_attack
-from ..functional.curvature import SmoothSoftplus, activation_curvature
 from ..functional.curvature_penalty import ChainCurvaturePenalty, parse_chain
 
 __all__ = ["ARCHITECTURES", "ATTACKS", "CurvatureRegularizedClassifier", "crt_network",

@@ -3,7 +3,14 @@
 Nothing here imports Lightning.
 """
 
-from .activations import activation_curvature_slack, activation_slope, softplus_switch_slack
+from .activations import (
+    NonSmoothActivationError,
+    SmoothSoftplus,
+    activation_curvature,
+    activation_curvature_slack,
+    activation_slope,
+    softplus_switch_slack,
+)
 from .bounds import (
     SUPPORTED_LAYERS,
     fantastic_four,
@@ -19,15 +26,9 @@ from .certified_losses import (
 )
 from .certify import certified_radius, logit_margins, pairwise_certified_radius
 from .compositional import certified_psd, chain_lipschitz_bound
+from .crc import crc_certified_radius
 from .crc_attack import CurvatureAttack, curvature_attack
-from .curvature import (
-    NonSmoothActivationError,
-    SmoothSoftplus,
-    activation_curvature,
-    crc_certified_radius,
-    curvature_certified_radius,
-    linear_head_pairwise_curvature,
-)
+from .curvature_radius import curvature_certified_radius, linear_head_pairwise_curvature
 from .exact import conv_spectral_norm, operator_matrix
 from .matricize import grouped_weight, matricize, row_subsets, spatial_dims
 from .norms import gram_iteration_bound, spectral_norm_exact

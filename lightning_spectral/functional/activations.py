@@ -2,7 +2,7 @@
 
 For an elementwise activation ``s``, ``g = sup |s'|`` is its Lipschitz constant and ``h`` the
 Lipschitz constant of ``s'``; a network's curvature bound is built from these (see
-:mod:`.curvature`). :func:`activation_curvature` reads them from a table of exact suprema
+:mod:`.curvature_radius`). :func:`activation_curvature` reads them from a table of exact suprema
 rounded up, and refuses activations whose derivative jumps (:class:`NonSmoothActivationError`).
 """
 
@@ -322,11 +322,11 @@ def _resolve(
     if isinstance(activation, str):
         return activation, activation, kwargs
     try:
-        name = _FUNCTIONS.get(activation)
+        found = _FUNCTIONS.get(activation)
     except TypeError:  # unhashable callable
-        name = None
+        found = None
     label = getattr(activation, "__name__", repr(activation))
-    return None if name is None else (name, label, kwargs)
+    return None if found is None else (found, label, kwargs)
 
 
 def activation_curvature_slack(

@@ -42,9 +42,11 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import cast
 
 import torch
 from torch import Tensor, nn
+from torch.nn.modules.conv import _ConvNd, _ConvTransposeNd
 
 from .bounds_frequency import (
     circular_grid_norm,
@@ -255,7 +257,7 @@ def layer_bounds(
     if factor != 1.0:
         out = {name: value * factor for name, value in out.items()}
     if size is not None:
-        explicit = _explicit_norm(module, size, budget)
+        explicit = _explicit_norm(cast(_ConvNd, module), size, budget)  # not geo.linear
         if explicit is not None:
             out["operator_matrix"] = explicit
     return out
@@ -282,7 +284,7 @@ def _grid_bounds(
     return {} if value is None else {name: value}
 
 
-def _explicit_norm(module: nn.Module, size: tuple[int, ...], budget: float) -> Tensor | None:
+def _explicit_norm(module: _ConvNd, size: tuple[int, ...], budget: float) -> Tensor | None:
     """``opnorm`` of the layer's explicit matrix at ``size``, when building and factoring it
     fits ``budget``: the norm itself (no padding factor, no symbol), for small layers.
 
@@ -291,7 +293,7 @@ def _explicit_norm(module: nn.Module, size: tuple[int, ...], budget: float) -> T
     computed as every other matrix norm here, raised by the rounding margin of ``opnorm``.
     """
     channels = module.weight.shape[0] if isinstance(
-        module, nn.modules.conv._ConvTransposeNd) else module.weight.shape[1] * module.groups
+        module, _ConvTransposeNd) else module.weight.shape[1] * module.groups
     n_in = channels * math.prod(size)
     with torch.no_grad():
         probe = layer_operator(module)(

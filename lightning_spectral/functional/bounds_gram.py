@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ._args import check_finite
+from .._checks import check_finite_weight
 from .matricize import grouped_weight, matricize, row_subsets
 from .opnorm import opnorm
 from .symbol import taps_last
@@ -65,7 +65,7 @@ def gram_kernel_bound(
     ``subsets="all"`` uses all ``2^d`` matricizations of ``K_t``; ``"ends"`` only the
     first and last (cheap: their Gram matrices are ``c x c``).
     """
-    check_finite(weight, "weight")
+    check_finite_weight(weight, "weight")
     if n_steps < 1:
         raise ValueError(f"n_steps must be >= 1, got {n_steps}")
     kg = _gram_oriented(grouped_weight(weight.to(torch.float64), groups))

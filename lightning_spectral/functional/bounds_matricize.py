@@ -13,7 +13,7 @@ import math
 import torch
 from torch import Tensor
 
-from ._args import check_finite
+from .._checks import check_finite_weight
 from .matricize import grouped_weight, matricize, row_subsets
 from .opnorm import opnorm
 from .symbol import taps_last
@@ -40,7 +40,7 @@ def fantastic_four(weight: Tensor, *, groups: int = 1, reduction: str = "min") -
     """
     if reduction not in ("min", "none"):
         raise ValueError(f"reduction must be 'min' or 'none', got {reduction!r}")
-    check_finite(weight, "weight")
+    check_finite_weight(weight, "weight")
     w = grouped_weight(weight.to(torch.float64), groups)
     d = weight.ndim - 2
     scale = math.sqrt(math.prod(weight.shape[2:]))

@@ -69,6 +69,7 @@ certificate: it only picks the floats ``s_i``, ``r`` and ``Y_i`` that the checks
 from __future__ import annotations
 
 import copy
+import functools
 import math
 from collections.abc import Callable, Sequence
 from typing import TypeVar
@@ -204,7 +205,7 @@ def _last(y: Tensor, w: Tensor, err: float, certify: bool, pending: Checks | Non
     for retry in _RETRIES:
         mu = top * (1 + retry * _shrink(sum(w.shape)))
         r = 1.0 / math.sqrt(mu)
-        out = _checked(r, lambda r=r: _last_check(y, w, r, err), certify, pending)
+        out = _checked(r, functools.partial(_last_check, y, w, r, err), certify, pending)
         if out is not None:
             return out
     return None
@@ -490,5 +491,5 @@ def _ranked(mats: list[Tensor], slopes: Sequence[tuple[float, float]],
         if value is not None and (best[0] is None or value < best[0]):
             best = (value, pending)
     order = sorted(range(len(fractions)),
-                   key=lambda i: math.inf if estimates[i] is None else estimates[i])
+                   key=lambda i: math.inf if (e := estimates[i]) is None else e)
     return [fractions[i] for i in order], best[0], best[1]

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .curvature_radius import _pairs, _radius, curvature_certified_radius
+from .curvature_radius import curvature_certified_radius, margin_pairs, taylor_radius
 
 __all__ = ["crc_certified_radius"]
 
@@ -67,8 +67,8 @@ def crc_certified_radius(
                          f"{inner_steps}")
     if x.ndim < 1 or x.shape[0] == 0:
         return curvature_certified_radius(model, x, target, curvature, dtype=dtype)
-    p = _pairs(model, x, target, curvature, dtype, chunk_size)
-    radii = _radius(p.margin, p.grad_norm, p.k)
+    p = margin_pairs(model, x, target, curvature, dtype, chunk_size)
+    radii = taylor_radius(p.margin, p.grad_norm, p.k)
     # Only pairs with a positive margin and curvature gain anything (K = 0: r_K is exact).
     refine = (p.margin > 0) & (p.k > 0)
     refine = refine.scatter(1, p.y[:, None], False)

@@ -17,11 +17,11 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .curvature_radius import (
-    _check_classes,
-    _check_target,
-    _curvature_tensor,
-    _pairwise_curvature,
-    _prepare_model,
+    check_classes,
+    check_target,
+    curvature_tensor,
+    expand_pairwise_curvature,
+    prepare_model,
 )
 
 __all__ = ["CurvatureAttack", "curvature_attack"]
@@ -127,19 +127,19 @@ def curvature_attack(
     if x.ndim < 1:
         raise ValueError(f"x must have a batch axis, got shape {tuple(x.shape)}")
     n = x.shape[0]
-    _check_target(target, n)
-    k = _curvature_tensor(curvature)
+    check_target(target, n)
+    k = curvature_tensor(curvature)
     if isinstance(classes, str) and classes not in _CLASSES:
         raise ValueError(f"classes must be one of {_CLASSES} or an (N,) tensor, got {classes!r}")
-    fn = _prepare_model(model, dtype)
+    fn = prepare_model(model, dtype)
     x0 = x.detach() if dtype is None else x.detach().to(dtype)
     with torch.no_grad():
         logits = fn(x0)
     if logits.ndim != 2 or logits.shape[0] != n:
         raise ValueError(f"the model must map (N, ...) to logits (N, C), got {tuple(logits.shape)}")
     num_classes = logits.shape[1]
-    _check_classes(target, n, num_classes)
-    k = _pairwise_curvature(k, num_classes, logits.device)
+    check_classes(target, n, num_classes)
+    k = expand_pairwise_curvature(k, num_classes, logits.device)
     y = target.to(logits.device).long()
     if n == 0:
         empty = torch.zeros(0, dtype=torch.float64, device=x.device)
@@ -192,8 +192,8 @@ def _attacked_pairs(logits: Tensor, y: Tensor, classes: str | Tensor) -> tuple[T
     device = logits.device
     if isinstance(classes, Tensor):
         t = classes.to(device)
-        _check_target(t, n)
-        _check_classes(t, n, num_classes)
+        check_target(t, n)
+        check_classes(t, n, num_classes)
         t = t.long()
         if bool((t == y).any()):
             raise ValueError("classes must differ from target for every sample")

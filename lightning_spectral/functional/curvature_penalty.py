@@ -23,11 +23,13 @@ certificate: certify with a guaranteed bound computed from the trained weights.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import cast
 
 import torch
 from torch import Tensor, nn
 
-from .curvature import activation_curvature
+from .activations import activation_curvature
+from .geometry import SupportedLayer
 from .matricize import grouped_weight
 from .power import fantastic_four_estimate, init_singular_vectors
 
@@ -83,7 +85,7 @@ def _compose_activations(first: tuple[float, float], second: tuple[float, float]
     return g1 * g2, h2 * g1 * g1 + g2 * h1
 
 
-def parse_chain(model: nn.Module) -> tuple[list[nn.Module], list[tuple[float, float]]]:
+def parse_chain(model: nn.Module) -> tuple[list[SupportedLayer], list[tuple[float, float]]]:
     """Split a plain chain into its linear layers and the ``(g, h)`` between them.
 
     ``model`` is an ``nn.Sequential`` (nested ones are flattened) of exact ``nn.Linear`` /
@@ -97,14 +99,14 @@ def parse_chain(model: nn.Module) -> tuple[list[nn.Module], list[tuple[float, fl
             chain that does not start and end with a linear layer.
         NonSmoothActivationError: an activation whose derivative jumps (ReLU, ...).
     """
-    layers: list[nn.Module] = []
+    layers: list[SupportedLayer] = []
     activations: list[tuple[float, float]] = []
     pending: tuple[float, float] | None = None
     for name, module in _leaves(model, ""):
         if type(module) in _LINEAR_TYPES:
             if layers:
                 activations.append(pending if pending is not None else (1.0, 0.0))
-            layers.append(module)
+            layers.append(cast(SupportedLayer, module))  # an exact _LINEAR_TYPES type
             pending = None
         elif type(module) is nn.Flatten:
             if (module.start_dim, module.end_dim) != (1, -1):
@@ -138,9 +140,9 @@ def _leaves(module: nn.Module, prefix: str) -> list[tuple[str, nn.Module]]:
     return out
 
 
-def _grouped_shape(layer: nn.Module) -> tuple[int, ...]:
+def _grouped_shape(layer: SupportedLayer) -> tuple[int, ...]:
     weight = layer.weight
-    if weight.ndim == 2:
+    if isinstance(layer, nn.Linear):  # the 2-d weight
         return (1, *weight.shape)
     return tuple(grouped_weight(weight, int(layer.groups)).shape)
 

@@ -1,11 +1,22 @@
-"""The closed-form curvature certificate and the checks and Jacobians it shares with CRC.
+"""Curvature (second-order) robustness certificates: the closed-form radius, the pairwise
+curvature of a linear head, and the checks and Jacobians the radius shares with CRC.
 
-For the margin ``mu = z_y - z_t`` with gradient ``G`` at ``x0`` and a bound ``K`` on the
-Lipschitz constant of ``grad mu``, Taylor's formula with integral remainder gives
+For a twice-differentiable scalar map ``f`` the *curvature bound* is a constant ``K`` with
+``||grad f(x) - grad f(x')|| <= K ||x - x'||`` for all ``x, x'`` (for ``C^2`` maps,
+``K >= sup_x ||Hess f(x)||_2``). For a vector map ``z`` the Jacobian-Lipschitz constant ``C``
+bounds ``||Dz(x) - Dz(x')||_2 <= C ||x - x'||``. Compositions obey
+``C(phi o psi) <= C_phi L_psi^2 + L_phi C_psi`` (Entesari, Sharifi & Fazlyab, ICML 2024), so
+every network made of linear maps ``(||A||, 0)`` and smooth elementwise activations
+``(g, h)`` gets one; :func:`~lightning_spectral.functional.activations.activation_curvature`
+gives ``(g, h)``.
+
+The certificate (Singla & Feizi, ICML 2020; Entesari et al. 2024): for the margin
+``mu = z_y - z_t`` with gradient ``G`` at ``x0`` and a bound ``K`` on the Lipschitz constant
+of ``grad mu``, Taylor's formula with integral remainder gives
 ``mu(x0 + d) >= mu(x0) - ||G|| ||d|| - (K / 2) ||d||^2``, positive for
 ``||d|| < r = 2 mu / (||G|| + sqrt(||G||^2 + 2 K mu))``: :func:`curvature_certified_radius`.
-The dual certificate built on the same margins is in :mod:`.crc`; both are re-exported by
-:mod:`.curvature`.
+The dual certificate built on the same margins is in :mod:`.crc`. Floating-point rounding of
+the model's own evaluation is not accounted for.
 """
 
 from __future__ import annotations
@@ -18,7 +29,18 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
-__all__ = ["curvature_certified_radius"]
+__all__ = [
+    "MarginPairs",
+    "check_classes",
+    "check_target",
+    "curvature_certified_radius",
+    "curvature_tensor",
+    "expand_pairwise_curvature",
+    "linear_head_pairwise_curvature",
+    "margin_pairs",
+    "prepare_model",
+    "taylor_radius",
+]
 
 
 def _nonnegative_scalar(value: Tensor | float, name: str, device: torch.device) -> Tensor:
@@ -30,7 +52,7 @@ def _nonnegative_scalar(value: Tensor | float, name: str, device: torch.device) 
     return c
 
 
-def _curvature_tensor(curvature: Tensor | float) -> Tensor:
+def curvature_tensor(curvature: Tensor | float) -> Tensor:
     """The curvature argument as float64: a finite scalar >= 0, or a square matrix of pairwise
     bounds, finite and >= 0 off the diagonal (the diagonal is never used and set to 0)."""
     k = torch.as_tensor(curvature, dtype=torch.float64).detach()
@@ -46,7 +68,7 @@ def _curvature_tensor(curvature: Tensor | float) -> Tensor:
     return k
 
 
-def _pairwise_curvature(k: Tensor, num_classes: int, device: torch.device) -> Tensor:
+def expand_pairwise_curvature(k: Tensor, num_classes: int, device: torch.device) -> Tensor:
     """``(C, C)`` bounds ``K_yt`` on the Lipschitz constant of ``grad(z_y - z_t)``.
 
     A scalar ``C`` bounds ``||Dz(x) - Dz(x')||``; then
@@ -62,7 +84,7 @@ def _pairwise_curvature(k: Tensor, num_classes: int, device: torch.device) -> Te
     return k.to(device)
 
 
-def _prepare_model(
+def prepare_model(
     model: Callable[[Tensor], Tensor], dtype: torch.dtype | None
 ) -> Callable[[Tensor], Tensor]:
     """The model in the requested precision, never modifying the caller's module."""
@@ -104,14 +126,16 @@ def _logits_and_jacobian(
     return logits.detach(), jac.detach().flatten(2)
 
 
-def _check_target(target: Tensor, n: int) -> None:
+def check_target(target: Tensor, n: int) -> None:
+    """Refuse ``target`` unless it is ``(n,)`` integer class labels."""
     if target.ndim != 1 or target.shape[0] != n:
         raise ValueError(f"target must have shape ({n},), got {tuple(target.shape)}")
     if target.dtype.is_floating_point or target.dtype == torch.bool:
         raise ValueError(f"target must hold integer class indices, got dtype {target.dtype}")
 
 
-def _check_classes(target: Tensor, n: int, num_classes: int) -> None:
+def check_classes(target: Tensor, n: int, num_classes: int) -> None:
+    """Refuse fewer than 2 classes, or labels outside ``[0, num_classes)``."""
     if num_classes < 2:
         raise ValueError(f"the model must output at least 2 logits, got {num_classes}")
     if n and (int(target.min()) < 0 or int(target.max()) >= num_classes):
@@ -119,7 +143,7 @@ def _check_classes(target: Tensor, n: int, num_classes: int) -> None:
                          f"[{int(target.min())}, {int(target.max())}]")
 
 
-def _radius(margin: Tensor, grad_norm: Tensor, k: Tensor) -> Tensor:
+def taylor_radius(margin: Tensor, grad_norm: Tensor, k: Tensor) -> Tensor:
     """``2 mu / (||G|| + sqrt(||G||^2 + 2 K mu))`` for ``mu > 0`` (no cancellation), else 0.
 
     Equals ``(sqrt(||G||^2 + 2 K mu) - ||G||) / K``, the root of
@@ -185,22 +209,25 @@ def curvature_certified_radius(
     if x.ndim < 1:
         raise ValueError(f"x must have a batch axis, got shape {tuple(x.shape)}")
     if x.shape[0] == 0:
-        _check_target(target, 0)
+        check_target(target, 0)
         for value in (curvature, jacobian_slack, value_slack):
-            _curvature_tensor(value)
+            curvature_tensor(value)
         return torch.zeros(0, dtype=torch.float64, device=x.device)
-    slacks = [_curvature_tensor(value) for value in (jacobian_slack, value_slack)]
-    p = _pairs(model, x, target, curvature, dtype, chunk_size)
+    slacks = [curvature_tensor(value) for value in (jacobian_slack, value_slack)]
+    p = margin_pairs(model, x, target, curvature, dtype, chunk_size)
     num_classes = p.margin.shape[1]
-    d_slack, e_slack = (_pairwise_curvature(s, num_classes, p.margin.device)[p.y]
+    d_slack, e_slack = (expand_pairwise_curvature(s, num_classes, p.margin.device)[p.y]
                         for s in slacks)
     # The Taylor bound with slack (see jacobian_slack): exact when both are 0 (x - 0 = x).
-    radii = _radius(p.margin - 2.0 * e_slack, p.grad_norm + d_slack, p.k)
+    radii = taylor_radius(p.margin - 2.0 * e_slack, p.grad_norm + d_slack, p.k)
     radii = radii.scatter(1, p.y[:, None], math.inf)  # t = y is no competitor
     return radii.min(dim=1).values
 
 
-class _Pairs(NamedTuple):
+class MarginPairs(NamedTuple):
+    """Per (sample, class) margins, their gradient norms and curvature bounds
+    (:func:`margin_pairs`)."""
+
     fn: Callable[[Tensor], Tensor]  # the model in the working precision
     x: Tensor  # inputs in the working precision
     y: Tensor  # (N,) labels, long
@@ -209,31 +236,57 @@ class _Pairs(NamedTuple):
     k: Tensor  # (N, C) float64 K_{y t}
 
 
-def _pairs(
+def margin_pairs(
     model: Callable[[Tensor], Tensor],
     x: Tensor,
     target: Tensor,
     curvature: Tensor | float,
     dtype: torch.dtype | None,
     chunk_size: int | None,
-) -> _Pairs:
+) -> MarginPairs:
     """Validated margins, margin-gradient norms and curvature bounds for every (sample, t).
 
     Everything that can be checked without the model is checked before it runs.
     """
-    _check_target(target, x.shape[0])
-    k = _curvature_tensor(curvature)
-    fn = _prepare_model(model, dtype)
+    check_target(target, x.shape[0])
+    k = curvature_tensor(curvature)
+    fn = prepare_model(model, dtype)
     xs = x.detach() if dtype is None else x.detach().to(dtype)
     logits, jac = _logits_and_jacobian(fn, xs, chunk_size)
     n, num_classes = logits.shape
-    _check_classes(target, n, num_classes)
+    check_classes(target, n, num_classes)
     if not bool(torch.isfinite(logits).all()) or not bool(torch.isfinite(jac).all()):
         raise ValueError("the model produced non-finite logits or input gradients")
-    k = _pairwise_curvature(k, num_classes, logits.device)
+    k = expand_pairwise_curvature(k, num_classes, logits.device)
     y = target.to(logits.device).long()
     z = logits.to(torch.float64)
     jac = jac.to(torch.float64)
     grad = jac[torch.arange(n, device=jac.device), y][:, None, :] - jac  # (N, C, D)
-    return _Pairs(fn, xs, y, z.gather(1, y[:, None]) - z,
+    return MarginPairs(fn, xs, y, z.gather(1, y[:, None]) - z,
                   torch.linalg.vector_norm(grad, dim=2), k[y])
+
+
+def linear_head_pairwise_curvature(weight: Tensor, feature_curvature: Tensor | float) -> Tensor:
+    """Pairwise curvature bounds ``K_yt`` for a linear head ``z = W phi(x) + b``.
+
+    The margin ``z_y - z_t = (W_y - W_t)^T phi(x) + const`` has gradient
+    ``Dphi(x)^T (W_y - W_t)``, so ``||grad(x) - grad(x')|| <= ||Dphi(x) - Dphi(x')|| ||W_y - W_t||
+    <= C_phi ||W_y - W_t|| ||x - x'||``: ``K_yt = ||W_y - W_t||_2 C_phi`` (exact Euclidean norms
+    of the row differences; never worse than ``sqrt(2) ||W|| C_phi``).
+
+    Args:
+        weight: ``(C, D)`` weight ``W`` of the final linear layer.
+        feature_curvature: ``C_phi``, a bound on the Lipschitz constant of the Jacobian of the
+            features ``phi`` feeding that layer.
+
+    Returns:
+        float64 ``(C, C)`` symmetric matrix with zero diagonal.
+    """
+    w = weight.detach().to(torch.float64)
+    if w.ndim != 2 or w.shape[0] < 2:
+        raise ValueError(f"weight must have shape (C, D) with C >= 2, got {tuple(w.shape)}")
+    if not bool(torch.isfinite(w).all()):
+        raise ValueError("weight has non-finite entries")
+    c_phi = _nonnegative_scalar(feature_curvature, "feature_curvature", w.device)
+    # The mm-based cdist loses accuracy to cancellation; the direct one does not.
+    return torch.cdist(w, w, compute_mode="donot_use_mm_for_euclid_dist") * c_phi

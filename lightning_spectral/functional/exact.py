@@ -24,12 +24,14 @@ import copy
 import math
 import warnings
 from collections.abc import Sequence
+from typing import cast
 
 import torch
 from torch import Tensor, nn
+from torch.nn.modules.conv import _ConvNd
 
-from ._args import check_count
-from .geometry import SUPPORTED_LAYERS
+from .._checks import check_int
+from .geometry import SUPPORTED_LAYERS, SupportedLayer
 from .matricize import grouped_weight
 from .norms import spectral_norm_exact
 from .symbol import max_symbol_norm
@@ -46,20 +48,21 @@ _METHODS = ("auto", "fft", "power", "matrix")
 _POWER_BLOCK = 8
 
 
-def _spatial(module: nn.Module) -> int:
+def _supported(module: nn.Module) -> SupportedLayer:
     if not isinstance(module, SUPPORTED_LAYERS):
         names = ", ".join(f"nn.{t.__name__}" for t in SUPPORTED_LAYERS)
         raise TypeError(f"unsupported layer type {type(module).__name__}; supported: {names}")
-    return 0 if isinstance(module, nn.Linear) else module.weight.ndim - 2
+    return cast(SupportedLayer, module)
 
 
 def _input_shape(module: nn.Module, input_size: Sequence[int] | int | None) -> tuple[int, ...]:
     """``(channels, *spatial)`` of one input sample."""
-    d = _spatial(module)
-    if d == 0:
+    layer = _supported(module)
+    if isinstance(layer, nn.Linear):
         if input_size not in (None, ()) and tuple(input_size) != ():  # type: ignore[arg-type]
             raise ValueError(f"nn.Linear takes no spatial input_size, got {input_size!r}")
-        return (module.in_features,)
+        return (layer.in_features,)
+    d = layer.weight.ndim - 2
     if input_size is None:
         raise ValueError(f"{type(module).__name__} needs input_size (a tuple of {d} ints)")
     size = (int(input_size),) * d if isinstance(input_size, int) else tuple(input_size)
@@ -67,10 +70,10 @@ def _input_shape(module: nn.Module, input_size: Sequence[int] | int | None) -> t
         raise ValueError(
             f"{type(module).__name__} needs input_size of {d} positive ints, got {input_size!r}"
         )
-    return (module.in_channels, *(int(s) for s in size))
+    return (layer.in_channels, *(int(s) for s in size))
 
 
-def _float64_layer(module: nn.Module) -> nn.Module:
+def _float64_layer(module: SupportedLayer) -> SupportedLayer:
     """A float64 copy of the layer without bias, so that it applies exactly ``J``."""
     layer = copy.deepcopy(module)
     layer.bias = None
@@ -78,7 +81,7 @@ def _float64_layer(module: nn.Module) -> nn.Module:
     return layer.to(torch.float64)
 
 
-def _output_shape(layer: nn.Module, in_shape: tuple[int, ...]) -> tuple[int, ...]:
+def _output_shape(layer: SupportedLayer, in_shape: tuple[int, ...]) -> tuple[int, ...]:
     try:  # shape inference without arithmetic
         meta = copy.deepcopy(layer).to("meta")
         return tuple(meta(torch.empty(1, *in_shape, device="meta")).shape[1:])
@@ -99,7 +102,7 @@ def operator_matrix(module: nn.Module, input_size: Sequence[int] | int | None) -
     Raises ``ValueError`` above ``MAX_MATRIX_ENTRIES`` entries.
     """
     in_shape = _input_shape(module, input_size)
-    layer = _float64_layer(module)
+    layer = _float64_layer(_supported(module))
     out_shape = _output_shape(layer, in_shape)
     n_in, n_out = math.prod(in_shape), math.prod(out_shape)
     if n_in * n_out > MAX_MATRIX_ENTRIES:
@@ -115,7 +118,7 @@ def operator_matrix(module: nn.Module, input_size: Sequence[int] | int | None) -
 
 
 def _fft_obstacle(
-    module: nn.Module, in_shape: tuple[int, ...], out_shape: tuple[int, ...]
+    module: SupportedLayer, in_shape: tuple[int, ...], out_shape: tuple[int, ...]
 ) -> str | None:
     """Why the FFT formula is not the exact norm of this layer (``None`` when it is).
 
@@ -140,7 +143,7 @@ def _fft_obstacle(
     return None
 
 
-def _fft_norm(module: nn.Module, size: tuple[int, ...]) -> Tensor:
+def _fft_norm(module: _ConvNd, size: tuple[int, ...]) -> Tensor:
     """Sedghi et al.: ``max_theta ||P(theta)||_2`` over the DFT grid of ``size``, per group.
 
     :func:`.symbol.max_symbol_norm` evaluates ``P`` with explicit phases
@@ -156,7 +159,7 @@ def _fft_norm(module: nn.Module, size: tuple[int, ...]) -> Tensor:
 
 
 def _power_norm(
-    layer: nn.Module, in_shape: tuple[int, ...], tol: float, max_iter: int, seed: int
+    layer: SupportedLayer, in_shape: tuple[int, ...], tol: float, max_iter: int, seed: int
 ) -> Tensor:
     """Block power (subspace) iteration on ``J^T J``; returns ``||J X^T||_2``, ``X`` orthonormal.
 
@@ -228,16 +231,17 @@ def conv_spectral_norm(
         raise ValueError(f"method must be one of {_METHODS}, got {method!r}")
     if not tol > 0:
         raise ValueError(f"tol must be positive, got {tol!r}")
-    check_count("max_iter", max_iter, positive=True)
+    check_int("max_iter", max_iter, low=1)
     in_shape = _input_shape(module, input_size)
     if isinstance(module, nn.Linear) and method in ("auto", "matrix"):
         return spectral_norm_exact(module.weight.detach())
-    layer = _float64_layer(module)
+    checked = _supported(module)
+    layer = _float64_layer(checked)
     out_shape = _output_shape(layer, in_shape)
     if method in ("auto", "fft"):
-        obstacle = _fft_obstacle(module, in_shape, out_shape)
-        if obstacle is None:
-            return _fft_norm(module, in_shape[1:])
+        obstacle = _fft_obstacle(checked, in_shape, out_shape)
+        if obstacle is None:  # only a convolution has none
+            return _fft_norm(cast(_ConvNd, checked), in_shape[1:])
         if method == "fft":
             raise ValueError(f"method='fft' does not apply: {obstacle}; use 'power' or 'matrix'")
         tiny = math.prod(in_shape) * math.prod(out_shape) <= _TINY_MATRIX_ENTRIES

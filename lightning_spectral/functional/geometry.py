@@ -9,13 +9,22 @@ strided convolution as a stride-1 one on a channel stack.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import cast
 
 from torch import Tensor, nn
+from torch.nn.modules.conv import _ConvNd, _ConvTransposeNd
 
-from ._args import check_finite
+from .._checks import check_finite_weight
 from .padding import PADDING_MODES
 
-__all__ = ["SUPPORTED_LAYERS", "Geometry", "gram_grid", "polyphase_filter", "polyphase_grid"]
+__all__ = [
+    "SUPPORTED_LAYERS",
+    "Geometry",
+    "SupportedLayer",
+    "gram_grid",
+    "polyphase_filter",
+    "polyphase_grid",
+]
 
 SUPPORTED_LAYERS: tuple[type, ...] = (
     nn.Conv1d,
@@ -26,6 +35,9 @@ SUPPORTED_LAYERS: tuple[type, ...] = (
     nn.ConvTranspose3d,
     nn.Linear,
 )
+#: What ``isinstance(module, SUPPORTED_LAYERS)`` proves, for the type checker (which does not
+#: narrow on a tuple held in a variable).
+SupportedLayer = nn.Linear | _ConvNd
 
 
 class Geometry:
@@ -37,19 +49,20 @@ class Geometry:
             raise TypeError(
                 f"no spectral bound for {type(module).__name__}; supported layers: {names}"
             )
-        weight = module.weight
-        check_finite(weight, f"{type(module).__name__} weight")
+        layer = cast(SupportedLayer, module)
+        weight = layer.weight
+        check_finite_weight(weight, f"{type(module).__name__} weight")
         self.weight: Tensor = weight
-        self.linear = isinstance(module, nn.Linear)
-        if self.linear:
+        self.linear = isinstance(layer, nn.Linear)
+        if isinstance(layer, nn.Linear):
             return
-        self.transposed = isinstance(module, nn.modules.conv._ConvTransposeNd)
-        self.groups = int(module.groups)
+        self.transposed = isinstance(layer, _ConvTransposeNd)
+        self.groups = int(layer.groups)
         self.kernel = [int(k) for k in weight.shape[2:]]
         d = len(self.kernel)
-        self.stride = [int(s) for s in module.stride]
-        self.dilation = [int(x) for x in module.dilation]
-        self.mode = str(module.padding_mode)
+        self.stride = [int(s) for s in layer.stride]
+        self.dilation = [int(x) for x in layer.dilation]
+        self.mode = str(layer.padding_mode)
         if self.mode not in PADDING_MODES:
             raise ValueError(f"unknown padding_mode {self.mode!r}; expected one of {PADDING_MODES}")
         if self.transposed:
@@ -58,11 +71,11 @@ class Geometry:
                 raise ValueError(
                     f"{type(module).__name__} only supports padding_mode='zeros', got {self.mode!r}"
                 )
-            self.pads = [(int(p), int(p)) for p in module.padding]
-            self.output_padding = [int(p) for p in module.output_padding]
+            self.pads = [(int(p), int(p)) for p in layer.padding]
+            self.output_padding = [int(p) for p in layer.output_padding]
         else:
             # F.pad order (last axis first) also holds the left/right split of 'same'.
-            rev = [int(p) for p in module._reversed_padding_repeated_twice]
+            rev = [int(p) for p in layer._reversed_padding_repeated_twice]
             self.pads = [(rev[2 * (d - 1 - j)], rev[2 * (d - 1 - j) + 1]) for j in range(d)]
 
     def ext(self, j: int) -> int:

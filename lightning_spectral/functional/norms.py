@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ._args import check_count
+from .._checks import check_int
 from .threads import matrix_side, with_bound_threads
 
 __all__ = ["spectral_norm_exact", "gram_iteration_bound"]
@@ -82,7 +82,7 @@ def gram_iteration_bound(matrix: Tensor, n_iter: int = 6) -> Tensor:
     smaller Gram matrix (``M M^H`` when ``m < n``: same Frobenius norm). ``n_iter = 0`` is
     the Frobenius norm. Differentiable (every step is).
     """
-    check_count("n_iter", n_iter)
+    check_int("n_iter", n_iter, low=0)
     m64 = _as_matrix64(matrix, "gram_iteration_bound")
     if m64.shape[-1] == 0 or m64.shape[-2] == 0:
         return torch.zeros(m64.shape[:-2], dtype=torch.float64, device=m64.device)

@@ -13,10 +13,14 @@ the weight through the last application of ``A`` (the vectors are constants, as 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import cast
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.modules.conv import _ConvNd, _ConvTransposeNd
+
+from .geometry import SupportedLayer
 
 __all__ = ["layer_operator", "operator_norm_estimate", "operator_vector"]
 
@@ -27,26 +31,31 @@ def layer_operator(module: nn.Module) -> Callable[[Tensor, Tensor], Tensor]:
     """``apply(x, weight)``: the layer's linear part with ``weight`` in place of its own."""
     if isinstance(module, nn.Linear):
         return lambda x, w: F.linear(x, w)
-    if isinstance(module, nn.modules.conv._ConvTransposeNd):
+    if isinstance(module, _ConvTransposeNd):
         transposed = _TRANSPOSED[module.weight.ndim - 2]
-        return lambda x, w: transposed(x, w, None, module.stride, module.padding,
-                                       module.output_padding, module.groups, module.dilation)
-    if isinstance(module, nn.modules.conv._ConvNd):
-        return lambda x, w: module._conv_forward(x, w, None)
+        # Bound to a local: a closure does not keep the narrowing of ``module`` for mypy.
+        # The padding of a transposed convolution is never a string.
+        tr = module
+        return lambda x, w: transposed(x, w, None, tr.stride, cast(tuple[int, ...], tr.padding),
+                                       tr.output_padding, tr.groups, tr.dilation)
+    if isinstance(module, _ConvNd):
+        conv = module
+        return lambda x, w: conv._conv_forward(x, w, None)
     raise TypeError(f"no operator power iteration for {type(module).__name__}")
 
 
 def operator_vector(module: nn.Module, input_size: Sequence[int] | None,
                     generator: torch.Generator | None = None) -> Tensor:
     """A random unit vector of the layer's input space (one sample, batch axis of 1)."""
-    w = module.weight
-    if isinstance(module, nn.Linear):
+    layer = cast(SupportedLayer, module)  # a layer that layer_operator accepts
+    w = layer.weight
+    if isinstance(layer, nn.Linear):
         shape: tuple[int, ...] = (1, w.shape[1])
     else:
         if input_size is None:
             raise ValueError(f"{type(module).__name__} needs its spatial input size")
-        channels = w.shape[0] if isinstance(module, nn.modules.conv._ConvTransposeNd) else (
-            w.shape[1] * module.groups)
+        channels = w.shape[0] if isinstance(layer, _ConvTransposeNd) else (
+            w.shape[1] * layer.groups)
         shape = (1, channels, *(int(s) for s in input_size))
     u = torch.randn(shape, generator=generator, dtype=torch.float32).to(w.device)
     return u / u.norm()
@@ -58,7 +67,7 @@ def operator_norm_estimate(module: nn.Module, u: Tensor, n_iter: int = 1) -> Ten
     Returns a 0-dim tensor in ``u``'s dtype, differentiable w.r.t. ``module.weight``.
     """
     apply = layer_operator(module)
-    weight = module.weight.to(u.dtype)
+    weight = cast(SupportedLayer, module).weight.to(u.dtype)
     frozen = weight.detach()
     for _ in range(n_iter):
         with torch.enable_grad():

@@ -43,9 +43,9 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from ._args import check_count
+from .._checks import check_int
 from .matricize import row_subsets
-from .power_plan import _arange, _check_state, _Constants, _Plan, _plan, _store
+from .power_plan import Plan, PlanConstants, cached_arange, check_state, plan_for_shape, store_state
 
 __all__ = [
     "init_singular_vectors",
@@ -103,7 +103,7 @@ def _normalize(x: Tensor, old: Tensor, block: Tensor, eps: Tensor) -> tuple[Tens
     """Normalize each subset's block of columns of ``x (z, rows, cols)``.
 
     Returns the normalized tensor and each column's block norm ``(z, cols)`` (``block``:
-    see :class:`_Constants`), so all blocks are handled by a few whole-tensor kernels. Where
+    see :class:`PlanConstants`), so all blocks are handled by a few whole-tensor kernels. Where
     a norm is ``<= eps`` the ``old`` vector is kept: a zero product (an all-zero filter)
     must not turn the persistent vector into zeros or NaNs, from which it could never
     recover. ``torch.where`` keeps this free of host sync (the quotient it discards may be
@@ -133,13 +133,13 @@ def _no_autocast(device_type: str) -> contextlib.AbstractContextManager:
 
 
 def _iterate_cat(
-    plan: _Plan, t: Tensor, u_cat: Tensor, v_cat: Tensor, n_iter: int
-) -> tuple[Tensor, Tensor, Tensor, _Constants]:
+    plan: Plan, t: Tensor, u_cat: Tensor, v_cat: Tensor, n_iter: int
+) -> tuple[Tensor, Tensor, Tensor, PlanConstants]:
     """``n_iter`` iterations but the last ``u`` half-step: returns ``(u_cat, v_cat, V, const)``.
 
     ``t`` is the ``(z, c_out, c_in * prod k)`` view ``T`` of the filters, in the compute
-    dtype; ``u_cat``/``v_cat`` the concatenated vectors (:class:`_Plan`), not modified;
-    ``V`` is the expanded ``v`` of :meth:`_Plan.expand_v`, so that ``bmm(t, V)``, the last
+    dtype; ``u_cat``/``v_cat`` the concatenated vectors (:class:`Plan`), not modified;
+    ``V`` is the expanded ``v`` of :meth:`Plan.expand_v`, so that ``bmm(t, V)``, the last
     half-step's product, is every ``M_A v_A``. With ``n_iter = 0``: the given vectors. A
     dozen kernels per iteration whatever ``d`` (dense selector).
     """
@@ -153,7 +153,7 @@ def _iterate_cat(
     return u_cat, v_cat, plan.expand_v(v_cat, const), const
 
 
-def _matrix(plan: _Plan, weights: Tensor) -> Tensor:
+def _matrix(plan: Plan, weights: Tensor) -> Tensor:
     """``T``: a view of the filters, unless half-precision weights must be upcast."""
     t = weights.reshape(plan.z, plan.c_out, plan.c_in * plan.numel_k)
     dtype = _compute_dtype(weights.dtype)
@@ -161,7 +161,7 @@ def _matrix(plan: _Plan, weights: Tensor) -> Tensor:
 
 
 def _check_n_iter(n_iter: int) -> int:
-    return check_count("n_iter", n_iter)
+    return check_int("n_iter", n_iter, low=0)
 
 
 def power_iteration_(weights: Tensor, us: list[Tensor], vs: list[Tensor], n_iter: int = 1) -> None:
@@ -176,7 +176,7 @@ def power_iteration_(weights: Tensor, us: list[Tensor], vs: list[Tensor], n_iter
     iteration for all ``2^d`` matricizations together (see the module docstring).
     """
     n_iter = _check_n_iter(n_iter)
-    plan = _check_state(weights, us, vs)
+    plan = check_state(weights, us, vs)
     if n_iter == 0:
         return
     with torch.no_grad(), _no_autocast(weights.device.type):
@@ -185,7 +185,7 @@ def power_iteration_(weights: Tensor, us: list[Tensor], vs: list[Tensor], n_iter
         v_cat = plan.cat([v.to(t.dtype) for v in vs], plan.c_in, plan.q)
         u_cat, v_cat, v_big, const = _iterate_cat(plan, t, u_cat, v_cat, n_iter)
         u_cat, _ = _normalize(torch.bmm(t, v_big), u_cat, const.block_p, const.eps)
-        _store(plan, us, vs, u_cat, v_cat)
+        store_state(plan, us, vs, u_cat, v_cat)
 
 
 def fantastic_four_estimate(
@@ -209,14 +209,14 @@ def fantastic_four_estimate(
     switched off inside (it would run the products in half precision).
     """
     n_iter = _check_n_iter(n_iter)
-    plan = _check_state(weights, us, vs)
+    plan = check_state(weights, us, vs)
     dtype = _compute_dtype(weights.dtype)
     u_cat = plan.cat([u.to(dtype) for u in us], plan.c_out, plan.p)
     v_cat = plan.cat([v.to(dtype) for v in vs], plan.c_in, plan.q)
     value, u_new, v_new = _estimate(plan, weights, u_cat, v_cat, n_iter)
     if n_iter > 0:
         with torch.no_grad():
-            _store(plan, us, vs, u_new, v_new)
+            store_state(plan, us, vs, u_new, v_new)
     return value
 
 
@@ -231,7 +231,7 @@ def concatenated_state(
     concatenation and the ``2^(d+1)`` copies back of every call; :func:`state_views` gives
     the per-matricization views of it.
     """
-    plan = _plan(tuple(int(s) for s in grouped_shape))
+    plan = plan_for_shape(tuple(int(s) for s in grouped_shape))
     return (plan.cat(list(us), plan.c_out, plan.p).clone(),
             plan.cat(list(vs), plan.c_in, plan.q).clone())
 
@@ -242,7 +242,7 @@ def state_views(
     """Views of a concatenated state in the shapes of :func:`init_singular_vectors` stacked
     over ``L`` layers (``us[m]``: ``(L, g, c_out, *k_A)``): writing into them writes the
     state."""
-    plan = _plan(tuple(int(s) for s in grouped_shape))
+    plan = plan_for_shape(tuple(int(s) for s in grouped_shape))
     us = [part.view(*shape) for part, shape in
           zip(u_cat.split_with_sizes(plan.p, -1), plan.u_shapes, strict=True)]
     vs = [part.view(*shape) for part, shape in
@@ -260,7 +260,7 @@ def fantastic_four_estimate_cat(
     The state must have the compute dtype (float64 for float64 weights, else float32) and
     the weights' device; checked by shape only, once per call.
     """
-    plan = _plan(tuple(weights.shape))
+    plan = plan_for_shape(tuple(weights.shape))
     z, p_all, q_all = plan.z, plan.off_p[-1], plan.off_q[-1]
     if u_cat.shape != (z, plan.c_out, p_all) or v_cat.shape != (z, plan.c_in, q_all):
         raise ValueError(
@@ -276,7 +276,7 @@ def fantastic_four_estimate_cat(
 
 
 def _estimate(
-    plan: _Plan, weights: Tensor, u_cat: Tensor, v_cat: Tensor, n_iter: int
+    plan: Plan, weights: Tensor, u_cat: Tensor, v_cat: Tensor, n_iter: int
 ) -> tuple[Tensor, Tensor, Tensor]:
     """The estimate of every stacked layer and the iterated ``(u_cat, v_cat)`` (not stored)."""
     with _no_autocast(weights.device.type):
@@ -300,7 +300,7 @@ def _estimate(
     return value, u_cat, v_cat
 
 
-def _selection(plan: _Plan, const: _Constants, per_col: Tensor) -> Tensor:
+def _selection(plan: Plan, const: PlanConstants, per_col: Tensor) -> Tensor:
     """``(z, sum p)``: ``sqrt(prod k)`` on the columns of ``u_cat`` of each layer's selected
     pair, 0 elsewhere.
 
@@ -314,6 +314,6 @@ def _selection(plan: _Plan, const: _Constants, per_col: Tensor) -> Tensor:
     mask = const.select.index_select(0, col.view(-1))  # (z, sum p)
     if plan.g > 1:
         best_group = mins.argmax(dim=-1, keepdim=True)  # (L, 1)
-        group_hit = _arange(plan.g, per_col.device) == best_group  # (L, g)
+        group_hit = cached_arange(plan.g, per_col.device) == best_group  # (L, g)
         mask = mask * group_hit.view(plan.z, 1)
     return mask

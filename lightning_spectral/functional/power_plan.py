@@ -6,7 +6,7 @@ tensor ``D`` does the structured expansion and the diagonal read for all subsets
 matrix product each, and the per-subset norms go through a cached block indicator matrix:
 about a dozen kernels per iteration per stack of layers, independent of ``d``, and about
 30 per call in all (the concatenation of the state, the selection, and the ``2^(d+1)``
-copies back into the state included). The index bookkeeping (:class:`_Plan`) and the
+copies back into the state included). The index bookkeeping (:class:`Plan`) and the
 constant tensors are built once per shape, device and dtype, never per call. Larger
 kernels use one einsum per subset instead.
 """
@@ -23,6 +23,8 @@ from torch import Tensor
 
 from .matricize import row_subsets
 
+__all__ = ["Plan", "PlanConstants", "cached_arange", "check_state", "plan_for_shape", "store_state"]
+
 _LETTERS = "abcdefghijklmnopqrstuvwxy"  # 'z' is reserved for the flattened (layer, group) axis
 
 #: Largest dense selector ``D`` (entries) before falling back to one einsum per subset:
@@ -38,7 +40,7 @@ def _ravel(index: Sequence[int], sizes: Sequence[int]) -> int:
     return flat
 
 
-class _Constants:
+class PlanConstants:
     """0/1 tensors that only depend on the kernel shape, built once per device and dtype.
 
     ``D[(A, k'_A), k, (A, k'_notA)] = [k_A == k'_A and k_notA == k'_notA]`` turns both
@@ -84,12 +86,13 @@ class _Constants:
 @functools.lru_cache(maxsize=64)
 def _constants(
     k: tuple[int, ...], device: torch.device, dtype: torch.dtype, dense: bool
-) -> _Constants:
-    return _Constants(k, device, dtype, dense)
+) -> PlanConstants:
+    return PlanConstants(k, device, dtype, dense)
 
 
 @functools.lru_cache(maxsize=64)
-def _arange(n: int, device: torch.device) -> Tensor:
+def cached_arange(n: int, device: torch.device) -> Tensor:
+    """``torch.arange(n)`` on ``device``, built once."""
     # Cached so that no step builds (and, on a GPU, copies to the device) an index tensor.
     return torch.arange(n, device=device)
 
@@ -99,12 +102,12 @@ def _eps(dtype: torch.dtype) -> float:
     return float(torch.finfo(dtype).tiny) ** 0.5
 
 
-class _Plan:
+class Plan:
     """Index bookkeeping for one filter shape (einsum equations built from each subset).
 
     Concatenated layouts: ``u_cat`` is ``(z, c_out, sum_A p_A)`` (``u_A`` flattened to
     ``p_A = prod_{i in A} k_i`` columns), ``v_cat`` is ``(z, c_in, sum_A q_A)``
-    (``q_A = prod k / p_A``), ``z = L * g``. Built once per shape (:func:`_plan`).
+    (``q_A = prod k / p_A``), ``z = L * g``. Built once per shape (:func:`plan_for_shape`).
     """
 
     def __init__(self, weights: Tensor | Sequence[int]) -> None:
@@ -143,7 +146,7 @@ class _Plan:
             rows = "".join(kl[i] for i in a)
             self.diag_eq.append(f"z{rows}X{kl}->zX{not_a}")
 
-    def constants(self, ref: Tensor) -> _Constants:
+    def constants(self, ref: Tensor) -> PlanConstants:
         """The cached constants for ``ref``'s device and dtype."""
         return _constants(self.k_tuple, ref.device, ref.dtype, self.dense)
 
@@ -151,7 +154,7 @@ class _Plan:
         flat = [t.reshape(self.z, rows, w) for t, w in zip(parts, widths, strict=True)]
         return flat[0] if len(flat) == 1 else torch.cat(flat, dim=-1)
 
-    def expand_v(self, v_cat: Tensor, const: _Constants) -> Tensor:
+    def expand_v(self, v_cat: Tensor, const: PlanConstants) -> Tensor:
         """``V = cat_A V_A``, ``(z, c_in * prod k, sum_A p_A)``: ``T @ V`` is every ``M_A v_A``.
 
         ``V_A[(c, k), k'_A] = v_A[c, k_notA] * [k_A == k'_A]``.
@@ -170,7 +173,7 @@ class _Plan:
             parts.append(big.reshape(self.z, self.c_in * self.numel_k, self.p[m]))
         return torch.cat(parts, dim=-1)
 
-    def mt_u(self, t: Tensor, u_cat: Tensor, const: _Constants) -> Tensor:
+    def mt_u(self, t: Tensor, u_cat: Tensor, const: PlanConstants) -> Tensor:
         """Every ``M_A^T u_A``, as ``v_cat`` ``(z, c_in, sum_A q_A)``, from one GEMM on ``T``."""
         if self.numel_k == 1:  # d = 0 or 1x1 kernels: every M_A is T
             return torch.bmm(t.transpose(1, 2), u_cat)  # (z, c_in, 2^d)
@@ -192,16 +195,18 @@ class _Plan:
 
 
 @functools.lru_cache(maxsize=256)
-def _plan(shape: tuple[int, ...]) -> _Plan:
-    return _Plan(shape)
+def plan_for_shape(shape: tuple[int, ...]) -> Plan:
+    """The :class:`Plan` of one stacked filter shape, built once per shape."""
+    return Plan(shape)
 
 
-def _check_state(weights: Tensor, us: Sequence[Tensor], vs: Sequence[Tensor]) -> _Plan:
+def check_state(weights: Tensor, us: Sequence[Tensor], vs: Sequence[Tensor]) -> Plan:
+    """The plan of ``weights``, after refusing vectors of the wrong number, shape or device."""
     if weights.ndim < 4:
         raise ValueError(
             f"weights must be (L, groups, c_out, c_in, *kernel), got shape {tuple(weights.shape)}"
         )
-    plan = _plan(tuple(weights.shape))
+    plan = plan_for_shape(tuple(weights.shape))
     n = len(plan.subsets)
     if len(us) != n or len(vs) != n:
         raise ValueError(
@@ -221,9 +226,10 @@ def _check_state(weights: Tensor, us: Sequence[Tensor], vs: Sequence[Tensor]) ->
     return plan
 
 
-def _store(
-    plan: _Plan, us: Sequence[Tensor], vs: Sequence[Tensor], u_cat: Tensor, v_cat: Tensor
+def store_state(
+    plan: Plan, us: Sequence[Tensor], vs: Sequence[Tensor], u_cat: Tensor, v_cat: Tensor
 ) -> None:
+    """Copy the concatenated vectors back into the state tensors ``us`` and ``vs``."""
     # One split into views, shapes as plain ints: on these small tensors the Python-side
     # cost of slicing or of parsing a torch.Size argument is more than that of the copy.
     u_parts = u_cat.split_with_sizes(plan.p, -1)

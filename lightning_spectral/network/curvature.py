@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, fx, nn
 
-from ..functional.curvature import linear_head_pairwise_curvature
+from ..functional.curvature_radius import linear_head_pairwise_curvature
 from .api import not_nan, walk_model
 from .common import LayerBound, NonSmoothOperationError
 from .ownership import builtin_class, curvature_rule, user_rule

@@ -46,9 +46,10 @@ from ...functional.activations import (
     MISH_LIP,
     SELU_LIP,
     SILU_LIP,
+    NonSmoothActivationError,
+    activation_curvature,
     activation_curvature_slack,
 )
-from ...functional.curvature import NonSmoothActivationError, activation_curvature
 from ..common import NonSmoothOperationError, UnsupportedOperationError, check_softplus, f64
 from ..tracing import BatchDependent, describe, node_arg, refuse, shape_of, static, submodule
 from .base import NodeRule, Walk, rules_for
