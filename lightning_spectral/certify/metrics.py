@@ -21,7 +21,7 @@ from torchmetrics import Metric
 from torchmetrics.utilities.data import dim_zero_cat
 
 from .._checks import check_reals
-from ..functional.certify import _check_logits_target, certified_radius
+from ..functional.certify import certified_radius, check_logits_target
 
 __all__ = ["CertifiedRobustAccuracy", "CertifiedRadius"]
 
@@ -38,7 +38,7 @@ def _radius_of(
         return certified_radius(logits, target, lipschitz_constant, **refined)
     if lipschitz_constant is not None or any(v is not None for v in refined.values()):
         raise ValueError("pass either radius= or the Lipschitz constant(s), not both")
-    _check_logits_target(logits, target)  # `correct` is read off them below
+    check_logits_target(logits, target)  # `correct` is read off them below
     if not isinstance(radius, Tensor) or radius.shape != (logits.shape[0],):
         raise ValueError(
             f"radius must have shape ({logits.shape[0]},), one per row of the logits, got "

@@ -67,6 +67,7 @@ from .threads import module_side, with_bound_threads
 
 __all__ = [
     "SUPPORTED_LAYERS",
+    "layer_factor",
     "fantastic_four",
     "tap_sum_bound",
     "gram_kernel_bound",
@@ -195,7 +196,7 @@ def _check_input_size(input_size: Sequence[int] | None, d: int) -> tuple[int, ..
 
 
 
-def _layer_factor(geo: Geometry, input_size: tuple[int, ...] | None) -> float:
+def layer_factor(geo: Geometry, input_size: tuple[int, ...] | None) -> float:
     """The padding factor of the layer (1 for transposed convolutions: zeros only)."""
     if geo.transposed:
         return 1.0
@@ -237,7 +238,7 @@ def layer_bounds(
     wg_shape = (geo.groups, w.shape[0] // geo.groups, *w.shape[1:])
     g, co, ci = wg_shape[:3]
     budget = _default_budget(wg_shape, len(geo.kernel)) if max_cost is None else float(max_cost)
-    factor = _layer_factor(geo, size)
+    factor = layer_factor(geo, size)
     grid = geo.grid(size) if size is not None else None
     strided = any(st > 1 for st in geo.stride) and (geo.transposed or geo.mode != "circular")
     poly = polyphase_filter(w, geo.stride, geo.dilation) if strided else None

@@ -25,10 +25,10 @@ import math
 import torch
 from torch import Tensor
 
-__all__ = ["certified_radius", "logit_margins"]
+__all__ = ["certified_radius", "check_logits_target", "logit_margins"]
 
 
-def _check_logits_target(logits: Tensor, target: Tensor) -> None:
+def check_logits_target(logits: Tensor, target: Tensor) -> None:
     """Shapes and dtypes first, then the values, read back to the host once."""
     if not isinstance(logits, Tensor) or logits.ndim != 2:
         raise ValueError(f"logits must have shape (N, C), got {getattr(logits, 'shape', logits)}")
@@ -89,7 +89,7 @@ def _safe_divide(num: Tensor, den: Tensor) -> Tensor:
 
 def logit_margins(logits: Tensor, target: Tensor) -> Tensor:
     """``f_y - f_j`` for every class ``j``, float64 ``(N, C)``; the ``j = y`` entry is ``+inf``."""
-    _check_logits_target(logits, target)
+    check_logits_target(logits, target)
     z = logits.detach().to(torch.float64)
     diff = z.gather(1, target[:, None].long()) - z
     return diff.scatter(1, target[:, None].long(), math.inf)

@@ -77,7 +77,7 @@ from typing import TypeVar
 import torch
 from torch import Tensor
 
-__all__ = ["certified_psd", "chain_lipschitz_bound"]
+__all__ = ["certified_psd", "chain_lipschitz_bound", "fast_start_applies"]
 
 _T = TypeVar("_T")
 _U = 2.0**-53  # unit roundoff of float64
@@ -300,7 +300,7 @@ class _Start:
         return other
 
 
-def _fast_start_applies(mats: list[Tensor], slopes: Sequence[tuple[float, float]],
+def fast_start_applies(mats: list[Tensor], slopes: Sequence[tuple[float, float]],
                         errs: list[float]) -> bool:
     """The expanding start needs ``d_1 > d_0``, ``alpha_1 = alpha_2 = 0``, exact
     ``W_1, W_2`` and a third matrix (the start ends on a step, not on the last one)."""
@@ -441,7 +441,7 @@ def chain_lipschitz_bound(weights: Sequence[Tensor], slopes: Sequence[tuple[floa
     errs = [0.0] * len(mats) if errors is None else [float(e) for e in errors]
     if len(errs) != len(mats) or not all(e >= 0 for e in errs):
         raise ValueError(f"errors must be {len(mats)} numbers >= 0, got {errors}")
-    start = (_Start(mats[0], mats[1]) if fast_start and _fast_start_applies(mats, slopes, errs)
+    start = (_Start(mats[0], mats[1]) if fast_start and fast_start_applies(mats, slopes, errs)
              else None)
     if max(max(w.shape) for w in mats) > ROUGH_ABOVE and len(fractions) > 1:
         order = _rough_order(mats, slopes, fractions, errs, start)

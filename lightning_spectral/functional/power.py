@@ -48,6 +48,7 @@ from .matricize import row_subsets
 from .power_plan import Plan, PlanConstants, cached_arange, check_state, plan_for_shape, store_state
 
 __all__ = [
+    "compute_dtype",
     "init_singular_vectors",
     "power_iteration_",
     "fantastic_four_estimate",
@@ -114,7 +115,7 @@ def _normalize(x: Tensor, old: Tensor, block: Tensor, eps: Tensor) -> tuple[Tens
     return torch.where(norms > eps, x / norms, old), per_col
 
 
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     """float64 stays float64; everything else (half, bfloat16 weights) runs in float32.
 
     Power iteration in 8-bit-mantissa arithmetic would stall far below the norm.
@@ -156,7 +157,7 @@ def _iterate_cat(
 def _matrix(plan: Plan, weights: Tensor) -> Tensor:
     """``T``: a view of the filters, unless half-precision weights must be upcast."""
     t = weights.reshape(plan.z, plan.c_out, plan.c_in * plan.numel_k)
-    dtype = _compute_dtype(weights.dtype)
+    dtype = compute_dtype(weights.dtype)
     return t if t.dtype == dtype else t.to(dtype)
 
 
@@ -210,7 +211,7 @@ def fantastic_four_estimate(
     """
     n_iter = _check_n_iter(n_iter)
     plan = check_state(weights, us, vs)
-    dtype = _compute_dtype(weights.dtype)
+    dtype = compute_dtype(weights.dtype)
     u_cat = plan.cat([u.to(dtype) for u in us], plan.c_out, plan.p)
     v_cat = plan.cat([v.to(dtype) for v in vs], plan.c_in, plan.q)
     value, u_new, v_new = _estimate(plan, weights, u_cat, v_cat, n_iter)

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..functional.activations import activation_slope
-from ..functional.compositional import _fast_start_applies, chain_lipschitz_bound
+from ..functional.compositional import chain_lipschitz_bound, fast_start_applies
 from ..functional.modules import behaves_as
 from .api import check_input_shape, network_lipschitz_bound, walking
 from .common import LayerBound
@@ -206,7 +206,7 @@ def check_rows(weights: Sequence[Tensor], slopes: Sequence[tuple[float, float]],
     times a few Cholesky factorizations of that size, so this predicts it."""
     dims = [weights[0].shape[1], *(w.shape[0] for w in weights)]
     pairs = list(zip(dims[:-1], dims[1:], strict=True))
-    if _fast_start_applies(list(weights), slopes, list(errors)):
+    if fast_start_applies(list(weights), slopes, list(errors)):
         pairs = [(dims[0], dims[2]), *pairs[2:]]
     return max(a + b for a, b in pairs)
 

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from ..functional.bounds import _layer_factor
+from ..functional.bounds import layer_factor
 from ..functional.geometry import Geometry
 from ..functional.matricize import row_subsets
 from ..functional.opnorm import opnorm_cost
@@ -74,7 +74,7 @@ def layer_families(module: nn.Module, names: list[str]) -> LayerFamilies:
     geo = Geometry(module)
     if geo.linear:
         return LayerFamilies(("matrix_norm",), (1.0,), (0.0,), 1.0, conv=False)
-    f = _layer_factor(geo, None)
+    f = layer_factor(geo, None)
     root_k = math.sqrt(math.prod(geo.kernel))
     root_kp = math.sqrt(_polyphase_taps(geo))
     known = {

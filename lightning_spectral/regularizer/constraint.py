@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from torch.nn.parameter import is_lazy
 
 from ..functional.bounds import layer_bounds
-from ..functional.power import _compute_dtype
+from ..functional.power import compute_dtype
 from .anchored import (
     Anchor,
     LayerFamilies,
@@ -72,7 +72,7 @@ def check_finite(layers: dict[str, nn.Module], estimates: Tensor | None, where: 
     alike.
     """
     weights = [layer_weight(m) for m in layers.values()]
-    sums = [local(w).sum(dtype=_compute_dtype(w.dtype)) for w in weights]
+    sums = [local(w).sum(dtype=compute_dtype(w.dtype)) for w in weights]
     device = sums[0].device
     flat = torch.stack([t.to(device) for t in sums])
     if any_sharded(weights):

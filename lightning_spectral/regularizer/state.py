@@ -20,7 +20,7 @@ from torch.nn.parameter import is_lazy
 
 from ..functional.matricize import grouped_weight
 from ..functional.power import (
-    _compute_dtype,
+    compute_dtype,
     concatenated_state,
     fantastic_four_estimate_cat,
     init_singular_vectors,
@@ -50,7 +50,7 @@ def _layer_seed(name: str) -> int:
 
 def _group_key(module: nn.Module) -> tuple[Any, ...]:
     w = layer_weight(module)
-    return (_grouped_shape(module), w.device, _compute_dtype(w.dtype))
+    return (_grouped_shape(module), w.device, compute_dtype(w.dtype))
 
 
 class ShapeGroup(nn.Module):
@@ -65,7 +65,7 @@ class ShapeGroup(nn.Module):
         self.layers = modules  # a plain list: the model owns them, not this state
         self.groups = _groups(modules[0])
         w = layer_weight(modules[0])
-        self.dtype = _compute_dtype(w.dtype)
+        self.dtype = compute_dtype(w.dtype)
         per_layer = [
             init_singular_vectors(
                 _grouped_shape(m), seed=_layer_seed(n), device=w.device, dtype=self.dtype
