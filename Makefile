@@ -6,7 +6,7 @@
 # pyproject.toml is newer than the last install. Nothing is installed outside it, so this
 # works where the system Python refuses `pip install` (PEP 668).
 #
-#   make test ARGS="-x -q tests/test_bounds.py"   arguments for pytest
+#   make test ARGS="-x -q tests/functional/test_bounds.py"   arguments for pytest
 #   make venv TORCH_INDEX=https://download.pytorch.org/whl/cpu   CPU-only torch (saves ~5 GB)
 #   make venv PYTHON=python3.12                     which interpreter creates the venv
 

@@ -5,7 +5,7 @@ MNIST (one thread), then reports for each: the graph walk's bound
 (``network_lipschitz_bound``, the product of layer bounds on a chain), the certified chain
 bound (``sequential_chain_bound``; also with ``fast_start=False``, step by step), the plain
 ECLipsE-Fast recursion of the paper on the dense unrolled matrices (no certificate; from
-``tests/oracles.py``), and an autograd lower bound (the largest Jacobian spectral norm over
+``tests/helpers/oracles.py``), and an autograd lower bound (the largest Jacobian spectral norm over
 test images), with the times.
 
     python benchmarks/compositional_bound.py [--epochs 1] [--data /work/data]

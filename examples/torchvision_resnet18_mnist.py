@@ -14,7 +14,7 @@ CSVLogger writing to an existing version deletes what was there.
 ``--fast`` runs every step in seconds: torchvision's ResNet with one block per stage and the
 last two stages left out (the guaranteed bounds of the 256- and 512-channel convolutions
 take most of a validation), 64 training and 32 test images in batches of 16, one epoch
-then one more on resume, no progress bars: the smoke test of tests/test_example_resnet18.py.
+then one more on resume, no progress bars: the smoke test of tests/demos/test_example_resnet18.py.
 
 MNIST is read from ``--data-dir`` (torchvision layout, ``MNIST/raw``); ``--download`` fetches
 it there first.

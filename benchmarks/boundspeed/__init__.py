@@ -29,7 +29,7 @@ measured once and counted once per layer they stand for, marked ``(+k)`` in the 
 
 Run ``python -m benchmarks.boundspeed`` from the
 repository root (about five minutes on a 2-core CPU), or add ``--quick`` (reduced sizes, some
-seconds; run by ``tests/test_benchmarks.py``). Results go to ``benchmarks/results/``. The
+seconds; run by ``tests/demos/test_benchmarks.py``). Results go to ``benchmarks/results/``. The
 default of one thread is deliberate: on a shared, oversubscribed machine LAPACK with two
 threads ran 5-100x slower than with one.
 """
