@@ -163,7 +163,8 @@ def test_missing_and_unknown_saved_layers_warn_and_keep_fresh_vectors():
     saved["layers"]["ghost"] = saved["layers"].pop("5")
     fresh = _state(_net())
     before = fresh.shape_groups[3].u_cat.clone()
-    with pytest.warns(UserWarning, match=r"no saved vectors for \['5'\].*unknown layers \['ghost'\]"):
+    match = r"no saved vectors for \['5'\].*unknown layers \['ghost'\]"
+    with pytest.warns(UserWarning, match=match):
         fresh.load_state_dict(saved)
     assert torch.equal(fresh.shape_groups[3].u_cat, before)
 
