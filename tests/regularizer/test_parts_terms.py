@@ -232,8 +232,8 @@ def test_training_term_is_the_weighted_loss_at_the_scheduled_radius():
     got = term.training_term(net, cfg, step=1)
     margin = 0.2 * term.program.pairwise(term.norms(0).detach()).max()
     expected = 2.0 * F.cross_entropy(
-        logits.float() + float(margin) * (1 - F.one_hot(y, 3).float()), y)
-    assert float(got.detach()) == pytest.approx(float(expected), rel=1e-5)
+        logits.float() + float(margin.detach()) * (1 - F.one_hot(y, 3).float()), y)
+    assert float(got.detach()) == pytest.approx(float(expected.detach()), rel=1e-5)
 
 
 def _attached(net: nn.Sequential) -> LayerState:
