@@ -14,7 +14,7 @@ from pathlib import Path
 import lightning.pytorch as pl
 import pytest
 import torch
-import torch.nn.functional as F
+from helpers.certify import PoolNet, random_images
 from lightning.pytorch.loggers import CSVLogger
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
@@ -42,37 +42,6 @@ def _reference(logits: torch.Tensor, target: torch.Tensor, lip: float, eps: list
     return acc, sum(max(r, 0.0) for r in radii) / len(radii)
 
 
-class _Net(pl.LightningModule):
-    """Conv, ReLU, global average pool, linear head: its bound depends on the input size."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.model = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(),
-                                   nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model(x)
-
-    def training_step(self, batch, batch_idx):
-        x, y = batch
-        return F.cross_entropy(self(x), y)
-
-    def validation_step(self, batch, batch_idx) -> None:
-        pass
-
-    def test_step(self, batch, batch_idx) -> None:
-        pass
-
-    def configure_optimizers(self):
-        return torch.optim.SGD(self.parameters(), lr=0.05)
-
-
-def _data(n: int, size: int, seed: int) -> TensorDataset:
-    g = torch.Generator().manual_seed(seed)
-    x = torch.rand(n, 1, size, size, generator=g)
-    return TensorDataset(x, torch.randint(0, 3, (n,), generator=g))
-
-
 def _trainer(tmp_path: Path, callback: pl.Callback, **kwargs) -> pl.Trainer:
     return pl.Trainer(callbacks=[callback], logger=CSVLogger(tmp_path, name="run"),
                       enable_progress_bar=False, enable_checkpointing=False,
@@ -93,7 +62,7 @@ def _last(rows: list[dict[str, float]], key: str) -> float:
     return values[-1]
 
 
-def _bounds(module: _Net, shape: tuple[int, ...]) -> tuple[float, list[list[float]]]:
+def _bounds(module: PoolNet, shape: tuple[int, ...]) -> tuple[float, list[list[float]]]:
     """``L`` and the head's pairwise margin bounds ``||W_y - W_j||`` times the bound of the
     features (the network minus its head), by loops."""
     lip = float(network_lipschitz_bound(module, shape))
@@ -104,7 +73,7 @@ def _bounds(module: _Net, shape: tuple[int, ...]) -> tuple[float, list[list[floa
     return lip, pairwise
 
 
-def _expected(module: _Net, data: TensorDataset, eps: list[float]):
+def _expected(module: PoolNet, data: TensorDataset, eps: list[float]):
     x, y = data.tensors
     lip, pairwise = _bounds(module, tuple(x.shape[1:]))
     with torch.no_grad():
@@ -135,9 +104,9 @@ def test_accuracy_has_one_value_per_epsilon(eps: list[float]) -> None:
 
 @pytest.mark.parametrize("eps", [[0.01], [0.0, 0.01, 0.05]])
 def test_fit_logs_certificates_for_one_or_several_radii(tmp_path: Path, eps) -> None:
-    module, val = _Net(), _data(30, 6, 1)
+    module, val = PoolNet(), random_images(30, 6, 1)
     trainer = _trainer(tmp_path, SpectralBoundRegularizer(certify_epsilons=eps), max_epochs=2)
-    trainer.fit(module, DataLoader(_data(30, 6, 0), batch_size=10),
+    trainer.fit(module, DataLoader(random_images(30, 6, 0), batch_size=10),
                 DataLoader(val, batch_size=16))
     rows = _logged(trainer)
     _assert_logged(rows, "", _expected(module, val, eps), eps)
@@ -146,8 +115,8 @@ def test_fit_logs_certificates_for_one_or_several_radii(tmp_path: Path, eps) -> 
 
 def test_bound_is_computed_for_each_input_shape(tmp_path: Path) -> None:
     """Batches of 16x16 and 4x4 images: each is certified with the bound at its own size."""
-    module, eps = _Net(), [0.0, 0.02, 0.05, 0.1]
-    big, small = _data(40, 16, 2), _data(40, 4, 3)
+    module, eps = PoolNet(), [0.0, 0.02, 0.05, 0.1]
+    big, small = random_images(40, 16, 2), random_images(40, 4, 3)
     lip_big, k_big = _bounds(module, (1, 16, 16))
     lip_small, k_small = _bounds(module, (1, 4, 4))
     assert lip_small > 2 * lip_big  # a global average over 16 vs 256 positions
@@ -172,9 +141,9 @@ def test_bound_is_computed_for_each_input_shape(tmp_path: Path) -> None:
 
 def test_test_after_fit_logs_test_certificates_apart_from_validation(tmp_path: Path) -> None:
     eps = [0.0, 0.01]
-    module, val, test = _Net(), _data(30, 6, 1), _data(24, 5, 4)
+    module, val, test = PoolNet(), random_images(30, 6, 1), random_images(24, 5, 4)
     trainer = _trainer(tmp_path, SpectralBoundRegularizer(certify_epsilons=eps), max_epochs=1)
-    trainer.fit(module, DataLoader(_data(30, 6, 0), batch_size=10),
+    trainer.fit(module, DataLoader(random_images(30, 6, 0), batch_size=10),
                 DataLoader(val, batch_size=16))
     trainer.test(module, DataLoader(test, batch_size=10))
     rows = _logged(trainer)
@@ -188,7 +157,7 @@ def test_test_after_fit_logs_test_certificates_apart_from_validation(tmp_path: P
 
 def test_test_on_a_fresh_trainer_without_fit(tmp_path: Path) -> None:
     eps = [0.02]
-    module, test = _Net(), _data(33, 8, 5)
+    module, test = PoolNet(), random_images(33, 8, 5)
     trainer = _trainer(tmp_path, SpectralBoundRegularizer(certify_epsilons=eps))
     trainer.test(module, DataLoader(test, batch_size=10))
     rows = _logged(trainer)
@@ -198,9 +167,9 @@ def test_test_on_a_fresh_trainer_without_fit(tmp_path: Path) -> None:
 
 def test_tracker_keeps_validation_and_test_states_apart() -> None:
     """A test run in the middle of a validation run's accumulation must not leak into it."""
-    module, eps = _Net(), [0.0]
+    module, eps = PoolNet(), [0.0]
     tracker = CertificationTracker(eps)
-    val, test = _data(10, 6, 6), _data(10, 6, 7)
+    val, test = random_images(10, 6, 6), random_images(10, 6, 7)
     tracker.start("validate")
     tracker.update("validate", module, val.tensors)
     tracker.start("test")
@@ -214,7 +183,7 @@ def test_tracker_keeps_validation_and_test_states_apart() -> None:
         assert float(values[f"{prefix}certified/acc@0"]) == pytest.approx(clean)
 
 
-class _BatchNormNet(_Net):
+class _BatchNormNet(PoolNet):
     """BatchNorm uses batch statistics in train mode: the logits then differ from eval mode."""
 
     def __init__(self) -> None:
@@ -228,7 +197,7 @@ class _BatchNormNet(_Net):
 
 def test_certificates_are_for_the_eval_mode_network(tmp_path: Path) -> None:
     """The bound holds for the network in eval mode; logits from train mode are another map."""
-    module, val, eps = _BatchNormNet(), _data(40, 6, 8), [0.0, 0.01]
+    module, val, eps = _BatchNormNet(), random_images(40, 6, 8), [0.0, 0.01]
     bn = module.model[2]
     stats = (bn.running_mean.clone(), bn.running_var.clone())
     trainer = _trainer(tmp_path, SpectralBoundRegularizer(certify_epsilons=eps))
@@ -241,9 +210,9 @@ def test_certificates_are_for_the_eval_mode_network(tmp_path: Path) -> None:
 
 def test_half_precision_logits_are_certified_with_a_warning() -> None:
     """A float16 network's rounding (~1e-3 relative) is not covered by the certificate."""
-    module = _Net().half()
+    module = PoolNet().half()
     tracker = CertificationTracker([0.0])
-    x, y = _data(8, 6, 9).tensors
+    x, y = random_images(8, 6, 9).tensors
     tracker.start("test")
     with pytest.warns(UserWarning, match="float16.*rounding"):
         tracker.update("test", module, (x.half(), y))
@@ -280,10 +249,10 @@ def _deepfool_distance(model: nn.Module, x: torch.Tensor, steps: int = 30) -> to
 def test_certified_radii_withstand_an_attack_at_each_input_size() -> None:
     """The certified radius of every sample is below the boundary distance an attack finds."""
     torch.manual_seed(3)
-    module = _Net()
+    module = PoolNet()
     with torch.no_grad():
         module.model[0].weight.abs_()  # the features follow the input's mean: large margins
-    big, small = _data(40, 16, 2).tensors[0], _data(200, 4, 3).tensors[0]
+    big, small = random_images(40, 16, 2).tensors[0], random_images(200, 4, 3).tensors[0]
     with torch.no_grad():  # labels the network gets right: every radius is positive
         big, small = (big, module(big).argmax(1)), (small, module(small).argmax(1))
     tracker = CertificationTracker([0.0])
@@ -314,17 +283,18 @@ def test_logged_network_bound_is_rounded_up(tmp_path: Path) -> None:
             tracker.log("validate", pl_module)
 
     trainer = _trainer(tmp_path, Harness())
-    trainer.validate(_Net(), DataLoader(_data(8, 6, 10), batch_size=8))
+    trainer.validate(PoolNet(), DataLoader(random_images(8, 6, 10), batch_size=8))
     assert float(trainer.callback_metrics["lipschitz/network"]) >= true_bound
     assert _last(_logged(trainer), "lipschitz/network") >= true_bound
 
 
 def test_several_validation_dataloaders_are_pooled(tmp_path: Path) -> None:
-    class TwoLoaders(_Net):
+    class TwoLoaders(PoolNet):
         def validation_step(self, batch, batch_idx, dataloader_idx=0) -> None:
             pass
 
-    module, first, second, eps = TwoLoaders(), _data(10, 6, 11), _data(14, 6, 12), [0.0, 0.01]
+    module, eps = TwoLoaders(), [0.0, 0.01]
+    first, second = random_images(10, 6, 11), random_images(14, 6, 12)
     trainer = _trainer(tmp_path, SpectralBoundRegularizer(certify_epsilons=eps))
     trainer.validate(module, [DataLoader(first, batch_size=5), DataLoader(second, batch_size=5)])
     pooled = TensorDataset(*(torch.cat(t) for t in zip(first.tensors, second.tensors,
@@ -350,7 +320,7 @@ def test_two_ddp_processes_with_different_input_sizes(tmp_path: Path) -> None:
     from helpers.certification_ddp_script import SIZES, rank_loader
 
     results = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
-    module = _Net()
+    module = PoolNet()
     module.load_state_dict(results[0]["state"])
     bounds = [_bounds(module, (1, s, s)) for s in SIZES]
     lips = [lip for lip, _ in bounds]
@@ -373,7 +343,7 @@ def test_two_ddp_processes_with_different_input_sizes(tmp_path: Path) -> None:
                 sum(radii) / 2, rel=1e-5)
 
 
-class _Mlp(_Net):
+class _Mlp(PoolNet):
     """``return self.model(x)`` with a plain ReLU MLP: a chain the compositional bound takes."""
 
     def __init__(self) -> None:
@@ -393,7 +363,7 @@ def _validated(module: nn.Module, batch, compositional: bool):
 def test_compositional_bound_enlarges_certified_radii_and_they_withstand_an_attack() -> None:
     torch.manual_seed(0)
     module = _Mlp()
-    x = _data(200, 4, 5).tensors[0]
+    x = random_images(200, 4, 5).tensors[0]
     with torch.no_grad():  # labels the network gets right: every radius is positive
         batch = (x, module(x).argmax(1))
     plain, lip_plain = _validated(module, batch, compositional=False)
@@ -407,8 +377,8 @@ def test_compositional_bound_enlarges_certified_radii_and_they_withstand_an_atta
 
 
 def test_compositional_leaves_a_forward_that_is_no_chain_alone() -> None:
-    module = _Net()  # global average pooling: not a layer the chain bound takes
-    batch = (_data(8, 6, 1).tensors[0], torch.zeros(8, dtype=torch.long))
+    module = PoolNet()  # global average pooling: not a layer the chain bound takes
+    batch = (random_images(8, 6, 1).tensors[0], torch.zeros(8, dtype=torch.long))
     assert _validated(module, batch, True)[1] == _validated(module, batch, False)[1]
 
 
@@ -426,7 +396,7 @@ def _callback_validated(module: nn.Module, x: Tensor, y: Tensor, compositional: 
 def test_the_callback_certifies_with_the_chain_bound_when_asked() -> None:
     torch.manual_seed(0)
     module = _Mlp()
-    x = _data(100, 4, 5).tensors[0]
+    x = random_images(100, 4, 5).tensors[0]
     with torch.no_grad():
         y = module(x).argmax(1)
     plain = _callback_validated(module, x, y, compositional=False)

@@ -13,9 +13,10 @@ from torch import nn
 
 from lightning_spectral.certify import CertificationTracker, default_batch_to_input_target
 from lightning_spectral.certify.bounds import checked_curvature, checked_lipschitz
-from lightning_spectral.certify.forward import eval_logits, eval_mode, warn_if_low_precision
+from lightning_spectral.certify.forward import eval_logits, warn_if_low_precision
 from lightning_spectral.certify.options import check_certify_method, check_input_scale
 from lightning_spectral.certify.runs import Run
+from lightning_spectral.functional.modules import evaluating
 
 EPSILONS = [0.0, 0.05, 0.2]
 
@@ -194,17 +195,17 @@ def test_checked_bounds_refuse_what_no_certificate_follows_from():
                           (4,))
 
 
-def test_eval_mode_restores_every_flag_and_eval_logits_refuses_non_logits():
+def test_evaluating_restores_every_flag_and_eval_logits_refuses_non_logits():
     net = nn.Sequential(nn.Linear(4, 3), nn.Dropout(0.5), nn.Linear(3, 3))
     net.train()
     net[1].eval()  # a submodule with its own flag
-    with eval_mode(net):
+    with evaluating(net):
         assert not any(m.training for m in net.modules())
     assert net.training and not net[1].training and net[2].training
     x = torch.randn(8, 4)
     logits = eval_logits(net, x)
     assert not logits.requires_grad and net.training
-    with torch.no_grad(), eval_mode(net):
+    with torch.no_grad(), evaluating(net):
         assert torch.equal(logits, net(x))  # dropout off
     with pytest.raises(TypeError, match=r"must return \(N, C\) logits"):
         eval_logits(nn.Flatten(0), x)

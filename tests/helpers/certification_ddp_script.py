@@ -16,9 +16,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/, for helpers
 
-from test_certification import _data, _Net  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
 
+from helpers.certify import PoolNet, random_images  # noqa: E402
 from lightning_spectral import SpectralBoundRegularizer  # noqa: E402
 
 warnings.filterwarnings("ignore")
@@ -27,13 +27,13 @@ SIZES = (16, 4)  # per rank
 
 
 def rank_loader(rank: int) -> DataLoader:
-    return DataLoader(_data(20, SIZES[rank], 20 + rank), batch_size=10)
+    return DataLoader(random_images(20, SIZES[rank], 20 + rank), batch_size=10)
 
 
 def main(out: Path) -> None:
     torch.set_num_threads(1)
     torch.manual_seed(0)
-    module = _Net()
+    module = PoolNet()
     trainer = pl.Trainer(
         callbacks=[SpectralBoundRegularizer(certify_epsilons=[0.0, 0.05])], logger=False,
         enable_progress_bar=False, enable_checkpointing=False, enable_model_summary=False,

@@ -8,7 +8,7 @@ import math
 import lightning.pytorch as pl
 import pytest
 import torch
-from oracles import matricize, svd_norm
+from helpers.oracles import matricize, svd_norm
 from torch import nn
 
 from lightning_spectral.regularizer.penalty import (

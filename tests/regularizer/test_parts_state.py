@@ -9,7 +9,7 @@ import warnings
 
 import pytest
 import torch
-from oracles import matricize, svd_norm
+from helpers.oracles import matricize, svd_norm
 from torch import nn
 
 from lightning_spectral.functional.bounds import layer_bounds

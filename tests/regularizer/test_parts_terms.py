@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from oracles import operator_norm
+from helpers.oracles import operator_norm
 from torch import nn
 
 import lightning_spectral as ls
