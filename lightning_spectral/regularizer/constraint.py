@@ -159,9 +159,13 @@ class Projection:
         self._costs: dict[str, float] = {}
         self.pending: dict[str, Any] | None = None
 
-    def _cost(self, name: str, module: nn.Module) -> float:
+    def _cost(self, name: str, layers: dict[str, nn.Module], where: str) -> float:
         if name not in self._costs:
-            self._costs[name] = tight_cost(module)
+            try:
+                self._costs[name] = tight_cost(layers[name])
+            except ValueError:  # the layer's geometry refuses a non-finite weight: name it
+                raise_if_non_finite(layers, f"found by the constraint's projection, {where}")
+                raise
         return self._costs[name]
 
     def _refresh(self, name: str, layers: dict[str, nn.Module], where: str) -> None:
@@ -195,7 +199,7 @@ class Projection:
         names = list(active)
         due = set()
         if step:
-            costs = [self._cost(n, active[n]) for n in names]
+            costs = [self._cost(n, active, where) for n in names]
             due = {names[i] for i in self.schedule.due(costs)}
         after = []
         for name in names:

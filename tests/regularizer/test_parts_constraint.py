@@ -216,12 +216,6 @@ def test_the_projection_names_a_non_finite_layer_when_the_check_is_off():
         after.run(layers, None, check=False, c=C, where="step 1")
 
 
-@pytest.mark.xfail(strict=True, raises=ValueError, reason=(
-    "Projection.__call__(step=True) computes the refresh schedule's costs (tight_cost -> "
-    "Geometry -> check_finite) before any bound, and that raises an unnamed ValueError "
-    "('Conv2d weight contains non-finite values') for a layer first seen at an optimizer "
-    "step with a NaN weight, instead of the RuntimeError naming the layer that the "
-    "Projection docstring promises with verify_finite (check_finite=False)"))
 def test_the_projection_names_a_non_finite_layer_at_its_first_optimizer_step():
     layers = _with_nan(_net(), "0")
     with pytest.raises(RuntimeError, match=r"in layer\(s\) 0 \(found by the constraint"):
